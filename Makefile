@@ -1,0 +1,48 @@
+# gapcast: the README's commands. Both set up .venv themselves; a second run installs nothing.
+#   make test   lint + the test suite (starts private Mosquitto brokers; installs Mosquitto when missing)
+# Real users on a GPU box can override the torch pin: make test TORCH_SPEC='torch>=2.2'
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= train,edge,dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gapcast-installed
+SHARED_DATA := $(abspath ../shared/data)
+# Point the data loader at ../shared/data when it exists and the user did not choose a folder.
+ifeq ($(origin GAPCAST_DATA), undefined)
+  ifneq ($(wildcard $(SHARED_DATA)/beijing-multisite),)
+    export GAPCAST_DATA := $(SHARED_DATA)
+  endif
+endif
+
+.PHONY: test lint venv mosquitto clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Mosquitto with apt-get"; \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "Mosquitto is missing and apt-get is not available: install the 'mosquitto' broker with your package manager" >&2; \
+		exit 1; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv mosquitto lint
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
