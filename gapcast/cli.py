@@ -18,11 +18,14 @@ __all__ = ["build_parser", "main"]
 
 # Order is the order of `gapcast --help`.
 _PARTS = (
-    "gapcast.train.cli",
-    "gapcast.export.cli",
-    "gapcast.edge.cli",
-    "gapcast.deploy.cli",
-    "gapcast.bench.cli",
+    "gapcast.train.datacli",  # data fetch
+    "gapcast.train.cli",  # train, evaluate
+    "gapcast.export.cli",  # export, keys
+    "gapcast.edge.cli",  # edge run | check | build-engine
+    "gapcast.train.replay",  # replay
+    "gapcast.deploy.cli",  # fleet publish | status | promote | rollback
+    "gapcast.deploy.demo",  # demo
+    "gapcast.bench.cli",  # bench accuracy | ett | runtime | agent
 )
 
 
