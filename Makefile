@@ -16,7 +16,7 @@ ifeq ($(origin GAPCAST_DATA), undefined)
   endif
 endif
 
-.PHONY: test lint venv mosquitto clean
+.PHONY: test lint venv mosquitto clean demo
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ lint: venv
 
 test: venv mosquitto lint
 	$(VENV)/bin/pytest -q
+
+# The whole system on real data (train 5 min -> evaluate -> signed bundle -> broker + agent -> replay -> scores).
+# More training: make demo DEMO_ARGS='--train-minutes 30'
+demo: venv mosquitto
+	$(VENV)/bin/gapcast demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

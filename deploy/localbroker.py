@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -86,6 +87,10 @@ class LocalBroker:
             "max_inflight_messages 0",
             "message_size_limit 0",
         ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot write a root-owned 0700 temp
+            # folder: no log and no persistence (sessions would not survive a restart). Stay as the caller.
+            lines.append("user root")
         if "listener" not in self.extra_config:
             lines += [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
         conf.write_text("\n".join(lines) + "\n" + self.extra_config + "\n")

@@ -62,3 +62,23 @@ def broker(tmp_path):
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory):
+    """A throwaway Ed25519 key pair for the session: ``.private`` and ``.public`` PEM paths, ``.public_hex``."""
+    from gapcast.export.keys import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("signing-key"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, signing_key, data_root) -> Path:
+    """A signed tiny bundle folder (untrained seeded tiny ConFill, real Beijing windows), built once per session.
+
+    Verify it with ``verify_bundle(tiny_bundle, [signing_key.public])``. Do not modify it: copy it first.
+    """
+    from gapcast.export.testing import build_tiny_bundle
+
+    out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+    return build_tiny_bundle(out, sign_key=signing_key.private, data_root=data_root).path

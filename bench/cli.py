@@ -1,0 +1,376 @@
+"""``gapcast bench accuracy | ett | runtime | agent``: run a benchmark, print its tables, save JSON and Markdown.
+
+Nothing heavy is imported at module level (torch, pandas, onnx): each handler imports what it needs. Every command
+has defaults that measure the real thing and ``--quick`` for a short run; whatever was trimmed is written into the
+output next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_table", "register"]
+
+DEFAULT_OUT = "bench-out"
+DEFAULT_BUNDLE = "/work/bundles/beijing"
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; floats get 4 significant decimals, None shows as ``n/a``."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return "n/a"
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _targets_table(targets: list[dict[str, Any]]) -> str:
+    rows = []
+    for t in targets:
+        verdict = "met" if t["met"] else "MISSED"
+        margin = t.get("margin_text") or (f"{t['margin']:+.4g}" if t.get("margin") is not None else "")
+        rows.append([t["target"], t["measured"], t["goal"], verdict, margin])
+    return format_table(["target", "measured", "goal", "verdict", "margin (+ = to spare)"], rows)
+
+
+def _save(out: Path, name: str, result: dict[str, Any], markdown: str, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    (out / f"{name}.md").write_text(f"<!-- {command} -->\n\n" + markdown + "\n")
+    print(f"\nsaved {out / (name + '.json')} and {out / (name + '.md')}")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _command(argv_name: str, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> str:
+    parts = ["gapcast", "bench", argv_name]
+    for k, v in sorted(vars(args).items()):
+        if k in ("func", "command", "bench_command", "verbose", "log_info", *skip) or v in (None, False):
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts += [flag] if v is True else [flag, str(v)]
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------- accuracy
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    from gapcast.bench.accuracy import SCENARIOS, AccuracyOptions, method_order, run_accuracy
+
+    trimmed = []
+    if args.quick:
+        args.max_windows = args.max_windows or 8
+        args.baseline_budget_min = args.baseline_budget_min or 0.5
+        args.pypots_train_windows = args.pypots_train_windows or 512
+        args.dlinear_epochs = min(args.dlinear_epochs, 2)
+        args.dlinear_stride = max(args.dlinear_stride, 48)
+    if args.max_windows:
+        trimmed.append(f"at most {args.max_windows} test windows per station")
+    if args.baseline_budget_min is not None:
+        trimmed.append(f"SAITS/BRITS budget set to {args.baseline_budget_min:g} min each")
+    if args.pypots_train_windows:
+        trimmed.append(f"SAITS/BRITS trained on {args.pypots_train_windows} windows")
+    run_dir = args.run
+    bundle = args.bundle if args.bundle and Path(args.bundle).exists() else None
+    if run_dir is None and bundle is not None:
+        # The run the bundle was exported from, as its card records it.
+        card = json.loads((Path(bundle) / "card.json").read_text()) if Path(bundle).is_dir() else {}
+        rec = (card.get("export") or {}).get("run") or {}
+        if rec.get("dir") and (Path(rec["dir"]) / "best.pt").is_file():
+            run_dir = rec["dir"]
+            print(f"note: scoring ConFill fp32 (torch) from the run recorded in the bundle's card: {run_dir}")
+    opts = AccuracyOptions(
+        stride=args.stride, max_windows=args.max_windows, seed=args.seed,
+        baseline_budget_s=args.baseline_budget_min * 60 if args.baseline_budget_min is not None else None,
+        pypots_max_epochs=args.pypots_max_epochs, pypots_train_windows=args.pypots_train_windows,
+        dlinear_epochs=args.dlinear_epochs, dlinear_stride=args.dlinear_stride,
+        methods=tuple(args.methods.split(",")) if args.methods else None, threads=args.threads,
+        models_dir=str(Path(args.out) / "models") if args.reuse_baselines else None,
+    )
+    if run_dir is None and bundle is None:
+        print("note: neither --run nor --bundle: ConFill is not scored, baselines only")
+    res = run_accuracy(run_dir=run_dir, bundle_path=bundle, data=args.data, options=opts, progress=True)
+    res["trimmed"] = trimmed
+    methods = res["methods"]
+    order = [m for m in method_order(list(methods)) if "scores" in methods[m]]
+    md = [f"# gapcast bench accuracy\n\n{res['protocol']['eval_windows']} test windows "
+          f"({len(res['protocol']['stations'])} stations, stride {res['protocol']['stride_steps']} h), L = "
+          f"{res['protocol']['lookback_L']}, H = {res['protocol']['horizon_H']}, seed {res['protocol']['seed']}. "
+          f"{res['protocol']['baseline_budget_rule']}."
+          + (f" Trimmed: {'; '.join(trimmed)}." if trimmed else "")]
+    parts = (*SCENARIOS, "forecast")
+    for metric in ("mae", "rmse", "mre"):
+        rows = []
+        for m in order:
+            sc = methods[m]["scores"]
+            rows.append([m, *[sc.get(p, {}).get("all_norm", {}).get(metric) for p in parts]])
+        md.append(f"\n## {metric.upper()}, normalised units, over the hidden values (forecast: observed targets)\n\n"
+                  + format_table(["method", *parts[:-1], "forecast 24 h"], rows))
+    rows = [[m, methods[m].get("train_s"), methods[m].get("score_s"), methods[m].get("note", "")] for m in order]
+    md.append("\n## Training and scoring time (s, this machine)\n\n"
+              + format_table(["method", "training s", "scoring s (all scenarios)", "note"], rows))
+    from gapcast.train.data import BEIJING_CHANNELS, BEIJING_POLLUTANTS
+
+    pol = [BEIJING_CHANNELS[i].name for i in BEIJING_POLLUTANTS]
+    for part, title in (("block-72h", "block-72h imputation"), ("forecast", "24 h forecast")):
+        rows = []
+        for m in order:
+            pc = methods[m]["scores"].get(part, {}).get("per_channel")
+            if pc:
+                rows.append([m, *[pc.get(c, {}).get("mae") for c in pol]])
+        if rows:
+            md.append(f"\n## Per channel: {title} MAE in original units (ug/m3; CO in ug/m3)\n\n"
+                      + format_table(["method", *pol], rows))
+    errors = {m: v["error"] for m, v in methods.items() if "error" in v}
+    if errors:
+        md.append("\nNot run: " + "; ".join(f"{m}: {e}" for m, e in errors.items()))
+    md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
+    text = "\n".join(md)
+    print(text)
+    _save(Path(args.out), "accuracy", res, text, _command("accuracy", args))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ ett
+
+
+def _ett(args: argparse.Namespace) -> int:
+    from gapcast.bench.ett import ETT_HORIZONS, PUBLISHED_SOURCES, run_ett
+
+    datasets = args.datasets.split(",")
+    horizons = [int(h) for h in args.horizons.split(",")] if args.horizons else list(ETT_HORIZONS)
+    trimmed = []
+    if args.quick:
+        datasets = datasets[:1]
+        horizons = horizons[:1]
+        args.confill_budget_min = min(args.confill_budget_min, 0.5)
+        args.dlinear_epochs = min(args.dlinear_epochs, 2)
+    if datasets != ["ETTh1", "ETTh2"] or horizons != list(ETT_HORIZONS):
+        trimmed.append(f"datasets {datasets}, horizons {horizons}")
+    res = run_ett(data=args.data, datasets=datasets, horizons=horizons, confill_budget_s=args.confill_budget_min * 60,
+                  dlinear_epochs=args.dlinear_epochs, run_confill=not args.no_confill, seed=args.seed,
+                  threads=args.threads)
+    res["trimmed"] = trimmed
+    pub_models = list(PUBLISHED_SOURCES)
+    headers = ["dataset", "H", "ConFill (ours)", "DLinear (ours)", *pub_models]
+    rows_mse, rows_mae = [], []
+    for r in res["rows"]:
+        ours = [r.get("ConFill (ours)"), r.get("DLinear (ours)")]
+        rows_mse.append([r["dataset"], r["horizon"], *[o["mse"] if o else None for o in ours],
+                         *[r["published"][m]["mse"] for m in pub_models]])
+        rows_mae.append([r["dataset"], r["horizon"], *[o["mae"] if o else None for o in ours],
+                         *[r["published"][m]["mae"] for m in pub_models]])
+    tr = res["training"]["ConFill"]
+    md = [f"# gapcast bench ett\n\n{res['protocol']}\n\nConFill: trained {args.confill_budget_min:g} min per "
+          f"(dataset, horizon) on this machine's CPU, {tr['threads']} torch threads ({tr['loss']}); DLinear: the paper's settings, trained here. "
+          "The last three published columns use a longer input (336 or 512), shown for reference only."
+          + (f" Trimmed: {'; '.join(trimmed)}." if trimmed else ""),
+          "\n## MSE (normalised)\n\n" + format_table(headers, rows_mse),
+          "\n## MAE (normalised)\n\n" + format_table(headers, rows_mae)]
+    rows = []
+    for r in res["rows"]:
+        c, d = r.get("ConFill (ours)") or {}, r.get("DLinear (ours)") or {}
+        rows.append([r["dataset"], r["horizon"], r["windows"]["test"], c.get("train_s"), c.get("steps"),
+                     d.get("train_s"), d.get("epochs")])
+    md.append("\n## Training (this machine)\n\n" + format_table(
+        ["dataset", "H", "test windows", "ConFill s", "ConFill steps", "DLinear s", "DLinear epochs"], rows))
+    md.append("\n## Sources of the published figures\n\n" + "\n".join(f"- {m}: {s}" for m, s in
+                                                                         PUBLISHED_SOURCES.items()))
+    text = "\n".join(md)
+    print(text)
+    _save(Path(args.out), "ett", res, text, _command("ett", args))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- runtime
+
+
+def _bundle_or_tiny(args: argparse.Namespace, out: Path) -> tuple[Path, str | None, str]:
+    """The bundle to measure: --bundle, else the default release path, else a tiny bundle built now."""
+    if args.bundle and Path(args.bundle).exists():
+        return Path(args.bundle), args.pubkey, f"bundle {args.bundle}"
+    from gapcast.export.keys import generate_keypair
+    from gapcast.export.testing import build_tiny_bundle
+
+    where = out / "tiny-bundle"
+    kp = generate_keypair(out / "tiny-keys", overwrite=True)
+    build_tiny_bundle(where, sign_key=kp.private, data_root=args.data, overwrite=True)
+    note = (f"no bundle at {args.bundle}: a TINY untrained bundle (export/testing.py, d_model 16) was built at "
+            f"{where}; its figures do not describe the real model")
+    print("note: " + note)
+    return where, kp.public_hex, note
+
+
+def _runtime(args: argparse.Namespace) -> int:
+    from gapcast.bench.runtime import RuntimeOptions, run_runtime
+
+    out = Path(args.out)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    min_time = args.min_time_s
+    if args.quick:
+        batches = tuple(b for b in batches if b <= 16) or (1,)
+        min_time = min(min_time, 0.3)
+    bundle, key, note = _bundle_or_tiny(args, out)
+    opts = RuntimeOptions(batches=batches, threads=args.threads, min_time_s=min_time)
+    res = run_runtime(bundle, run_dir=args.run, trusted_keys=[key] if key else None, data=args.data, options=opts)
+    res["bundle_note"] = note
+    md = [f"# gapcast bench runtime\n\n{res['cpu']}, {args.threads} threads; inputs: {res['inputs']}; model "
+          f"{res['model']['name']} v{res['model']['version']} (L {res['model']['L']}, H {res['model']['H']}, "
+          f"C {res['model']['C']}). {note}."]
+    rows = []
+    for label, e in res["engines"].items():
+        if "error" in e:
+            rows.append([label, "error: " + e["error"], *[""] * (2 * len(batches) + 2)])
+            continue
+        pb = e["per_batch"]
+        rows.append([label, *[pb[str(b)]["window_ms"] for b in batches],
+                     *[pb[str(b)]["windows_per_s"] for b in batches],
+                     round(e["file_bytes"] / 2**20, 2), round(e["peak_rss_mb"], 1)])
+    md.append("\n## Latency per window (ms) and throughput (windows/s) by batch size\n\n" + format_table(
+        ["engine", *[f"ms/window B={b}" for b in batches], *[f"win/s B={b}" for b in batches], "file MiB",
+         "peak RSS MiB"], rows))
+    ratio_rows = [[label, *[r.get(str(b)) for b in batches]] for label, r in res["int8_over_fp32_throughput"].items()]
+    if ratio_rows:
+        md.append("\n## int8 / fp32 throughput (onnxruntime CPU)\n\n"
+                  + format_table(["variant", *[f"B={b}" for b in batches]], ratio_rows))
+    if res["excluded_variants"]:
+        md.append("\nVariants left out by the export: "
+                  + "; ".join(f"{k}: {v}" for k, v in res["excluded_variants"].items()))
+    md.append("\n## Targets\n\n" + (_targets_table(res["targets"]) if res["targets"] else
+                                      "no int8 variant measured at batch 64: target not evaluated"))
+    text = "\n".join(md)
+    print(text)
+    _save(out, "runtime", res, text, _command("runtime", args))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- agent
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from gapcast.bench.agent import AgentBenchOptions, run_agent_bench
+
+    out = Path(args.out)
+    stations = tuple(int(s) for s in args.stations.split(","))
+    msgs, steps = args.ingest_messages, args.latency_steps
+    if args.quick:
+        stations = tuple(s for s in stations if s <= 100) or (min(stations),)
+        msgs, steps = min(msgs, 2000), min(steps, 2)
+    bundle, key, note = _bundle_or_tiny(args, out)
+    opts = AgentBenchOptions(stations=stations, ingest_messages=msgs, latency_steps=steps, threads=args.threads)
+    res = run_agent_bench(bundle, trusted_key=key, data=args.data, options=opts, workdir=out / "agent-work",
+                          bundle_note=note)
+    md = [f"# gapcast bench agent\n\n{note}. Private Mosquitto on loopback; agent backend "
+          f"{next((r.get('agent_backend') for r in res['results'] if r.get('agent_backend')), 'n/a')}, "
+          f"{args.threads} onnxruntime threads; {os.cpu_count()} CPUs shared by the broker, the publisher, the "
+          "subscribers and the agent."]
+    rows = []
+    for r in res["results"]:
+        if "error" in r:
+            rows.append([r["stations"], "error: " + r["error"], "", "", "", "", "", ""])
+            continue
+        lat = r.get("latency_ms", {})
+        rows.append([r["stations"], r["ingest_readings"], r["raw"]["rate_per_s"], r["agent"]["rate_per_s"],
+                     r.get("ingest_ratio"), lat.get("p50"), lat.get("p99"), r.get("rss_peak_mb")])
+    md.append("\n## Ingest, latency and memory\n\n" + format_table(
+        ["stations", "readings", "raw paho msg/s", "agent readings/s", "agent / raw", "p50 ms", "p99 ms",
+         "agent peak RSS MiB"], rows))
+    md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
+    text = "\n".join(md)
+    print(text)
+    _save(out, "agent", res, text, _command("agent", args))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- register
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench`` and its four sub-commands."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks: accuracy, ETT, runtime, agent (print tables, save JSON)",
+        description="Benchmarks print tables and save JSON + Markdown under --out. They are never tests.",
+    )
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}/)")
+        sp.add_argument("--data", help="data root (default: $GAPCAST_DATA, then the cache)")
+        sp.add_argument("--quick", action="store_true", help="a short run (trimmed sizes, stated in the output)")
+        sp.add_argument("--threads", type=int, default=2, help="CPU threads for torch / onnxruntime (default 2)")
+        sp.set_defaults(log_info=False)
+
+    a = sub.add_parser("accuracy", help="ConFill vs LOCF, linear, seasonal naive, SAITS, BRITS, DLinear on Beijing")
+    common(a)
+    a.add_argument("--run", help="ConFill training run folder (best.pt); default: the run recorded in the bundle")
+    a.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle whose variants are scored (default {DEFAULT_BUNDLE})")
+    a.add_argument("--stride", type=int, default=24, help="steps between test windows (default 24)")
+    a.add_argument("--max-windows", type=int, help="at most this many test windows per station")
+    a.add_argument("--seed", type=int, default=0, help="seed of the masks and the trained baselines")
+    a.add_argument("--baseline-budget-min", type=float,
+                   help="SAITS / BRITS wall-clock budget each (default: ConFill's recorded training time)")
+    a.add_argument("--pypots-max-epochs", type=int, default=100, help="SAITS / BRITS epoch cap (default 100)")
+    a.add_argument("--pypots-train-windows", type=int, help="SAITS / BRITS training windows (default: all)")
+    a.add_argument("--dlinear-epochs", type=int, default=10, help="DLinear epoch cap (default 10)")
+    a.add_argument("--dlinear-stride", type=int, default=4, help="DLinear training-window stride (default 4)")
+    a.add_argument("--methods", help="comma-separated method name prefixes to run (default: all)")
+    a.add_argument("--reuse-baselines", action="store_true",
+                   help="save SAITS / BRITS under OUT/models and reuse them when the config matches")
+    a.set_defaults(func=_accuracy)
+
+    e = sub.add_parser("ett", help="ETTh1/ETTh2 long-horizon forecasting vs DLinear and published figures")
+    common(e)
+    e.add_argument("--datasets", default="ETTh1,ETTh2", help="comma-separated (default ETTh1,ETTh2)")
+    e.add_argument("--horizons", help="comma-separated (default 96,192,336,720)")
+    e.add_argument("--confill-budget-min", type=float, default=3.0,
+                   help="ConFill training budget per (dataset, horizon), minutes (default 3)")
+    e.add_argument("--dlinear-epochs", type=int, default=10, help="DLinear epoch cap (default 10, as the paper)")
+    e.add_argument("--no-confill", action="store_true", help="DLinear and the published figures only")
+    e.add_argument("--seed", type=int, default=0, help="training seed")
+    e.set_defaults(func=_ett)
+
+    r = sub.add_parser("runtime", help="latency, throughput, size and memory: torch vs onnxruntime fp32 / int8")
+    common(r)
+    r.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle (default {DEFAULT_BUNDLE}; a tiny one if absent)")
+    r.add_argument("--pubkey", help="trusted public key of the bundle (default: the card's own key)")
+    r.add_argument("--run", help="training run for torch eager (default: the run recorded in the card)")
+    r.add_argument("--batches", default="1,16,64,256", help="batch sizes (default 1,16,64,256)")
+    r.add_argument("--min-time-s", type=float, default=3.0, help="seconds measured per engine and batch (default 3)")
+    r.set_defaults(func=_runtime)
+
+    g = sub.add_parser("agent", help="agent ingest vs raw paho, step-to-forecast latency, RSS (private Mosquitto)")
+    common(g)
+    g.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle (default {DEFAULT_BUNDLE}; a tiny one if absent)")
+    g.add_argument("--pubkey", help="trusted public key (default: the card's own key)")
+    g.add_argument("--stations", default="100,1000,5000", help="station counts (default 100,1000,5000)")
+    g.add_argument("--ingest-messages", type=int, default=20000, help="readings in the ingest stream per count")
+    g.add_argument("--latency-steps", type=int, default=3, help="paced steps for the latency figures (default 3)")
+    g.set_defaults(func=_agent)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -1,0 +1,609 @@
+"""The agent core: station windows, step closing, batched gap filling and forecasting. Pure: no I/O, no clock reads.
+
+The MQTT shell (``gapcast.edge.mqtt``) calls two verbs and publishes what they return:
+
+- :meth:`AgentCore.ingest` ``(topic, payload, now_s)`` for every incoming message: parse, validate, merge into the
+  station's window; returns dead-letter messages (and, rarely, the outputs of steps it had to close first);
+- :meth:`AgentCore.tick` ``(now_s)`` often: closes every due step of every station (a later reading arrived, or the
+  closing clock passed the step's end + ``lateness_s``) and fills and forecasts them ALL in one batched backend call.
+
+For each closed step the agent publishes the step with every channel filled (imputed channels flagged) and a forecast
+of the next H steps; when a run of incomplete steps (an outage) ends, the whole gap is re-filled from a window that
+now has context on both sides and published as one revision. A closed step updated by a late reading is revised the
+same way. Without a backend, or when it fails, imputation falls back to linear interpolation / LOCF
+(``gapcast.baselines``) and forecasts to seasonal naive, flagged in ``method``. A window whose missing share exceeds
+``max_missing_share`` gets no forecast, and the status says why.
+
+Normalisation is the card's mean/std; the calendar features are ``gapcast.calendar.calendar_features`` over the L
+past and H future step starts, in the card's ``utc_offset_s`` (what training used).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from gapcast.baselines import locf
+from gapcast.calendar import calendar_features
+from gapcast.edge.bundle import Card
+from gapcast.edge.config import EdgeConfig
+from gapcast.edge.messages import (
+    OutMessage,
+    Reading,
+    ReadingSchema,
+    Rejection,
+    Topics,
+    deadletter_message,
+    filled_message,
+    forecast_message,
+    iso,
+    parse_reading,
+    revision_message,
+    status_message,
+)
+from gapcast.edge.window import StationWindow, WindowSpec
+
+__all__ = ["AgentCore", "Backend", "CoreSettings", "InterpolationBackend", "interpolate_batch"]
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What the agent needs from an inference backend (``gapcast.edge.backends.select_backend`` returns one)."""
+
+    name: str
+
+    def run(
+        self, values: np.ndarray, observed: np.ndarray, calendar: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """values, observed: [B, L, C] float32 (normalised, 0 where unobserved; 1 = observed);
+        calendar: [B, L+H, F] float32. Returns imputed [B, L, C] and forecast [B, H, C], float32, normalised."""
+        ...
+
+
+def interpolate_batch(values: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`gapcast.baselines.linear_interpolate` for a batch of windows (same results, no per-series
+    Python loop): linear in time between the nearest observations on each side, the nearest observation beyond the
+    first/last one, 0 (the normalised mean) for a channel never observed.
+
+    Args:
+        values: [B, L, C] float32, anything where unobserved.
+        observed: [B, L, C] bool.
+
+    Returns:
+        [B, L, C] float32, equal to ``values`` where observed.
+    """
+    B, L, C = values.shape
+    t = np.arange(L)[None, :, None]
+    prev = np.maximum.accumulate(np.where(observed, t, -1), axis=1)  # [B, L, C] index of the last observation <= t
+    nxt = np.flip(np.minimum.accumulate(np.flip(np.where(observed, t, L), axis=1), axis=1), axis=1)  # first >= t
+    has_prev, has_next = prev >= 0, nxt < L
+    v_prev = np.take_along_axis(values, np.clip(prev, 0, L - 1), axis=1)
+    v_next = np.take_along_axis(values, np.clip(nxt, 0, L - 1), axis=1)
+    span = np.maximum(nxt - prev, 1)
+    w = (t - prev) / span
+    inner = v_prev + w * (v_next - v_prev)
+    out = np.where(has_prev & has_next, inner, np.where(has_prev, v_prev, np.where(has_next, v_next, 0.0)))
+    return np.where(observed, values, out).astype(np.float32)
+
+
+class InterpolationBackend:
+    """The no-model backend: linear interpolation inside the window (LOCF at its newest edge) and a seasonal-naive
+    forecast (one day back when the cadence divides a day and the lookback holds a day; persistence otherwise).
+
+    Args:
+        horizon: H, steps.
+        season: season length, steps (0: persistence).
+    """
+
+    name = "interpolation"
+
+    def __init__(self, horizon: int, season: int = 0) -> None:
+        self.horizon = horizon
+        self.season = season
+
+    def run(self, values: np.ndarray, observed: np.ndarray, calendar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """See :class:`Backend`."""
+        m = observed > 0.5
+        imputed = interpolate_batch(values, m)
+        if self.season and values.shape[-2] >= self.season:
+            T = values.shape[-2]
+            filled = locf(values, m)
+            idx = T - self.season + (np.arange(self.horizon) % self.season)
+            forecast = np.take(filled, idx, axis=-2)
+        else:
+            forecast = np.repeat(locf(values, m)[..., -1:, :], self.horizon, axis=-2)
+        return imputed.astype(np.float32), forecast.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """The core's policy, taken from :class:`~gapcast.edge.config.EdgeConfig`.
+
+    Attributes:
+        stations: configured station names.
+        auto_register: serve stations that are not listed, up to ``max_stations``.
+        max_stations: cap on station windows.
+        clock: ``gateway`` or ``readings`` (what closes a silent station's steps).
+        lateness_s, max_future_s: time rules, seconds.
+        max_missing_share: no forecast above this share of missing window values.
+        max_batch: rows per backend call.
+        max_pending: open steps per station beyond the lookback (ring slack).
+        max_catchup_steps: at most this many steps of one station are closed in one go; an older backlog (a
+            gateway that was off for weeks) is skipped, counted and logged.
+    """
+
+    stations: tuple[str, ...] = ()
+    auto_register: bool = False
+    max_stations: int = 1000
+    clock: str = "gateway"
+    lateness_s: float = 300.0
+    max_future_s: float = 300.0
+    max_missing_share: float = 0.5
+    max_batch: int = 256
+    max_pending: int = 48
+    max_catchup_steps: int = 24 * 31
+
+    @classmethod
+    def from_config(cls, cfg: EdgeConfig) -> CoreSettings:
+        return cls(
+            stations=cfg.stations.names,
+            auto_register=cfg.stations.auto_register,
+            max_stations=cfg.stations.max_stations,
+            clock=cfg.agent.clock,
+            lateness_s=cfg.input.lateness_s,
+            max_future_s=cfg.input.max_future_s,
+            max_missing_share=cfg.agent.max_missing_share,
+            max_batch=cfg.model.max_batch,
+        )
+
+
+@dataclass
+class _Row:
+    """One window of the batch: the L steps ending at ``end`` of ``station``."""
+
+    station: str
+    end: int
+    fill: bool
+    revisions: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+class AgentCore:
+    """The pure agent: windows for every station, step closing, batched inference and output messages.
+
+    Args:
+        card: the model card (channels, ranges, normalisation, cadence, L, H, calendar).
+        topics: the gateway's topic tree.
+        settings: :class:`CoreSettings`.
+        schema: how readings are validated (sentinels, limits); built from the card when None.
+        backend: the inference backend; None = :class:`InterpolationBackend` (flagged as a fallback).
+
+    Raises:
+        ValueError: a card whose channel ranges or sizes make no window.
+    """
+
+    def __init__(
+        self,
+        card: Card,
+        topics: Topics,
+        settings: CoreSettings,
+        *,
+        schema: ReadingSchema | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self.card = card
+        self.topics = topics
+        self.settings = settings
+        self.channels = card.channel_names
+        self.C = len(self.channels)
+        self.L, self.H, self.cadence_s = card.lookback, card.horizon, card.cadence_s
+        self.mean = card.mean
+        self.std = card.std
+        self.vmin = card.valid_min
+        self.vmax = card.valid_max
+        self.schema = schema or ReadingSchema(self.channels, self.vmin, self.vmax)
+        self.spec = WindowSpec(
+            cadence_s=self.cadence_s,
+            lookback=self.L,
+            channels=self.C,
+            lateness_s=settings.lateness_s,
+            max_pending=settings.max_pending,
+        )
+        day = 86_400
+        season = day // self.cadence_s if day % self.cadence_s == 0 and day // self.cadence_s <= self.L else 0
+        self.fallback = InterpolationBackend(self.H, season)
+        self.backend: Backend = backend if backend is not None else self.fallback
+        self.model_version = int(card.model_version)
+        self.windows: dict[str, StationWindow] = {}
+        self.watermark_s: float | None = None
+        self.counters: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.missing: Counter = Counter()
+        self.no_forecast: dict[str, str] = {}
+        self._due: set[str] = set()
+        self._last_clock_due: int | None = None  # the clock's newest due step at the last full scan
+        self._listed = frozenset(settings.stations)
+
+    # -- ingest ----------------------------------------------------------------------------------------------
+
+    def _reject(self, topic: str, payload: bytes, rej: Rejection, now_s: float) -> list[OutMessage]:
+        self.rejected[rej.kind] += 1
+        log.debug("rejected %s from %s: %s", rej.kind, topic[:120], rej.reason)
+        return [deadletter_message(self.topics, topic, payload, rej, now_s)]
+
+    def _window(self, station: str) -> StationWindow | Rejection:
+        w = self.windows.get(station)
+        if w is not None:
+            return w
+        s = self.settings
+        if station not in self._listed and not s.auto_register:
+            return Rejection("unknown_station", f"station {station!r} is not configured (stations.names)")
+        # Listed stations always have their slot: an unlisted one (possibly hostile) may not take it first.
+        reserved = 0 if station in self._listed else len(self._listed - self.windows.keys())
+        if len(self.windows) + reserved >= s.max_stations:
+            return Rejection("station_limit", f"station {station!r} exceeds stations.max_stations {s.max_stations}")
+        w = StationWindow(self.spec)
+        self.windows[station] = w
+        log.info("station %s registered (%d of at most %d)", station, len(self.windows), s.max_stations)
+        return w
+
+    def ingest(self, topic: str, payload: bytes, now_s: float, *, retained: bool = False) -> list[OutMessage]:
+        """Take one incoming MQTT message.
+
+        Args:
+            topic: the MQTT topic.
+            payload: the raw payload bytes.
+            now_s: the gateway's clock, seconds since the epoch (monotonic-derived; for the future check and
+                dead-letter stamps).
+            retained: the broker flagged it as a retained message (readings must not be retained).
+
+        Returns:
+            Messages to publish: a dead-letter message when the input is rejected; the outputs of older steps
+            when the reading is so far ahead that they had to be closed first; usually nothing (steps are closed
+            by :meth:`tick`).
+        """
+        self.counters["messages"] += 1
+        station = self.topics.station_of(topic)
+        if isinstance(station, Rejection):
+            return self._reject(topic, payload, station, now_s)
+        if retained:
+            return self._reject(topic, payload, Rejection("retained", "readings must not be retained messages"), now_s)
+        reading = parse_reading(payload, self.schema)
+        if isinstance(reading, Rejection):
+            return self._reject(topic, payload, reading, now_s)
+        if reading.ts_s > now_s + self.settings.max_future_s:
+            rej = Rejection(
+                "future",
+                f"ts {iso(reading.ts_s)} is {reading.ts_s - now_s:.0f} s ahead of the gateway clock "
+                f"(max_future_s {self.settings.max_future_s:g})",
+            )
+            return self._reject(topic, payload, rej, now_s)
+        # Far past (issue 6): older than any window can hold, measured on the closing clock. Without this, the
+        # first reading of a new station could start its window years back and flood catch-up steps.
+        clock = self.closing_clock(now_s)
+        if clock is not None and reading.ts_s < clock - self.spec.capacity * self.cadence_s:
+            rej = Rejection(
+                "too_old",
+                f"ts {iso(reading.ts_s)} is older than any window holds ({self.spec.capacity} steps before {iso(clock)})",
+            )
+            return self._reject(topic, payload, rej, now_s)
+        w = self._window(station)
+        if isinstance(w, Rejection):
+            return self._reject(topic, payload, w, now_s)
+        return self._merge(station, w, reading, topic, payload, now_s)
+
+    def _merge(
+        self, station: str, w: StationWindow, reading: Reading, topic: str, payload: bytes, now_s: float
+    ) -> list[OutMessage]:
+        out: list[OutMessage] = []
+        through = w.needs_close_before(reading.ts_s)
+        if through is not None:
+            out += self._close({station: through}, None, now_s)
+        res = w.merge(reading.ts_s, reading.values, reading.observed)
+        if not res.accepted:
+            return out + self._reject(topic, payload, Rejection(res.kind, res.reason), now_s)
+        self.counters["readings"] += 1
+        self.counters[f"readings_{res.kind}"] += 1
+        for k, n in reading.missing.items():
+            self.missing[k] += n
+        if reading.ignored:
+            self.counters["ignored_channels"] += len(reading.ignored)
+        if self.watermark_s is None or reading.ts_s > self.watermark_s:
+            self.watermark_s = reading.ts_s
+        if res.kind in ("new", "late"):
+            self._due.add(station)
+        return out
+
+    # -- closing ---------------------------------------------------------------------------------------------
+
+    @property
+    def has_due(self) -> bool:
+        """Whether a reading made some station's step due (the shell ticks at once instead of waiting)."""
+        return bool(self._due)
+
+    def closing_clock(self, now_s: float | None) -> float | None:
+        """The clock that closes silent stations' steps: ``now_s`` (gateway) or the readings' watermark."""
+        return now_s if self.settings.clock == "gateway" else self.watermark_s
+
+    def tick(self, now_s: float) -> list[OutMessage]:
+        """Close every due step of every station and publish them, with ONE batched inference per round.
+
+        Args:
+            now_s: the gateway clock, seconds since the epoch (the shell maps monotonic time to it).
+
+        Returns:
+            Filled, revision and forecast messages, in step order per station.
+        """
+        clock = self.closing_clock(now_s)
+        # Only a new clock step can make a silent station due; otherwise only stations a reading touched are.
+        clock_due = None if clock is None else math.floor((clock - self.spec.lateness_s) / self.cadence_s) - 1
+        if clock_due != self._last_clock_due:
+            self._last_clock_due = clock_due
+            names = list(self.windows)
+        elif self._due:
+            names = [n for n in self._due if n in self.windows]
+        else:
+            return []
+        targets: dict[str, int | None] = {}
+        for name in names:
+            w = self.windows[name]
+            d = w.due_through(clock)
+            if d is not None or w.revise_lo is not None:
+                targets[name] = d
+        self._due.clear()
+        if not targets:
+            return []
+        # Fleet updates (gapcast.edge.updater.GuardedBackend) switch models here, between two steps.
+        boundary = getattr(self.backend, "step_boundary", None)
+        if boundary is not None:
+            boundary()
+        return self._close(targets, clock, now_s)
+
+    def _close(self, targets: dict[str, int | None], clock: float | None, now_s: float) -> list[OutMessage]:
+        """Close each station's steps through its target (None: only pending revisions), in rounds of at most
+        ``max_pending`` steps per station (so every window is still in the ring), one batch per round."""
+        out: list[OutMessage] = []
+        P = self.spec.max_pending
+        remaining = dict(targets)
+        # A backlog longer than max_catchup_steps is skipped (counted and logged), never silently.
+        for name, through in remaining.items():
+            w = self.windows[name]
+            if through is not None and w.closed is not None and through - w.closed > self.settings.max_catchup_steps:
+                skip = through - w.closed - self.settings.max_catchup_steps
+                new_closed = w.closed + skip
+                log.warning(
+                    "station %s: %d steps (%s .. %s) are beyond max_catchup_steps; skipped, not published",
+                    name, skip, iso((w.closed + 1) * self.cadence_s), iso(new_closed * self.cadence_s),
+                )
+                self.counters["steps_skipped"] += skip
+                if new_closed >= (w.head or new_closed):
+                    w.start(new_closed + 1)
+                else:  # pragma: no cover - head - closed <= max_pending < skip makes this unreachable
+                    w.closed = new_closed
+                w.gap_start = None
+        while remaining:
+            rows: list[_Row] = []
+            nxt: dict[str, int | None] = {}
+            for name, through in remaining.items():
+                w = self.windows[name]
+                assert w.closed is not None and w.head is not None
+                head_before = w.head
+                last = w.closed
+                if through is not None and through > w.closed:
+                    last = min(through, w.closed + P)
+                    w.advance_to(last)
+                    for j in range(w.closed + 1, last + 1):
+                        if not w.step_touched(j):
+                            self.missing["missing_step"] += 1
+                        gap = w.mark_closed(j, clock if j >= head_before else None)
+                        row = _Row(name, j, fill=True)
+                        if gap is not None:
+                            row.revisions.append((gap[0], gap[1], "gap_end"))
+                        rows.append(row)
+                    if last < through:
+                        nxt[name] = through
+                        continue
+                late = w.take_revision()
+                if late is not None:
+                    if rows and rows[-1].station == name and rows[-1].end == w.closed:
+                        rows[-1].revisions.append((late[0], late[1], "late_reading"))
+                    else:
+                        rows.append(_Row(name, w.closed, fill=False, revisions=[(late[0], late[1], "late_reading")]))
+            if rows:
+                out += self._infer_and_publish(rows, now_s)
+            remaining = nxt
+        return out
+
+    def _infer_and_publish(self, rows: list[_Row], now_s: float) -> list[OutMessage]:
+        L, H, C = self.L, self.H, self.C
+        B = len(rows)
+        raw = np.empty((B, L, C), dtype=np.float32)
+        obs = np.empty((B, L, C), dtype=bool)
+        cal_cache: dict[int, np.ndarray] = {}
+        cal = np.empty((B, L + H, 6), dtype=np.float32)
+        for b, r in enumerate(rows):
+            v, m = self.windows[r.station].view(r.end)
+            raw[b], obs[b] = v, m
+            c = cal_cache.get(r.end)
+            if c is None:
+                steps = np.arange(r.end - L + 1, r.end + H + 1, dtype=np.int64) * self.cadence_s
+                c = cal_cache[r.end] = calendar_features(steps, self.card.utc_offset_s)
+            cal[b] = c
+        norm = np.where(obs, (np.nan_to_num(raw) - self.mean) / self.std, 0.0).astype(np.float32)
+        obs_f = obs.astype(np.float32)
+        imputed = np.empty((B, L, C), dtype=np.float32)
+        forecast = np.empty((B, H, C), dtype=np.float32)
+        used = np.empty(B, dtype=object)
+        mb = self.settings.max_batch
+        for s in range(0, B, mb):
+            sl = slice(s, min(B, s + mb))
+            name = self.backend.name
+            try:
+                imp, fc = self.backend.run(norm[sl], obs_f[sl], cal[sl])
+                imp = np.asarray(imp, dtype=np.float32)
+                fc = np.asarray(fc, dtype=np.float32)
+                n = sl.stop - sl.start
+                if imp.shape != (n, L, C) or fc.shape != (n, H, C):
+                    msg = f"backend {name} returned imputed {imp.shape} / forecast {fc.shape}, expected {(n, L, C)} / {(n, H, C)}"
+                    raise ValueError(msg)
+                if not (np.isfinite(imp).all() and np.isfinite(fc).all()):
+                    msg = f"backend {name} returned non-finite values"
+                    raise ValueError(msg)
+            except Exception as exc:  # any backend failure falls back; the agent never dies on inference
+                if self.backend is self.fallback:
+                    raise
+                self.counters["backend_errors"] += 1
+                log.error("backend %s failed on a batch of %d: %s; falling back to interpolation", name, sl.stop - sl.start, exc)
+                imp, fc = self.fallback.run(norm[sl], obs_f[sl], cal[sl])
+                name = self.fallback.name
+            imputed[sl], forecast[sl] = imp, fc
+            used[sl] = name
+            self.counters["inference_batches"] += 1
+            self.counters["inference_rows"] += sl.stop - sl.start
+        # Back to physical units, inside each channel's valid range.
+        imp_phys = np.clip(imputed * self.std + self.mean, self.vmin, self.vmax)
+        fc_phys = np.clip(forecast * self.std + self.mean, self.vmin, self.vmax)
+        filled = np.where(obs, raw, imp_phys)
+        out: list[OutMessage] = []
+        # The version that served this batch (a fleet update or rollback may have swapped it).
+        self.model_version = int(getattr(self.backend, "model_version", self.model_version))
+        cad, mv, names = self.cadence_s, self.model_version, self.channels
+        share_max = self.settings.max_missing_share
+        for b, r in enumerate(rows):
+            model = used[b] != self.fallback.name
+            step_s = r.end * cad
+            for lo, hi, reason in r.revisions:
+                first = max(lo, r.end - L + 1)
+                if first > hi:
+                    continue
+                i0, i1 = first - (r.end - L + 1), hi - (r.end - L + 1) + 1
+                out.append(
+                    revision_message(
+                        self.topics, r.station, first * cad, cad, names, filled[b, i0:i1], ~obs[b, i0:i1],
+                        "model" if model else "interpolation", mv, reason, now_s,
+                    )
+                )
+                self.counters["revisions"] += 1
+                log.info(
+                    "%s revision %s..%s (%d steps, %s, %s)",
+                    r.station, iso(first * cad), iso(hi * cad), hi - first + 1, reason, used[b],
+                )
+            if not r.fill:
+                continue
+            imp_mask = ~obs[b, -1]
+            out.append(
+                filled_message(
+                    self.topics, r.station, step_s, cad, names, filled[b, -1], imp_mask,
+                    "model" if model else "locf", mv, now_s,
+                )
+            )
+            self.counters["filled"] += 1
+            n_imp = int(imp_mask.sum())
+            self.counters["imputed_values"] += n_imp
+            if not model:
+                self.counters["fallback_steps"] += 1
+            share = 1.0 - float(obs[b].mean())
+            if share > share_max:
+                reason = f"window {share:.0%} missing > max_missing_share {share_max:.0%} (step {iso(step_s)})"
+                self.no_forecast[r.station] = reason
+                self.counters["no_forecast"] += 1
+                log.info("%s step %s: %d/%d imputed (%s); no forecast: %s", r.station, iso(step_s), n_imp, self.C, used[b], reason)
+                continue
+            self.no_forecast.pop(r.station, None)
+            method = "model" if model else ("seasonal_naive" if self.fallback.season else "persistence")
+            out.append(
+                forecast_message(self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s)
+            )
+            self.counters["forecasts"] += 1
+            log.info(
+                "%s step %s: %d/%d imputed, window %.0f%% missing, forecast %d steps (%s)",
+                r.station, iso(step_s), n_imp, self.C, 100 * share, H, used[b],
+            )
+        return out
+
+    # -- status and state ------------------------------------------------------------------------------------
+
+    def status_body(self) -> dict[str, Any]:
+        """Counters and state for the status message (the shell adds connection and outbox figures)."""
+        reasons = dict(sorted(self.no_forecast.items())[:50])
+        return {
+            "model": {
+                "name": self.card.model_name,
+                "version": self.model_version,
+                "cadence_s": self.cadence_s,
+                "lookback": self.L,
+                "horizon": self.H,
+            },
+            "backend": self.backend.name,
+            "clock": self.settings.clock,
+            "stations": len(self.windows),
+            "counters": dict(sorted(self.counters.items())),
+            "missing": dict(sorted(self.missing.items())),
+            "rejected": dict(sorted(self.rejected.items())),
+            "no_forecast": reasons,
+            "no_forecast_stations": len(self.no_forecast),
+        }
+
+    def status(self, now_s: float, extra: dict[str, Any] | None = None) -> OutMessage:
+        """The retained status message (``state: online``) with counters; ``extra`` is merged in."""
+        body = self.status_body()
+        if extra:
+            body.update(extra)
+        return status_message(self.topics, body, now_s, self.model_version)
+
+    def state_meta(self) -> dict[str, Any]:
+        """Compatibility keys a snapshot must match to be restored into this core."""
+        return {
+            "model_version": self.model_version,
+            "channels": list(self.channels),
+            "cadence_s": self.cadence_s,
+            "lookback": self.L,
+            "capacity": self.spec.capacity,
+        }
+
+    def export_state(self) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        """Every station's window as ``name -> (arrays, meta)`` (see :meth:`StationWindow.export_state`)."""
+        return {name: w.export_state() for name, w in self.windows.items()}
+
+    def restore_state(self, stations: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]) -> int:
+        """Restore windows exported by :meth:`export_state` (skipping ones that do not fit, logged).
+
+        Returns:
+            How many stations were restored.
+        """
+        n = 0
+        for name, (arrays, meta) in stations.items():
+            try:
+                self.windows[name] = StationWindow.from_state(self.spec, arrays, meta)
+                n += 1
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("window of %s not restored: %s", name, exc)
+        wm = [w.ref_s for w in self.windows.values() if math.isfinite(w.ref_s)]
+        if wm:
+            self.watermark_s = max(wm)
+        return n
+
+    @classmethod
+    def from_config(cls, cfg: EdgeConfig, card: Card, backend: Backend | None = None) -> AgentCore:
+        """Build the core from the gateway config and the verified bundle's card."""
+        schema = ReadingSchema(
+            card.channel_names,
+            card.valid_min,
+            card.valid_max,
+            sentinels=cfg.input.sentinels,
+            max_payload_bytes=cfg.input.max_payload_bytes,
+            max_json_depth=cfg.input.max_json_depth,
+            unknown_channels=cfg.input.unknown_channels,
+        )
+        return cls(
+            card,
+            Topics(cfg.topic_prefix, cfg.gateway_id),
+            CoreSettings.from_config(cfg),
+            schema=schema,
+            backend=backend,
+        )

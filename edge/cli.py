@@ -1,0 +1,166 @@
+"""``gapcast edge``: run the gateway agent, check its configuration, build a TensorRT engine.
+
+Nothing heavy is imported at module level (the gateway has no torch or pandas; onnxruntime and paho are imported
+inside the handlers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+__all__ = ["load_runtime", "register"]
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``edge run | check | build-engine`` to the ``gapcast`` parser."""
+    edge = sub.add_parser("edge", help="the gateway agent: run, check, build-engine")
+    esub = edge.add_subparsers(dest="edge_command", metavar="EDGE_COMMAND")
+
+    run = esub.add_parser("run", help="run the MQTT agent (gap filling and forecasts in real time)")
+    run.add_argument("--config", required=True, type=Path, help="edge.toml (see deploy/edge.example.toml)")
+    run.set_defaults(func=_run, log_info=True)
+
+    check = esub.add_parser("check", help="validate the config and the bundle; print what the agent would do")
+    check.add_argument("--config", required=True, type=Path, help="edge.toml")
+    check.set_defaults(func=_check)
+
+    be = esub.add_parser("build-engine", help="compile a bundle to a TensorRT engine on this device")
+    be.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    be.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16", help="engine precision")
+    be.add_argument("--max-batch", type=int, default=None, help="largest batch the engine accepts (default 64)")
+    be.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        action="append",
+        default=None,
+        help="Ed25519 public key (PEM path or hex) the bundle signature must verify under; repeatable "
+        "(without one only the file hashes are checked, with a warning)",
+    )
+    be.add_argument("--cache-dir", type=Path, default=None, help="engine cache folder")
+    be.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace, MiB (default 1024)")
+    be.add_argument("--rebuild", action="store_true", help="build even if a cached engine matches")
+    be.set_defaults(func=_build_engine)
+
+    edge.set_defaults(func=lambda args: (edge.print_help(), 2)[1])
+
+
+def load_runtime(cfg):
+    """Verify the bundle and pick the backend the config prefers.
+
+    Args:
+        cfg: :class:`~gapcast.edge.config.EdgeConfig`.
+
+    Returns:
+        ``(bundle, backend, note)``: the verified bundle, the backend (None = interpolation fallback) and a
+        sentence saying which backend runs and why.
+
+    Raises:
+        ConfigError: ``model.bundle`` is not set or does not exist.
+        BundleError: the bundle fails verification (signature, hashes, card).
+    """
+    from gapcast.edge import BackendError, ConfigError
+    from gapcast.edge.bundle import verify_bundle
+
+    m = cfg.model
+    if m.bundle is None:
+        raise ConfigError("model.bundle: required (the signed model bundle: a directory or .tar)")
+    if not m.bundle.exists():
+        raise ConfigError(
+            f"model.bundle: {m.bundle} does not exist (export one with `gapcast export`, or fix the path"
+            + (f" in {cfg.source}" if cfg.source else "")
+            + ")"
+        )
+    bundle = verify_bundle(m.bundle, list(m.trusted_keys))
+    if m.backend == "interpolation":
+        return bundle, None, "interpolation (model.backend = \"interpolation\")"
+    try:
+        from gapcast.edge.backends import select_backend
+
+        prefer = None if m.backend == "auto" else m.backend  # None: TensorRT first, then onnxruntime
+        backend = select_backend(bundle, prefer=prefer, threads=m.threads or None)
+    except (ImportError, BackendError) as exc:
+        note = f"interpolation fallback: no model backend could run ({exc})"
+        log.error("%s", note)
+        return bundle, None, note
+    return bundle, backend, f"{backend.name} (preferred: {m.backend})"
+
+
+def _check(args) -> int:
+    from gapcast.edge.agent import CoreSettings
+    from gapcast.edge.config import load_config
+    from gapcast.edge.messages import Topics
+
+    cfg = load_config(args.config)
+    print(f"config {args.config}: OK")
+    bundle, backend, note = load_runtime(cfg)
+    card = bundle.card
+    t = Topics(cfg.topic_prefix, cfg.gateway_id)
+    b = cfg.broker
+    s = CoreSettings.from_config(cfg)
+    print(f"bundle {bundle.path}: signature and {len(card.files)} file hash(es) OK")
+    print(
+        f"  model {card.model_name} v{card.model_version}: {len(card.channels)} channels "
+        f"({', '.join(card.channel_names)}), cadence {card.cadence_s} s, lookback {card.lookback}, horizon {card.horizon}"
+    )
+    print(f"backend: {note}")
+    tls = "off"
+    if b.tls.enabled:
+        tls = "on, certificate NOT verified (tls_insecure)" if b.tls.insecure else "on, certificate verified"
+    print(
+        f"broker: {b.host}:{b.port}, MQTT {b.mqtt_version}, client id {cfg.client_id!r}, TLS {tls}, "
+        f"auth {'user ' + repr(b.username) if b.username else 'none'}, session expiry {b.session_expiry_s} s"
+    )
+    stations = ", ".join(cfg.stations.names) or "(none listed)"
+    auto = f"; auto-register up to {cfg.stations.max_stations}" if cfg.stations.auto_register else ""
+    print(f"stations: {stations}{auto}")
+    print(f"subscribe: {t.readings_filter} (QoS 1)")
+    print(f"publish:   {cfg.topic_prefix}/stations/<station>/filled and .../forecast (QoS 1)")
+    print(f"           {t.status} (retained; Last Will \"offline\"), dead letters to {t.deadletter}")
+    print(
+        f"policy: steps close on the {s.clock} clock after lateness {s.lateness_s:g} s; readings more than "
+        f"{s.max_future_s:g} s in the future rejected; sentinels {list(cfg.input.sentinels)}; no forecast above "
+        f"{s.max_missing_share:.0%} missing"
+    )
+    print(f"state: {cfg.agent.state_dir} (outbox: {cfg.outbox.kind}, {cfg.outbox.max_bytes} bytes max)")
+    return 0
+
+
+def _run(args) -> int:
+    from gapcast.edge.agent import AgentCore
+    from gapcast.edge.config import load_config
+    from gapcast.edge.mqtt import MqttAgent, make_outbox
+
+    cfg = load_config(args.config)
+    update_link = None
+    if cfg.update.enabled:  # fleet updates: the bundle runs from the update store (gapcast.edge.updater)
+        from gapcast.edge.updater import start_from_config
+
+        update_link, backend, note = start_from_config(cfg)
+        bundle = backend.bundle
+    else:
+        bundle, backend, note = load_runtime(cfg)
+    log.info("bundle %s v%d verified; backend: %s", bundle.card.model_name, bundle.card.model_version, note)
+    core = AgentCore.from_config(cfg, bundle.card, backend)
+    cfg.agent.state_dir.mkdir(parents=True, exist_ok=True)
+    agent = MqttAgent(cfg, core, make_outbox(cfg), update_link=update_link)
+    stop = threading.Event()
+
+    def _stop(signum, frame) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return agent.run(stop)
+
+
+def _build_engine(args) -> int:
+    from gapcast.edge.trt import build_engine_main
+
+    return int(build_engine_main(args) or 0)

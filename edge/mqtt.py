@@ -1,0 +1,452 @@
+"""The MQTT shell around the pure agent core: paho-mqtt 2.x, VERSION2 callbacks, QoS 1 in and out.
+
+What it does (issue 5, DESIGN.md "MQTT contract"):
+
+- connects with MQTT 5 by default (3.1.1 selectable), a stable client id and a persistent session
+  (MQTT 5: ``clean_start = False`` + Session Expiry Interval; 3.1.1: ``clean_session = False``), so QoS 1
+  readings queued at the broker while the gateway was away are delivered after a reconnect;
+- subscribes to ``{prefix}/stations/+/readings`` with QoS 1 (MQTT 5: retained readings are not sent at subscribe);
+  inbound messages are acknowledged (manual PUBACK) only after the core has ingested them;
+- keeps a retained status on ``{prefix}/gateways/{gateway}/status`` with a Last Will that turns it ``offline``;
+- reconnects with exponential back-off (``reconnect_min_s`` .. ``reconnect_max_s``), TLS with verification on by
+  default, username/password;
+- every outgoing message goes through an outbox and leaves it only on the broker's PUBACK (``on_publish``);
+- ticks run on ``time.monotonic()``, mapped once to event time (:class:`EventClock`), so a wall-clock jump neither
+  skips nor repeats steps.
+
+Threads: paho's network thread (``loop_start``) runs every ``_on_*`` callback; they only put items on queues. The
+main thread (:meth:`MqttAgent.run`) owns the core, the outbox writes and the publishing: the core is never touched
+from two threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gapcast.edge.agent import AgentCore
+from gapcast.edge.config import EdgeConfig
+from gapcast.edge.messages import offline_payload
+
+__all__ = ["EventClock", "MqttAgent", "make_outbox"]
+
+log = logging.getLogger(__name__)
+
+
+class EventClock:
+    """Event time from monotonic time: ``now(mono) = wall_at_start + (mono - mono_at_start)``.
+
+    Anchored once, at start-up, so later steps or slews of the wall clock (NTP, a manual change) neither skip nor
+    repeat steps. Pure: the caller passes the clock readings.
+
+    Args:
+        wall_s: wall-clock time at the anchor, seconds since the epoch.
+        mono_s: monotonic time at the anchor, seconds.
+    """
+
+    def __init__(self, wall_s: float, mono_s: float) -> None:
+        self.offset_s = float(wall_s) - float(mono_s)
+
+    def now(self, mono_s: float) -> float:
+        """Event time, seconds since the epoch, for monotonic time ``mono_s``."""
+        return float(mono_s) + self.offset_s
+
+
+@dataclass
+class _Inbound:
+    topic: str
+    payload: bytes
+    retain: bool
+    mid: int
+    qos: int
+    epoch: int
+
+
+def make_outbox(cfg: EdgeConfig):
+    """The outbox the config asks for: the durable SQLite one (``gapcast.edge.outbox``) or :class:`MemoryOutbox`.
+
+    Raises:
+        gapcast.edge.EdgeError: the SQLite outbox cannot be opened.
+    """
+    o = cfg.outbox
+    if o.kind == "sqlite":
+        from gapcast.edge.outbox import OutboxConfig, SQLiteOutbox
+
+        path = cfg.agent.state_dir / "outbox.sqlite"
+        return SQLiteOutbox(
+            OutboxConfig(
+                path=path,
+                max_bytes=o.max_bytes,
+                max_age_s=o.max_age_s,
+                drop_order=o.drop_order,
+                synchronous=o.synchronous,
+                rate_per_s=o.rate_per_s,
+                burst=o.burst,
+            )
+        )
+    from gapcast.edge.outbox_memory import MemoryOutbox
+
+    return MemoryOutbox(max_bytes=o.max_bytes, drop_order=o.drop_order)
+
+
+class MqttAgent:
+    """The gateway process: the core, an outbox and a paho client.
+
+    Args:
+        cfg: the gateway configuration.
+        core: the pure agent core (built from the verified bundle's card).
+        outbox: where outgoing messages wait for their PUBACK (see ``gapcast.edge.outbox_memory.Outbox``).
+        wall: wall clock (seconds since the epoch), read once to anchor :class:`EventClock`; injectable in tests.
+        mono: monotonic clock, seconds; injectable in tests.
+        snapshot_path: where window snapshots go (None: ``state_dir/windows.npz``; "" disables them).
+        update_link: fleet model updates (``gapcast.edge.updater.UpdateLink``), or None.
+    """
+
+    def __init__(
+        self,
+        cfg: EdgeConfig,
+        core: AgentCore,
+        outbox: Any,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+        snapshot_path: str | None = None,
+        update_link: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.update_link = update_link
+        self.core = core
+        self.outbox = outbox
+        self.mono = mono
+        self.clock = EventClock(wall(), mono())
+        self.started_mono = mono()
+        self._inbound: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._pending: dict[int, int] = {}  # paho mid -> outbox id, owned by the main thread
+        self._pending_lock = threading.Lock()
+        self.connected = threading.Event()
+        self.epoch = 0  # connection counter; written by the network thread, read by the main thread
+        self.counters: Counter = Counter()
+        self.client = self._build_client()
+        self.snapshots = None
+        # A durable outbox also journals the core's inputs (issue 6): replayed after a crash on top of the snapshot.
+        self._journal = callable(getattr(outbox, "journal_entries", None))
+        path = snapshot_path if snapshot_path is not None else str(cfg.agent.state_dir / "windows.npz")
+        if path:
+            self._setup_snapshots(path)
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+
+    def _build_client(self):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        b = self.cfg.broker
+        v5 = b.mqtt_version == "5"
+        kwargs: dict[str, Any] = {
+            "client_id": self.cfg.client_id,
+            "protocol": mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            "manual_ack": True,
+        }
+        if not v5:
+            kwargs["clean_session"] = False
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, **kwargs)
+        client.enable_logger(logging.getLogger("gapcast.edge.paho"))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.will_set(
+            self.core.topics.status, offline_payload(self.cfg.gateway_id, "connection lost"), qos=1, retain=True
+        )
+        if b.username:
+            client.username_pw_set(b.username, b.password)
+        if b.tls.enabled:
+            client.tls_set(
+                ca_certs=str(b.tls.ca_file) if b.tls.ca_file else None,
+                certfile=str(b.tls.cert_file) if b.tls.cert_file else None,
+                keyfile=str(b.tls.key_file) if b.tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if b.tls.insecure else ssl.CERT_REQUIRED,
+            )
+            if b.tls.insecure:
+                client.tls_insecure_set(True)
+                log.warning("TLS verification of the broker %s:%d is OFF (mqtt.tls.tls_insecure = true)", b.host, b.port)
+        client.reconnect_delay_set(min_delay=b.reconnect_min_s, max_delay=b.reconnect_max_s)
+        client.max_inflight_messages_set(b.max_inflight)
+        if self.update_link is not None:
+            self.update_link.attach(client)
+        return client
+
+    def _setup_snapshots(self, path: str) -> None:
+        try:
+            from gapcast.edge.state import SnapshotScheduler, StationState, load_snapshot
+        except ImportError:  # the reliability part is optional for the shell
+            log.warning("gapcast.edge.state is not available: window snapshots are off")
+            return
+        snap = load_snapshot(path, expect_meta=self.core.state_meta())
+        if snap is not None:
+            n = self.core.restore_state({k: (s.arrays, s.meta) for k, s in snap.stations.items()})
+            log.info("restored %d station window(s) from %s", n, path)
+        if self._journal:
+            from gapcast.edge.state import replay_journal
+
+            since = int(snap.meta.get("journal_seq", 0)) if snap is not None else 0
+            replay_journal(self.core, self.outbox.journal_entries(since))
+
+        def collect():
+            st = {k: StationState(arrays=a, meta=m) for k, (a, m) in self.core.export_state().items()}
+            meta = self.core.state_meta()
+            if self._journal:
+                meta["journal_seq"] = self.outbox.journal_seq()
+            return st, meta
+
+        def saved(meta):
+            if self._journal:
+                self.outbox.journal_truncate(int(meta["journal_seq"]))
+
+        self.snapshots = SnapshotScheduler(
+            path, collect, interval_s=self.cfg.agent.snapshot_interval_s, on_saved=saved
+        )
+
+    def _store(self, out: list, journal: list[tuple]) -> None:
+        """Put outputs in the outbox; a journaling outbox also records, in the same transaction, the core inputs
+        ``(op, now_s, topic, payload, retained)`` that produced them (main thread)."""
+        if self._journal and self.snapshots is not None:
+            self.outbox.put_many(out, journal=journal)
+        elif out:
+            self.outbox.put_many(out)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        """CONNACK arrived. Runs on paho's network thread: subscribes and tells the main thread."""
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        self.epoch += 1
+        self.connected.set()
+        present = bool(getattr(flags, "session_present", False))
+        log.info("connected to %s:%d (session present: %s)", self.cfg.broker.host, self.cfg.broker.port, present)
+        if self.cfg.broker.mqtt_version == "5":
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            client.subscribe(self.core.topics.readings_filter, options=opts)
+        else:
+            client.subscribe(self.core.topics.readings_filter, qos=1)
+        if self.update_link is not None:  # the fleet's retained release manifest comes with this subscription
+            self.update_link.on_connect(client)
+        self._events.put("connected")
+
+    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+        """SUBACK arrived. Runs on paho's network thread: logs a refused subscription."""
+        for rc in reason_code_list:
+            if rc.is_failure:
+                log.error("subscription to %s refused: %s", self.core.topics.readings_filter, rc)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        """The connection dropped or was closed. Runs on paho's network thread; paho reconnects with back-off."""
+        self.connected.clear()
+        log.warning("disconnected from the broker: %s (reconnecting with back-off)", reason_code)
+        self._events.put("disconnected")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        """A reading arrived. Runs on paho's network thread: queued for the main thread (acked after ingest).
+        Fleet release messages go to the updater (which only collects and hash-checks them on this thread)."""
+        if self.update_link is not None and self.update_link.handles(msg.topic):
+            self.update_link.on_message(client, msg, manual_ack=True)
+            return
+        self._inbound.put(_Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, self.epoch))
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """PUBACK (or local completion) of an outgoing message. Runs on paho's network thread: queued for the
+        main thread, which acks the outbox (MQTT 5 failure reason codes are counted and logged there)."""
+        self._acks.put((mid, bool(reason_code.is_failure), str(reason_code)))
+
+    # -- main thread -----------------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Event time from the monotonic clock."""
+        return self.clock.now(self.mono())
+
+    def start(self) -> None:
+        """Connect (asynchronously; paho retries until the broker answers) and start the network thread."""
+        b = self.cfg.broker
+        kw: dict[str, Any] = {}
+        if b.mqtt_version == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = b.session_expiry_s
+            kw = {"clean_start": False, "properties": props}
+        self.client.connect_async(b.host, b.port, keepalive=b.keepalive_s, **kw)
+        self.client.loop_start()
+
+    def _handle_events(self) -> None:
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if ev == "connected":
+                self.counters["connects"] += 1
+                self.outbox.put(self._status())
+
+    def _status(self):
+        extra = {
+            "connected": self.connected.is_set(),
+            "uptime_s": round(self.mono() - self.started_mono, 1),
+            "shell": dict(self.counters),
+            "outbox": self.outbox.stats(),
+        }
+        if self.update_link is not None:
+            extra["update"] = self.update_link.updater.status()
+        return self.core.status(self.now(), extra)
+
+    def _drain(self, timeout_s: float, max_n: int = 5000) -> int:
+        """Ingest up to ``max_n`` queued readings (waiting at most ``timeout_s`` for the first)."""
+        items: list[_Inbound] = []
+        try:
+            items.append(self._inbound.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._inbound.get_nowait())
+            while len(items) < max_n:
+                items.append(self._inbound.get_nowait())
+        except queue.Empty:
+            pass
+        if not items:
+            return 0
+        out = []
+        now = self.now()
+        journal = []
+        for it in items:
+            try:
+                out += self.core.ingest(it.topic, it.payload, now, retained=it.retain)
+            except Exception:  # a bug must not kill the gateway on one message: log it, count it, go on
+                self.counters["internal_errors"] += 1
+                log.exception("ingest failed on a message from %s (%d bytes)", it.topic[:120], len(it.payload))
+            journal.append(("ingest", now, it.topic, it.payload, it.retain))
+            # A full-speed burst can make steps due many times over: close them as we go, batched per drain.
+        if self.core.has_due:
+            out += self.core.tick(now)
+            journal.append(("tick", now, "", b"", False))
+        self._store(out, journal)
+        # Inbound PUBACKs only after the outputs are stored: a crash before this re-delivers the readings.
+        epoch = self.epoch
+        for it in items:
+            if it.qos > 0 and it.epoch == epoch:
+                self.client.ack(it.mid, it.qos)
+        self.counters["inbound"] += len(items)
+        return len(items)
+
+    def _process_acks(self) -> None:
+        while True:
+            try:
+                mid, failed, rc = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            with self._pending_lock:
+                oid = self._pending.pop(mid, None)
+            if oid is None:
+                continue
+            if failed:
+                self.counters["publish_refused"] += 1
+                log.error("broker refused an outgoing message (reason %s); dropped from the outbox", rc)
+            self.outbox.ack(oid)
+
+    def _pump(self) -> int:
+        """Hand outbox messages to paho while there is room in the in-flight window."""
+        if not self.connected.is_set():
+            return 0
+        room = self.cfg.broker.max_inflight - len(self._pending)
+        if room <= 0:
+            return 0
+        bucket = getattr(self.outbox, "bucket", None)
+        if bucket is not None:
+            room = bucket.take(room, self.mono())
+            if room <= 0:
+                return 0
+        batch = self.outbox.next_batch(room)
+        import paho.mqtt.client as mqtt
+
+        sent = 0
+        for oid, m in batch:
+            info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho queued it for reconnect
+                with self._pending_lock:
+                    self._pending[info.mid] = oid
+                sent += 1
+            else:
+                self.outbox.release([oid])
+                self.counters["publish_errors"] += 1
+                log.error("publish of %s failed locally (%s); will retry", m.topic, mqtt.error_string(info.rc))
+        self.counters["published"] += sent
+        return sent
+
+    def run(self, stop: threading.Event, *, drain_timeout_s: float = 5.0) -> int:
+        """Run until ``stop`` is set; then publish a clean "offline" status, snapshot and close.
+
+        Args:
+            stop: set it (e.g. from a SIGTERM handler) to stop.
+            drain_timeout_s: how long shutdown waits for outstanding PUBACKs, seconds.
+
+        Returns:
+            0.
+        """
+        a = self.cfg.agent
+        self.start()
+        next_tick = self.mono()
+        next_status = self.mono() + a.status_interval_s
+        try:
+            while not stop.is_set():
+                mono = self.mono()
+                wait = min(max(next_tick - mono, 0.0), 0.05)
+                self._drain(wait)
+                self._handle_events()
+                mono = self.mono()
+                if mono >= next_tick:
+                    now = self.clock.now(mono)
+                    out = self.core.tick(now)
+                    if out:
+                        self._store(out, [("tick", now, "", b"", False)])
+                    next_tick = mono + a.tick_interval_s
+                if mono >= next_status:
+                    self.outbox.put(self._status())
+                    next_status = mono + a.status_interval_s
+                self._process_acks()
+                self._pump()
+                if self.snapshots is not None:
+                    self.snapshots.maybe_save(mono)
+        finally:
+            self.shutdown(drain_timeout_s)
+        return 0
+
+    def shutdown(self, drain_timeout_s: float = 5.0) -> None:
+        """Flush what the broker will take within ``drain_timeout_s``, publish ``offline`` (retained), disconnect,
+        snapshot the windows and close the outbox."""
+        deadline = self.mono() + drain_timeout_s
+        while self.connected.is_set() and self.mono() < deadline and (len(self.outbox) or self._pending):
+            self._process_acks()
+            self._pump()
+            time.sleep(0.02)
+        if self.connected.is_set():
+            info = self.client.publish(
+                self.core.topics.status, offline_payload(self.cfg.gateway_id, "shutdown"), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=max(deadline - self.mono(), 1.0))
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self.snapshots is not None:
+            self.snapshots.save_now()
+        self.outbox.close()
+        log.info("stopped: %s", dict(self.core.counters))

@@ -1,0 +1,607 @@
+"""A durable outbox on SQLite (WAL mode): every message the agent publishes waits here until the broker acks it.
+
+paho-mqtt keeps its own queue of QoS 1 messages in memory, and that queue dies with the process. The agent
+therefore writes each outgoing message to this outbox first; the MQTT shell takes batches from it, publishes them
+with QoS 1 and calls :meth:`SQLiteOutbox.ack` from ``on_publish`` when the broker's PUBACK arrives. Only then does
+the row leave the database. A crash, a reboot or a long broker outage loses nothing: at the next start the backlog
+is read back and flushed in its original order, rate limited by a :class:`TokenBucket` so that a gateway that was
+offline for a day does not flood the broker and starve live traffic.
+
+The outbox is bounded by bytes and by age (:class:`OutboxConfig`). When a new message does not fit, the OLDEST
+FORECASTS are dropped first (a newer forecast supersedes them), then the other kinds in ``drop_order``, and
+filled values only when nothing else is left. Every drop is counted by kind, logged, and reported by
+:meth:`SQLiteOutbox.stats` so that the status message says what was lost. Nothing leaves silently.
+
+Delivery is at-least-once: a message acked by the broker but not yet deleted here when the process dies is sent
+again after the restart. Subscribers deduplicate by the stable message id each output carries.
+
+The same database holds the agent's input journal: every input the pure core took since the last window snapshot
+(``ingest`` of a reading, ``tick`` of the clock), written in the SAME transaction as the outputs it produced, before
+the reading is acknowledged to the broker. After a crash the agent restores the last snapshot and replays the journal
+through the core (its outputs are already stored here), so the windows come back exactly as they were: no reading
+acknowledged to the broker is lost, and no step is closed twice. A snapshot truncates the journal.
+
+Thread model: the agent's main thread calls ``put``/``next_batch``; paho's network thread calls ``ack`` and
+``release``. All methods take one lock; SQLite runs with ``check_same_thread=False`` under that lock.
+
+Sources: SQLite write-ahead logging (https://sqlite.org/wal.html), PRAGMA synchronous/auto_vacuum
+(https://sqlite.org/pragma.html); MQTT 5.0 section 4.3.2 (QoS 1: at least once delivery); the token bucket of
+RFC 2697/2698 (single rate, without colour marking).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gapcast.edge import EdgeError
+
+__all__ = ["JournalEntry", "OutboxConfig", "OutboxError", "OutboxMessage", "SQLiteOutbox", "TokenBucket"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_VERSION = 1
+# Ack deletes are batched: a delete lost in a crash only means one duplicate after the restart (deduplicated by id).
+_ACK_FLUSH_EVERY = 64
+
+
+class OutboxError(EdgeError):
+    """The outbox database cannot be opened or written (disk full, wrong schema, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One message waiting to be published.
+
+    Attributes:
+        topic: MQTT topic.
+        payload: the exact bytes to publish (JSON, UTF-8).
+        qos: MQTT QoS (the agent uses 1 for everything it publishes through the outbox).
+        retain: the MQTT retain flag.
+        kind: what it is, for the drop policy and the counters: ``filled``, ``revision``, ``forecast``,
+            ``status``, ``deadletter``...
+        msg_id: the stable message id (station, step, kind, model version) subscribers deduplicate by; may be empty.
+        created_s: wall-clock time it was created, Unix seconds (for the age bound; survives a restart).
+    """
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    kind: str = "other"
+    msg_id: str = ""
+    created_s: float = 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the message occupies in the cap: payload plus topic, UTF-8."""
+        return len(self.payload) + len(self.topic.encode())
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One input the agent core took, recorded for replay after a crash.
+
+    Attributes:
+        seq: journal sequence number (increasing, never reused).
+        op: ``ingest`` (a reading) or ``tick`` (the clock closed due steps).
+        now_s: the gateway clock the core was given, seconds since the epoch.
+        topic, payload, retained: the MQTT message (``ingest`` only; empty for ``tick``).
+    """
+
+    seq: int
+    op: str
+    now_s: float
+    topic: str = ""
+    payload: bytes = b""
+    retained: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """Bounds and durability of the outbox.
+
+    Attributes:
+        path: the SQLite database file (its ``-wal`` and ``-shm`` siblings live beside it).
+        max_bytes: cap on the stored messages' payload + topic bytes; the database files stay within about twice
+            the cap plus 2 MiB (SQLite page and index overhead, a WAL checkpointed every 1 MiB).
+        max_age_s: messages older than this (wall clock, seconds) are dropped as ``expired``; 0 disables.
+        drop_order: kinds dropped first, in this order, oldest first within a kind, when a message does not fit;
+            kinds not listed (``filled``, ``revision``...) are dropped oldest-first only when nothing listed is left.
+        synchronous: SQLite ``PRAGMA synchronous``: ``FULL`` survives power loss (an fsync per commit), ``NORMAL``
+            survives a crash of the process and may lose the last commits on power loss.
+        rate_per_s: steady publish rate the shell's :class:`TokenBucket` allows when flushing, messages/second.
+        burst: token bucket depth, messages.
+    """
+
+    path: Path
+    max_bytes: int = 64 * 1024 * 1024
+    max_age_s: float = 7 * 24 * 3600.0
+    drop_order: tuple[str, ...] = ("forecast", "deadletter", "status")
+    synchronous: str = "FULL"
+    rate_per_s: float = 200.0
+    burst: int = 500
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0:
+            msg = f"outbox max_bytes must be positive, got {self.max_bytes}"
+            raise ValueError(msg)
+        if self.max_age_s < 0:
+            msg = f"outbox max_age_s must be >= 0, got {self.max_age_s}"
+            raise ValueError(msg)
+        if self.synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+            msg = f"outbox synchronous must be FULL, NORMAL or EXTRA, got {self.synchronous!r}"
+            raise ValueError(msg)
+        if self.rate_per_s <= 0 or self.burst < 1:
+            msg = f"outbox rate_per_s must be > 0 and burst >= 1, got {self.rate_per_s}, {self.burst}"
+            raise ValueError(msg)
+
+
+class TokenBucket:
+    """A token bucket: ``rate_per_s`` tokens per second, at most ``burst`` stored.
+
+    Pure: the caller passes monotonic time, so tests need no clock and a wall-clock jump cannot mint tokens.
+
+    Args:
+        rate_per_s: refill rate, tokens/second.
+        burst: bucket depth, tokens (also the initial fill).
+    """
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            msg = f"token bucket needs rate_per_s > 0 and burst >= 1, got {rate_per_s}, {burst}"
+            raise ValueError(msg)
+        self.rate_per_s = float(rate_per_s)
+        self.burst = int(burst)
+        self._tokens = float(burst)
+        self._last_s: float | None = None
+
+    def _refill(self, now_s: float) -> None:
+        if self._last_s is not None and now_s > self._last_s:
+            self._tokens = min(float(self.burst), self._tokens + (now_s - self._last_s) * self.rate_per_s)
+        if self._last_s is None or now_s > self._last_s:
+            self._last_s = now_s
+
+    def take(self, n: int, now_s: float) -> int:
+        """Take up to ``n`` whole tokens.
+
+        Args:
+            n: tokens wanted (messages to publish).
+            now_s: monotonic time, seconds.
+
+        Returns:
+            How many were granted, 0..n.
+        """
+        self._refill(now_s)
+        granted = min(int(n), int(self._tokens))
+        self._tokens -= granted
+        return max(granted, 0)
+
+    def wait_s(self, now_s: float) -> float:
+        """Seconds until one token is available (0 when one is available now)."""
+        self._refill(now_s)
+        return 0.0 if self._tokens >= 1 else (1.0 - self._tokens) / self.rate_per_s
+
+
+@dataclass
+class _Counters:
+    put: Counter = field(default_factory=Counter)
+    acked: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    expired: Counter = field(default_factory=Counter)
+
+
+class SQLiteOutbox:
+    """The durable outbox (drop-in for the in-memory ``MemoryOutbox``).
+
+    Args:
+        config: bounds, durability and rate (see :class:`OutboxConfig`).
+        clock: wall-clock source, Unix seconds, used only to stamp messages and apply ``max_age_s``
+            (injected in tests).
+
+    Raises:
+        OutboxError: the database cannot be opened, or it was written by an incompatible schema.
+    """
+
+    def __init__(self, config: OutboxConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight: set[int] = set()
+        self._acked: set[int] = set()
+        self._counters = _Counters()
+        self.bucket = TokenBucket(config.rate_per_s, config.burst)
+        path = Path(config.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._setup()
+        except sqlite3.Error as exc:
+            msg = f"cannot open the outbox database {path}: {exc}"
+            raise OutboxError(msg) from exc
+        self._bytes, self._count = self._db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM outbox").fetchone()
+        if self._count:
+            log.info("outbox %s: %d message(s), %d bytes waiting from the previous run", path, self._count, self._bytes)
+
+    def _setup(self) -> None:
+        db = self._db
+        # auto_vacuum must be chosen before the first table exists; INCREMENTAL lets us hand freed pages back.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            msg = f"SQLite refused WAL mode (got {mode!r})"
+            raise OutboxError(msg)
+        db.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
+        # Keep the WAL small: checkpoint every 256 pages (1 MiB) and truncate it back to 1 MiB afterwards, so disk
+        # use stays within the cap plus a constant during long outages.
+        db.execute("PRAGMA wal_autocheckpoint=256")
+        db.execute("PRAGMA journal_size_limit=1048576")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,"
+            " qos INTEGER NOT NULL, retain INTEGER NOT NULL, kind TEXT NOT NULL, msg_id TEXT NOT NULL,"
+            " created_s REAL NOT NULL, bytes INTEGER NOT NULL)"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS outbox_kind ON outbox (kind, id)")
+        db.execute("CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_s)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,"
+            " now_s REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, retained INTEGER NOT NULL)"
+        )
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
+        elif int(row[0]) != _SCHEMA_VERSION:
+            msg = f"outbox schema version {row[0]} is not supported (this agent writes {_SCHEMA_VERSION})"
+            raise OutboxError(msg)
+
+    # -- writing -------------------------------------------------------------------------------------------------
+
+    def put(self, msg: Any) -> int:
+        """Store one message durably (committed before this returns).
+
+        Args:
+            msg: an :class:`OutboxMessage`, or any object with ``topic``, ``payload`` (bytes or str) and optionally
+                ``qos``, ``retain``, ``kind``, ``msg_id``.
+
+        Returns:
+            The outbox id of the message (``ack`` takes it), or -1 when the message alone exceeds ``max_bytes``
+            (dropped, counted and logged).
+
+        Raises:
+            OutboxError: the database write failed (e.g. the disk is full).
+        """
+        return self.put_many([msg])[0]
+
+    def put_many(self, msgs: Iterable[Any], journal: Iterable[tuple] = ()) -> list[int]:
+        """Store several messages in ONE transaction (one fsync), in order.
+
+        Args:
+            msgs: the messages (see :meth:`put`).
+            journal: core inputs that produced them, ``(op, now_s, topic, payload, retained)`` each, written in the
+                same transaction (see :class:`JournalEntry`).
+
+        Returns:
+            Their outbox ids, in the same order (-1 for a message larger than the whole cap).
+
+        Raises:
+            OutboxError: the database write failed.
+        """
+        items = [self._coerce(m) for m in msgs]
+        ids: list[int] = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._flush_acks_locked()
+                self._expire_locked()
+                self._db.executemany(
+                    "INSERT INTO journal (op, now_s, topic, payload, retained) VALUES (?, ?, ?, ?, ?)",
+                    [(str(op), float(now), str(t), bytes(p), int(bool(r))) for op, now, t, p, r in journal],
+                )
+                dropped: Counter = Counter()
+                for m in items:
+                    size = m.size_bytes
+                    if size > self.config.max_bytes:
+                        dropped[m.kind] += 1
+                        ids.append(-1)
+                        continue
+                    self._make_room_locked(size, dropped)
+                    cur = self._db.execute(
+                        "INSERT INTO outbox (topic, payload, qos, retain, kind, msg_id, created_s, bytes)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.msg_id, m.created_s, size),
+                    )
+                    ids.append(int(cur.lastrowid))
+                    self._bytes += size
+                    self._count += 1
+                    self._counters.put[m.kind] += 1
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback_locked()
+                msg = f"outbox write failed: {exc}"
+                raise OutboxError(msg) from exc
+            if dropped:
+                self._counters.dropped.update(dropped)
+                log.warning(
+                    "outbox full (%d bytes cap): dropped %s; totals dropped %s",
+                    self.config.max_bytes,
+                    dict(dropped),
+                    dict(self._counters.dropped),
+                )
+        return ids
+
+    def _coerce(self, m: Any) -> OutboxMessage:
+        if isinstance(m, OutboxMessage) and m.created_s:
+            return m
+        payload = m.payload
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, bytes | bytearray):
+            msg = f"outbox payload must be bytes or str, got {type(payload).__name__}"
+            raise TypeError(msg)
+        return OutboxMessage(
+            topic=str(m.topic),
+            payload=bytes(payload),
+            qos=int(getattr(m, "qos", 1)),
+            retain=bool(getattr(m, "retain", False)),
+            kind=str(getattr(m, "kind", "other") or "other"),
+            msg_id=str(getattr(m, "msg_id", "") or getattr(m, "id", "") or ""),
+            created_s=float(getattr(m, "created_s", 0.0) or self._clock()),
+        )
+
+    def _make_room_locked(self, size: int, dropped: Counter) -> None:
+        """Delete the oldest rows by the drop policy until ``size`` more bytes fit. Caller holds the lock + txn."""
+        kinds = list(self.config.drop_order) + [None]  # None: any kind, oldest first
+        for kind in kinds:
+            while self._bytes + size > self.config.max_bytes:
+                if kind is None:
+                    rows = self._db.execute("SELECT id, kind, bytes FROM outbox ORDER BY id LIMIT 32").fetchall()
+                else:
+                    rows = self._db.execute(
+                        "SELECT id, kind, bytes FROM outbox WHERE kind = ? ORDER BY id LIMIT 32", (kind,)
+                    ).fetchall()
+                # Messages handed to paho are probably on the wire: keep them unless nothing else is left.
+                victims = [r for r in rows if r[0] not in self._inflight] or rows
+                if not victims:
+                    break
+                need = self._bytes + size - self.config.max_bytes
+                chosen = []
+                for r in victims:
+                    chosen.append(r)
+                    need -= r[2]
+                    if need <= 0:
+                        break
+                self._delete_rows_locked(chosen, dropped)
+            if self._bytes + size <= self.config.max_bytes:
+                return
+
+    def _delete_rows_locked(self, rows: list[tuple[int, str, int]], counter: Counter) -> None:
+        self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r[0],) for r in rows])
+        for rid, kind, nbytes in rows:
+            counter[kind] += 1
+            self._bytes -= nbytes
+            self._count -= 1
+            self._inflight.discard(rid)
+            self._acked.discard(rid)
+
+    def _expire_locked(self) -> None:
+        if not self.config.max_age_s:
+            return
+        cutoff = self._clock() - self.config.max_age_s
+        rows = self._db.execute("SELECT id, kind, bytes FROM outbox WHERE created_s < ?", (cutoff,)).fetchall()
+        if rows:
+            expired: Counter = Counter()
+            self._delete_rows_locked(rows, expired)
+            self._counters.expired.update(expired)
+            log.warning("outbox: %s message(s) older than %.0f s expired: %s", len(rows), self.config.max_age_s, dict(expired))
+
+    def _rollback_locked(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        # Resynchronise the in-memory totals with what is really stored.
+        self._bytes, self._count = self._db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM outbox").fetchone()
+
+    # -- reading and acknowledging -------------------------------------------------------------------------------
+
+    def next_batch(self, n: int) -> list[tuple[int, OutboxMessage]]:
+        """The ``n`` oldest messages not yet handed out, marked in flight until :meth:`ack` or :meth:`release`.
+
+        Args:
+            n: the most messages to return (the shell passes what the token bucket granted).
+
+        Returns:
+            ``[(outbox_id, message), ...]`` in the order they were put.
+
+        Raises:
+            OutboxError: the database read failed.
+        """
+        if n <= 0:
+            return []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._flush_acks_locked()
+                self._expire_locked()
+                self._db.execute("COMMIT")
+                busy = self._inflight | self._acked
+                out: list[tuple[int, OutboxMessage]] = []
+                after = -1
+                while len(out) < n:
+                    rows = self._db.execute(
+                        "SELECT id, topic, payload, qos, retain, kind, msg_id, created_s FROM outbox"
+                        " WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, n - len(out) + len(busy)),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    for r in rows:
+                        after = r[0]
+                        if r[0] in busy:
+                            continue
+                        out.append((r[0], OutboxMessage(r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6], r[7])))
+                        if len(out) == n:
+                            break
+            except sqlite3.Error as exc:
+                self._rollback_locked()
+                msg = f"outbox read failed: {exc}"
+                raise OutboxError(msg) from exc
+            self._inflight.update(i for i, _ in out)
+        return out
+
+    def ack(self, outbox_id: int) -> None:
+        """The broker acknowledged the message (PUBACK): it leaves the outbox.
+
+        Called from paho's network thread. The delete is batched; until it is flushed the message is never handed
+        out again, and a crash before the flush only causes one duplicate after the restart.
+        """
+        with self._lock:
+            if outbox_id < 0:
+                return
+            self._inflight.discard(outbox_id)
+            self._acked.add(outbox_id)
+            if len(self._acked) >= _ACK_FLUSH_EVERY:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._flush_acks_locked()
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._rollback_locked()
+                    log.error("outbox: could not delete acknowledged messages (they will be re-sent): %s", exc)
+
+    def _flush_acks_locked(self) -> None:
+        if not self._acked:
+            return
+        ids = sorted(self._acked)
+        rows: list[tuple[int, str, int]] = []
+        for k in range(0, len(ids), 500):
+            chunk = ids[k : k + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._db.execute(f"SELECT id, kind, bytes FROM outbox WHERE id IN ({marks})", chunk).fetchall()
+        acked: Counter = Counter()
+        self._delete_rows_locked(rows, acked)
+        self._counters.acked.update(acked)
+        self._acked.clear()
+
+    def release(self, outbox_ids: Iterable[int] | None = None) -> int:
+        """Put in-flight messages back in the queue (publish failed, or the connection dropped before the PUBACK).
+
+        Args:
+            outbox_ids: which ones; None releases every in-flight message (what the shell does on disconnect when
+                paho will not resend them itself).
+
+        Returns:
+            How many were released. They are handed out again by :meth:`next_batch`, in their original order.
+        """
+        with self._lock:
+            ids = set(self._inflight) if outbox_ids is None else set(outbox_ids) & self._inflight
+            self._inflight -= ids
+            return len(ids)
+
+    # -- the input journal ------------------------------------------------------------------------------------
+
+    def journal_seq(self) -> int:
+        """The newest journal sequence number (0 when nothing was ever journaled)."""
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'").fetchone()
+            return int(row[0]) if row else 0
+
+    def journal_entries(self, after_seq: int = 0) -> list[JournalEntry]:
+        """Journal entries newer than ``after_seq``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, op, now_s, topic, payload, retained FROM journal WHERE seq > ? ORDER BY seq", (after_seq,)
+            ).fetchall()
+        return [JournalEntry(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5])) for r in rows]
+
+    def journal_truncate(self, through_seq: int) -> int:
+        """Forget journal entries up to ``through_seq`` (a snapshot now covers them). Returns how many.
+
+        Raises:
+            OutboxError: the delete failed.
+        """
+        with self._lock:
+            try:
+                cur = self._db.execute("DELETE FROM journal WHERE seq <= ?", (through_seq,))
+            except sqlite3.Error as exc:
+                msg = f"outbox journal truncate failed: {exc}"
+                raise OutboxError(msg) from exc
+            return cur.rowcount
+
+    def flush(self) -> None:
+        """Write pending ack deletes and return freed pages to the file system (call on shutdown, or when idle)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._flush_acks_locked()
+                self._db.execute("COMMIT")
+                self._db.execute("PRAGMA incremental_vacuum")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                self._rollback_locked()
+                log.error("outbox flush failed: %s", exc)
+
+    def close(self) -> None:
+        """Flush and close the database. The outbox cannot be used afterwards."""
+        self.flush()
+        with self._lock:
+            self._db.close()
+
+    # -- reporting -----------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._count - len(self._acked)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the status message.
+
+        Returns:
+            ``depth`` (messages waiting, in flight included), ``bytes`` (their size), ``inflight``,
+            ``oldest_age_s`` (seconds, 0 when empty), ``max_bytes``, and per-kind dicts ``put``, ``acked``,
+            ``dropped`` (cap), ``expired`` (age), plus ``dropped_total`` (dropped + expired, all kinds).
+        """
+        with self._lock:
+            if self._acked:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._flush_acks_locked()
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._rollback_locked()
+                    log.error("outbox: could not delete acknowledged messages (they will be re-sent): %s", exc)
+            row = self._db.execute("SELECT MIN(created_s) FROM outbox").fetchone()
+            oldest = row[0]
+            c = self._counters
+            return {
+                "depth": self._count - len(self._acked),
+                "bytes": self._bytes,
+                "inflight": len(self._inflight),
+                "oldest_age_s": round(max(self._clock() - oldest, 0.0), 3) if oldest is not None else 0.0,
+                "max_bytes": self.config.max_bytes,
+                "put": dict(c.put),
+                "acked": dict(c.acked),
+                "dropped": dict(c.dropped),
+                "expired": dict(c.expired),
+                "dropped_total": sum(c.dropped.values()) + sum(c.expired.values()),
+            }
+
+    def disk_bytes(self) -> int:
+        """Bytes the database uses on disk: the main file plus its WAL and shared-memory files."""
+        p = Path(self.config.path)
+        return sum(q.stat().st_size for q in (p, p.with_name(p.name + "-wal"), p.with_name(p.name + "-shm")) if q.exists())
+
+    def __enter__(self) -> SQLiteOutbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

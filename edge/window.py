@@ -1,0 +1,368 @@
+"""One station's rolling window, aligned to the model's cadence by event time. Pure: no I/O, no clock reads.
+
+Step ``k`` covers ``[k * cadence_s, (k + 1) * cadence_s)`` seconds since the epoch (UTC) and is labelled by its start.
+A reading belongs to the step its own timestamp falls in. The window keeps the last ``lookback + max_pending`` steps
+in preallocated numpy ring buffers, so merging a reading is O(C) and allocation-free.
+
+Rules (DESIGN.md, "MQTT contract", time):
+
+- partial readings (any subset of channels) merge into their step; within a step the value with the newest
+  timestamp wins per channel, and an equal timestamp replaces (so a duplicate is idempotent);
+- a reading for a newer step opens it; every step before it becomes due for closing;
+- a reading for a step that is already closed is accepted while ``step end + lateness_s`` is still ahead of the
+  station's reference time (its newest reading, or the clock that closed a silent step): the step is updated and
+  queued for a revision; later than that it is rejected as ``too_late``; a step no longer in the ring is ``too_old``;
+- a step closes because a later step's reading arrived, or because the clock passed its end + ``lateness_s``.
+
+The window does not fill anything: it hands the agent the raw values and the observed mask of the L steps that end
+at a closing step (:meth:`StationWindow.view`); the agent batches those across stations for one inference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["MergeResult", "StationWindow", "WindowSpec"]
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Shape and time rules shared by every station window of one agent.
+
+    Attributes:
+        cadence_s: step length, seconds (the card's ``cadence_s``).
+        lookback: L, steps the model sees.
+        channels: C.
+        lateness_s: grace for late readings and for closing a silent station's step, seconds.
+        max_pending: steps that may be open (not yet closed) at once beyond the lookback; a reading further ahead
+            makes the agent close the older steps first. The ring holds ``lookback + max_pending`` steps.
+    """
+
+    cadence_s: int
+    lookback: int
+    channels: int
+    lateness_s: float = 300.0
+    max_pending: int = 48
+
+    def __post_init__(self) -> None:
+        if self.cadence_s <= 0 or self.lookback <= 0 or self.channels <= 0 or self.max_pending <= 0:
+            msg = f"window spec needs positive cadence, lookback, channels and max_pending, got {self}"
+            raise ValueError(msg)
+        if self.lateness_s < 0:
+            msg = f"lateness_s must be >= 0, got {self.lateness_s}"
+            raise ValueError(msg)
+
+    @property
+    def capacity(self) -> int:
+        """Ring length R = lookback + max_pending, steps."""
+        return self.lookback + self.max_pending
+
+    def step_of(self, ts_s: float) -> int:
+        """Index of the step that holds the event time ``ts_s`` (seconds since the epoch)."""
+        return int(math.floor(ts_s / self.cadence_s))
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :meth:`StationWindow.merge` did.
+
+    Attributes:
+        accepted: the reading was merged (False: rejected, see ``reason``).
+        kind: ``new`` (opened a newer step), ``current`` (an open step), ``late`` (a closed step, revision queued),
+            ``duplicate`` (changed nothing), or the rejection kind ``too_old`` / ``too_late``.
+        reason: human-readable rejection reason ("" when accepted).
+        step: the reading's step index.
+    """
+
+    accepted: bool
+    kind: str
+    reason: str
+    step: int
+
+
+class StationWindow:
+    """A station's ring of the most recent ``lookback + max_pending`` steps.
+
+    Args:
+        spec: the shared :class:`WindowSpec`.
+
+    Attributes:
+        head: newest opened step index (None before the first reading).
+        closed: newest closed step index (None before the first reading).
+        ref_s: lateness reference, seconds: the newest reading time or clock time that closed a step.
+        gap_start: first step of the current run of closed steps with an unobserved channel (None: no gap open).
+        revise_lo, revise_hi: closed steps updated by late readings and waiting for a revision (None: none).
+    """
+
+    def __init__(self, spec: WindowSpec) -> None:
+        self.spec = spec
+        R, C = spec.capacity, spec.channels
+        self.values = np.full((R, C), np.nan, dtype=np.float32)  # physical units, NaN = unobserved
+        self.observed = np.zeros((R, C), dtype=bool)
+        self.offset = np.full((R, C), -1.0, dtype=np.float32)  # reading time within the step, s; -1 = none
+        self.touched = np.zeros(R, dtype=bool)  # any reading (even all-missing) arrived for the step
+        self.step_at = np.full(R, np.iinfo(np.int64).min, dtype=np.int64)  # which step a slot holds
+        self.head: int | None = None
+        self.closed: int | None = None
+        self.ref_s: float = -math.inf
+        self.gap_start: int | None = None
+        self.revise_lo: int | None = None
+        self.revise_hi: int | None = None
+
+    # -- ring bookkeeping ------------------------------------------------------------------------------------
+
+    def _open_through(self, k: int) -> None:
+        """Open steps head+1..k as empty (clearing their slots)."""
+        R = self.spec.capacity
+        assert self.head is not None
+        first = max(self.head + 1, k - R + 1)
+        for j in range(first, k + 1):
+            s = j % R
+            self.values[s] = np.nan
+            self.observed[s] = False
+            self.offset[s] = -1.0
+            self.touched[s] = False
+            self.step_at[s] = j
+        self.head = max(self.head, k)
+
+    def start(self, k: int) -> None:
+        """Initialise an empty window whose first open step is ``k`` (steps before it are closed and empty)."""
+        self.head = k - 1
+        self.closed = k - 1
+        self._open_through(k)
+
+    def holds(self, k: int) -> bool:
+        """Whether step ``k`` is in the ring."""
+        return self.step_at[k % self.spec.capacity] == k
+
+    @property
+    def pending(self) -> int:
+        """Open steps not yet closed (head - closed)."""
+        if self.head is None or self.closed is None:
+            return 0
+        return self.head - self.closed
+
+    # -- readings --------------------------------------------------------------------------------------------
+
+    def merge(self, ts_s: float, values: np.ndarray, observed: np.ndarray) -> MergeResult:
+        """Merge one reading into its step.
+
+        The caller (the agent) must first close steps so that the reading does not push an unclosed step out of the
+        ring: when ``step_of(ts_s) - closed > max_pending`` it closes through ``step_of(ts_s) - 1`` (see
+        :meth:`needs_close_before`).
+
+        Args:
+            ts_s: the reading's event time, seconds since the epoch.
+            values: [C] float32, physical units; only positions where ``observed`` is True are used.
+            observed: [C] bool, True for a valid value (missing kinds already removed by the parser).
+
+        Returns:
+            A :class:`MergeResult`.
+        """
+        spec = self.spec
+        k = spec.step_of(ts_s)
+        first = self.head is None
+        if first:
+            self.start(k)
+        assert self.head is not None and self.closed is not None
+        if k > self.head:
+            if k - self.closed > spec.max_pending:
+                msg = f"step {k} is {k - self.closed} steps past the last closed one; close older steps first"
+                raise ValueError(msg)
+            self._open_through(k)
+            kind = "new"
+        elif first:
+            kind = "new"
+        elif not self.holds(k) or k <= self.head - spec.capacity:
+            return MergeResult(
+                False,
+                "too_old",
+                f"step {_iso(k * spec.cadence_s)} is older than the window (oldest held "
+                f"{_iso((self.head - spec.capacity + 1) * spec.cadence_s)})",
+                k,
+            )
+        elif k <= self.closed:
+            end = (k + 1) * spec.cadence_s
+            if end + spec.lateness_s <= self.ref_s:
+                return MergeResult(
+                    False,
+                    "too_late",
+                    f"step {_iso(k * spec.cadence_s)} closed; its end + lateness {spec.lateness_s:g} s "
+                    f"passed {self.ref_s - end - spec.lateness_s:g} s ago",
+                    k,
+                )
+            kind = "late"
+        else:
+            kind = "current"
+        s = k % spec.capacity
+        off = np.float32(ts_s - k * spec.cadence_s)
+        row_off, row_val, row_obs = self.offset[s], self.values[s], self.observed[s]  # views into the ring
+        # Newest reading within the step wins per channel; an equal time replaces (idempotent duplicates).
+        take = observed & (row_off <= off)
+        changed = bool((take & ((row_val != values) | ~row_obs | (row_off != off))).any())
+        np.copyto(row_val, values, where=take)
+        row_obs |= take
+        np.copyto(row_off, off, where=take)
+        was_touched = bool(self.touched[s])
+        self.touched[s] = True
+        self.ref_s = max(self.ref_s, float(ts_s))
+        if kind == "late":
+            if not changed:
+                return MergeResult(True, "duplicate", "", k)
+            self.revise_lo = k if self.revise_lo is None else min(self.revise_lo, k)
+            self.revise_hi = k if self.revise_hi is None else max(self.revise_hi, k)
+        elif not changed and was_touched:
+            return MergeResult(True, "duplicate", "", k)
+        return MergeResult(True, kind, "", k)
+
+    def needs_close_before(self, ts_s: float) -> int | None:
+        """The step the agent must close through before merging a reading at ``ts_s`` (None: nothing to do)."""
+        if self.closed is None:
+            return None
+        k = self.spec.step_of(ts_s)
+        if k - self.closed > self.spec.max_pending:
+            return k - 1
+        return None
+
+    # -- closing ---------------------------------------------------------------------------------------------
+
+    def due_through(self, clock_s: float | None) -> int | None:
+        """Newest step that is due to close: every step before the newest open one, and every step whose end +
+        ``lateness_s`` is at or before ``clock_s``.
+
+        Args:
+            clock_s: the closing clock, seconds since the epoch (None: only readings close steps).
+
+        Returns:
+            The step index to close through, or None when nothing is due.
+        """
+        if self.head is None or self.closed is None:
+            return None
+        due = self.head - 1
+        if clock_s is not None:
+            due = max(due, int(math.floor((clock_s - self.spec.lateness_s) / self.spec.cadence_s)) - 1)
+        return due if due > self.closed else None
+
+    def advance_to(self, k: int) -> None:
+        """Make sure step ``k`` is open (a silent station's steps are opened empty as the clock passes them)."""
+        assert self.head is not None
+        if k > self.head:
+            self._open_through(k)
+
+    def view(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The L steps ending at step ``end`` (inclusive), oldest first.
+
+        Args:
+            end: the last step; must be in the ring, and so must the L - 1 steps before it (steps before the
+                station's first reading count as unobserved).
+
+        Returns:
+            ``values [L, C] float32`` (physical units, NaN where unobserved) and ``observed [L, C] bool``.
+        """
+        L, R = self.spec.lookback, self.spec.capacity
+        steps = np.arange(end - L + 1, end + 1)
+        slots = steps % R
+        held = self.step_at[slots] == steps  # [L] False before the first reading or outside the ring
+        v = np.where(held[:, None], self.values[slots], np.nan).astype(np.float32, copy=False)
+        m = self.observed[slots] & held[:, None]
+        return v, m
+
+    def step_touched(self, k: int) -> bool:
+        """Whether any reading (even all-missing) arrived for step ``k``."""
+        return self.holds(k) and bool(self.touched[k % self.spec.capacity])
+
+    def step_observed(self, k: int) -> np.ndarray:
+        """[C] bool observed mask of step ``k`` (all False when not held)."""
+        if not self.holds(k):
+            return np.zeros(self.spec.channels, dtype=bool)
+        return self.observed[k % self.spec.capacity].copy()
+
+    def mark_closed(self, k: int, clock_s: float | None = None) -> tuple[int, int] | None:
+        """Record that step ``k`` (= closed + 1) has been closed and published.
+
+        Args:
+            k: the step just closed.
+            clock_s: the clock that closed it, if the clock did (it becomes the lateness reference).
+
+        Returns:
+            ``(first, last)`` of a gap that this complete step ended (the run of incomplete steps just before it),
+            or None.
+        """
+        assert self.closed is not None and k == self.closed + 1, (k, self.closed)
+        self.closed = k
+        if clock_s is not None:
+            self.ref_s = max(self.ref_s, float(clock_s))
+        complete = bool(self.observed[k % self.spec.capacity].all()) and self.holds(k)
+        if not complete:
+            if self.gap_start is None:
+                self.gap_start = k
+            return None
+        if self.gap_start is not None:
+            gap = (self.gap_start, k - 1)
+            self.gap_start = None
+            return gap
+        return None
+
+    def take_revision(self) -> tuple[int, int] | None:
+        """Pop the range of closed steps updated by late readings (None: none)."""
+        if self.revise_lo is None or self.revise_hi is None:
+            return None
+        r = (self.revise_lo, self.revise_hi)
+        self.revise_lo = self.revise_hi = None
+        return r
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+        """The window as arrays + JSON-able scalars (for snapshots; see ``gapcast.edge.state``)."""
+        arrays = {
+            "values": self.values.copy(),
+            "observed": self.observed.copy(),
+            "offset": self.offset.copy(),
+            "touched": self.touched.copy(),
+            "step_at": self.step_at.copy(),
+        }
+        cad = self.spec.cadence_s
+        meta: dict[str, object] = {
+            "head": self.head,
+            "closed": self.closed,
+            "ref_s": self.ref_s if math.isfinite(self.ref_s) else None,
+            "gap_start": self.gap_start,
+            "revise_lo": self.revise_lo,
+            "revise_hi": self.revise_hi,
+            "last_published_step_s": None if self.closed is None else self.closed * cad,
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, spec: WindowSpec, arrays: dict[str, np.ndarray], meta: dict[str, object]) -> StationWindow:
+        """Rebuild a window from :meth:`export_state` output.
+
+        Raises:
+            ValueError: the arrays do not match ``spec`` (another model's lookback or channels).
+        """
+        w = cls(spec)
+        for name in ("values", "observed", "offset", "touched", "step_at"):
+            a = np.asarray(arrays[name])
+            cur = getattr(w, name)
+            if a.shape != cur.shape:
+                msg = f"snapshot array {name} has shape {a.shape}, this window needs {cur.shape}"
+                raise ValueError(msg)
+            cur[...] = a
+        w.head = None if meta.get("head") is None else int(meta["head"])  # type: ignore[arg-type]
+        w.closed = None if meta.get("closed") is None else int(meta["closed"])  # type: ignore[arg-type]
+        w.ref_s = -math.inf if meta.get("ref_s") is None else float(meta["ref_s"])  # type: ignore[arg-type]
+        for k in ("gap_start", "revise_lo", "revise_hi"):
+            v = meta.get(k)
+            setattr(w, k, None if v is None else int(v))  # type: ignore[arg-type]
+        return w
+
+
+def _iso(epoch_s: float) -> str:
+    """RFC 3339 UTC text of an epoch time (pure formatting, no clock read)."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))

@@ -1,0 +1,688 @@
+"""``gapcast export``: a trained run -> a verified, signed bundle (DESIGN.md, "The bundle").
+
+Steps, each one a check that stops the export with a clear :class:`ExportError` when it fails:
+
+1. export the fp32 graph for the target (``model.onnx``) and check it (:func:`check_onnx_file`);
+2. parity: onnxruntime fp32 against torch on real validation windows, including windows with a 72 h outage and a
+   fully missing channel, max abs error <= 1e-4;
+3. golden inputs/outputs (``golden.npz``): a few real windows and their fp32 outputs, for the gateway's checks;
+4. INT8: the QDQ variant for TensorRT (``model.int8.qdq.onnx``) calibrated on real training windows, and a CPU
+   variant for onnxruntime (``model.int8.cpu.onnx``) where one is faster at batch 64 on this machine; each passes
+   the accuracy gate (imputation and forecast MAE within 3 % of fp32) or is left out with the reason in the card;
+5. ``card.json`` pinning every file, signed into ``card.sig``; then the bundle is verified as a gateway would.
+
+The bundle is assembled in a temporary folder beside ``out`` and renamed into place only when every check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gapcast.export import ExportError
+
+__all__ = [
+    "FP32_FILE",
+    "GOLDEN_FILE",
+    "INT8_CPU_FILE",
+    "INT8_QDQ_FILE",
+    "ExportOptions",
+    "ExportResult",
+    "ModelSpec",
+    "WindowData",
+    "export_bundle",
+    "export_run",
+    "load_run_windows",
+    "special_windows",
+]
+
+log = logging.getLogger(__name__)
+
+FP32_FILE = "model.onnx"
+INT8_QDQ_FILE = "model.int8.qdq.onnx"
+INT8_CPU_FILE = "model.int8.cpu.onnx"
+GOLDEN_FILE = "golden.npz"
+OUTAGE_STEPS = 72  # the 72 h outage of the parity and golden windows (hourly cadence)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``gapcast export`` does (CLI flags map onto these).
+
+    Attributes:
+        target: ``trt8.5``, ``trt8.6``, ``trt10`` or ``cpu`` (opset and operator list follow from it).
+        opset: override the target's opset (must not exceed what the target reads).
+        model_name: card ``model.name``.
+        model_version: card ``model.version`` (integer, increases with every release).
+        calib_windows: real training windows used for INT8 calibration.
+        parity_windows: real validation windows for the parity check (plus the outage/missing-channel windows).
+        gate_windows: validation windows for the INT8 accuracy gate.
+        golden_windows: windows stored in ``golden.npz`` (at least 3: plain, 72 h outage, missing channel).
+        int8: build INT8 variants at all.
+        cpu_variant: ``auto`` (measure dynamic and static QOperator against fp32, keep the fastest if faster),
+            ``dynamic`` or ``static`` (build that one, still measured and gated), or ``none``.
+        bench_batch: batch size of the CPU speed measurement.
+        bench_min_time_s: seconds each speed measurement runs at least.
+        cpu_min_speedup: throughput ratio over fp32 a CPU INT8 variant needs to be kept (measurement noise margin).
+        threads: onnxruntime intra-op threads for measurements (None: its default).
+        int8_tolerance: relative MAE increase allowed for an INT8 variant (0.03 = 3 %).
+        parity_tolerance: max abs difference allowed between onnxruntime fp32 and torch.
+        exporter: ``auto``, ``torchscript`` or ``dynamo``.
+        seed: window sampling and artificial outage seed.
+    """
+
+    target: str = "trt10"
+    opset: int | None = None
+    model_name: str = "confill"
+    model_version: int = 1
+    calib_windows: int = 128
+    parity_windows: int = 64
+    gate_windows: int = 256
+    golden_windows: int = 6
+    int8: bool = True
+    cpu_variant: str = "auto"
+    bench_batch: int = 64
+    bench_min_time_s: float = 1.0
+    cpu_min_speedup: float = 1.05
+    threads: int | None = None
+    int8_tolerance: float = 0.03
+    parity_tolerance: float = 1e-4
+    exporter: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cpu_variant not in ("auto", "dynamic", "static", "none"):
+            msg = f"cpu_variant must be auto, dynamic, static or none, got {self.cpu_variant!r}"
+            raise ExportError(msg)
+        if self.model_version < 0:
+            msg = f"model_version must be a non-negative integer, got {self.model_version}"
+            raise ExportError(msg)
+        if min(self.calib_windows, self.parity_windows, self.gate_windows) < 1 or self.golden_windows < 3:
+            msg = "calib/parity/gate windows must be >= 1 and golden_windows >= 3"
+            raise ExportError(msg)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the card says about the model, from the checkpoint's metadata.
+
+    Attributes:
+        lookback, horizon: L and H, steps.
+        n_calendar: F.
+        cadence_s: step length, seconds.
+        utc_offset_s: local time of the calendar features, seconds.
+        channels: per channel ``{name, unit, valid_min, valid_max, mean, std}`` (physical units).
+        calendar_features: names of the F calendar features, in column order.
+        config: the model config dict (recorded in the card).
+    """
+
+    lookback: int
+    horizon: int
+    n_calendar: int
+    cadence_s: int
+    utc_offset_s: int
+    channels: list[dict[str, Any]]
+    calendar_features: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+
+@dataclass(frozen=True)
+class WindowData:
+    """Real windows for calibration (training months) and for parity, gate and golden (validation months).
+
+    Each is a tuple (values [N, L+H, C] float32 normalised with 0 where unobserved, observed [N, L+H, C] float32 0/1,
+    calendar [N, L+H, F] float32).
+
+    Attributes:
+        train: calibration windows.
+        val: validation windows.
+        source: where they come from (recorded in the card).
+    """
+
+    train: tuple[np.ndarray, np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray, np.ndarray]
+    source: str
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A finished export.
+
+    Attributes:
+        path: the bundle folder.
+        card: the card dict as written.
+        signed: whether ``card.sig`` was written.
+    """
+
+    path: Path
+    card: dict[str, Any]
+    signed: bool
+
+
+def special_windows(
+    values: np.ndarray, observed: np.ndarray, lookback: int, *, outage_steps: int = OUTAGE_STEPS, channel: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of windows with a contiguous all-channel outage and with one channel missing for the whole past.
+
+    Args:
+        values: [N, L+H, C] float32 normalised, 0 where unobserved.
+        observed: [N, L+H, C] float32 0/1.
+        lookback: L.
+        outage_steps: outage length, steps (clipped to L - 1 so one step stays observed).
+        channel: the channel removed in the second set.
+
+    Returns:
+        (values_outage, observed_outage, values_missing_channel, observed_missing_channel), same shapes as the
+        inputs; the outage ends ``(L - outage)//2`` steps before the window's present, as a real gap would.
+    """
+    n = min(outage_steps, lookback - 1)
+    start = (lookback - n) // 2
+    o1 = observed.copy()
+    o1[:, start : start + n, :] = 0.0
+    o2 = observed.copy()
+    o2[:, :lookback, channel] = 0.0
+    return values * o1, o1, values * o2, o2
+
+
+def _sample(arrays: tuple[np.ndarray, ...], n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    count = len(arrays[0])
+    idx = np.sort(rng.choice(count, size=min(n, count), replace=False))
+    return tuple(a[idx] for a in arrays)
+
+
+def _past(values: np.ndarray, observed: np.ndarray, lookback: int) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs from full windows: the past L steps, values zeroed where unobserved."""
+    o = observed[:, :lookback].astype(np.float32)
+    return (values[:, :lookback] * o).astype(np.float32), o
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import gapcast
+
+    return {
+        "gapcast": gapcast.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def export_bundle(
+    model,
+    spec: ModelSpec,
+    data: WindowData,
+    out: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    sign_key=None,
+    evaluation: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Build, check, sign and verify a bundle from a torch model and real windows.
+
+    Args:
+        model: the trained (or, in tests, untrained) ConFill in eval mode.
+        spec: the card's model description.
+        data: real calibration and validation windows.
+        out: the bundle folder to create.
+        options: :class:`ExportOptions` (defaults if None).
+        sign_key: Ed25519 private key (object or PEM path); None writes an unsigned bundle and warns.
+        evaluation: evaluation figures for the card (``RUN_DIR/metrics.json``), if any.
+        run: where the model came from (run folder, checkpoint step), recorded in the card.
+        overwrite: replace an existing, non-empty ``out``.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ExportError: any failed check (export, opset/operator/shape checks, parity, card contract, verification).
+    """
+    from gapcast.edge.bundle import verify_bundle
+    from gapcast.export.card import channel_entries, io_entries, rfc3339_now, sign_bundle, write_card
+    from gapcast.export.onnx_export import (
+        check_onnx_file,
+        export_onnx,
+        load_target,
+        make_session,
+        parity_check,
+        run_session,
+    )
+
+    opts = options or ExportOptions()
+    target = load_target(opts.target)
+    opset = opts.opset or target.opset
+    if opset > target.max_opset or opset < 13:
+        msg = f"opset {opset} is outside what target {target.name} reads (13..{target.max_opset})"
+        raise ExportError(msg)
+    if target.name == "trt8.5" and opset > 16:
+        msg = "TensorRT 8.5 has no LayerNormalization: export for trt8.5 at opset 16 or lower"
+        raise ExportError(msg)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        msg = f"{out} exists and is not empty; pass --overwrite to replace it"
+        raise ExportError(msg)
+    L, H, C, F = spec.lookback, spec.horizon, spec.n_channels, spec.n_calendar
+    for name, arrs in (("train", data.train), ("val", data.val)):
+        v, o, c = arrs
+        if v.shape[1:] != (L + H, C) or o.shape != v.shape or c.shape[1:] != (L + H, F) or len(v) == 0:
+            msg = f"{name} windows have shapes {v.shape}/{o.shape}/{c.shape}, expected [N, {L + H}, {C}] and [N, {L + H}, {F}]"
+            raise ExportError(msg)
+    rng = np.random.default_rng(opts.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    progress = tqdm(total=5, unit="step", disable=None)  # shown on a terminal only
+    try:
+        dims = {"lookback": L, "horizon": H, "n_channels": C, "n_calendar": F}
+        # 1. fp32 graph
+        progress.set_description("export: fp32 graph")
+        fp32 = work / FP32_FILE
+        exporter = export_onnx(model, fp32, opset=opset, exporter=opts.exporter, **dims)
+        check = check_onnx_file(fp32, target, opset=opset, **dims)
+        log.info("exported %s (%s exporter, opset %d, %d bytes)", FP32_FILE, exporter, opset, check.bytes)
+
+        # 2. parity on real validation windows + 72 h outage + fully missing channel
+        progress.update()
+        progress.set_description("export: parity")
+        pv, po, pc = _sample(data.val, opts.parity_windows, rng)
+        k = max(1, min(8, len(pv)))
+        v72, o72, vmc, omc = special_windows(pv[:k], po[:k], L)
+        par_v = np.concatenate([pv, v72, vmc])
+        par_o = np.concatenate([po, o72, omc])
+        par_c = np.concatenate([pc, pc[:k], pc[:k]])
+        xv, xo = _past(par_v, par_o, L)
+        parity = parity_check(model, fp32, xv, xo, par_c, tolerance=opts.parity_tolerance)
+        parity["includes"] = {
+            "real_windows": len(pv),
+            "outage_72h_windows": k,
+            "missing_channel_windows": k,
+            "missing_channel": spec.channels[0]["name"],
+        }
+        log.info("parity onnxruntime fp32 vs torch: max abs err %.3g", parity["max_abs_err"])
+
+        # 3. golden inputs/outputs
+        progress.update()
+        progress.set_description("export: golden")
+        ng = opts.golden_windows
+        gv = np.concatenate([pv[: ng - 2], v72[:1], vmc[:1]])
+        go = np.concatenate([po[: ng - 2], o72[:1], omc[:1]])
+        gc = np.concatenate([pc[: ng - 2], pc[:1], pc[:1]])
+        gxv, gxo = _past(gv, go, L)
+        sess32 = make_session(fp32)
+        g_imp, g_fc = run_session(sess32, gxv, gxo, gc)
+        np.savez(
+            work / GOLDEN_FILE, values=gxv, observed=gxo, calendar=gc.astype(np.float32), imputed=g_imp, forecast=g_fc
+        )
+        golden_kinds = ["real"] * (len(gv) - 2) + ["outage_72h", "missing_channel"]
+
+        # 4. INT8 variants and the accuracy gate
+        progress.update()
+        progress.set_description("export: INT8 variants")
+        from gapcast.export import quantize as q
+
+        variants: dict[str, dict[str, Any]] = {
+            "fp32": {"file": FP32_FILE, "precision": "fp32", "format": "float", "runtime": "tensorrt, onnxruntime"}
+        }
+        excluded: dict[str, str] = {}
+        int8_delta: dict[str, Any] = {"tolerance": opts.int8_tolerance}
+        cpu_choice: dict[str, Any] = {}
+        if opts.int8:
+            gv_all, go_all, gc_all = _sample(data.val, opts.gate_windows, rng)
+            gate = q.make_gate_windows(gv_all, go_all, gc_all, L, seed=opts.seed)
+            base = q.variant_metrics(fp32, gate, threads=opts.threads)
+            variants["fp32"]["metrics"] = base
+            int8_delta["fp32"] = base
+            int8_delta["gate"] = {
+                "windows": len(gv_all),
+                "scored_on": "normalised units; imputation on observed values hidden by a 24 h all-channel block "
+                "plus 10 % random points; forecast on observed targets",
+            }
+            cv, co, cc = _sample(data.train, opts.calib_windows, rng)
+            cxv, cxo = _past(cv, co, L)
+
+            def reader():
+                return q.ArrayCalibrationReader(cxv, cxo, cc, batch=16)
+
+            def gate_variant(name: str, path: Path) -> bool:
+                metrics = q.variant_metrics(path, gate, threads=opts.threads)
+                ok, delta = q.accuracy_gate(base, metrics, tolerance=opts.int8_tolerance)
+                sess = make_session(path)
+                vi, vf = run_session(sess, gate.values, gate.observed, gate.calendar)
+                fi, ff = run_session(sess32, gate.values, gate.observed, gate.calendar)
+                delta["mean_abs_diff_vs_fp32"] = float(np.mean(np.abs(np.concatenate([(vi - fi).ravel(), (vf - ff).ravel()]))))
+                delta["max_abs_diff_vs_fp32"] = float(max(np.max(np.abs(vi - fi)), np.max(np.abs(vf - ff))))
+                int8_delta[name] = delta
+                if not ok:
+                    reason = (
+                        f"accuracy gate failed: imputation MAE {delta['imputation_mae']:.4f} "
+                        f"({delta['imputation_rel_delta']:+.1%}), forecast MAE {delta['forecast_mae']:.4f} "
+                        f"({delta['forecast_rel_delta']:+.1%}) vs fp32 {base['imputation_mae']:.4f} / "
+                        f"{base['forecast_mae']:.4f}; limit +{opts.int8_tolerance:.0%}"
+                    )
+                    excluded[name] = reason
+                    log.warning("INT8 variant %s left out of the bundle: %s", name, reason)
+                    path.unlink(missing_ok=True)
+                return ok
+
+            if target.tensorrt is not None:
+                qdq = work / INT8_QDQ_FILE
+                summary = q.quantize_qdq(fp32, qdq, reader())
+                check_onnx_file(qdq, target, opset=opset, **dims)
+                if gate_variant("int8_qdq", qdq):
+                    variants["int8_qdq"] = {
+                        "file": INT8_QDQ_FILE,
+                        "precision": "int8",
+                        "format": "qdq",
+                        "runtime": "tensorrt",
+                        "calibration_windows": len(cxv),
+                        "quantization": summary,
+                    }
+            else:
+                excluded["int8_qdq"] = f"not built: target {target.name} has no TensorRT"
+
+            if opts.cpu_variant == "none":
+                excluded["int8_cpu"] = "not built: CPU variant disabled for this export (--cpu-variant none)"
+            else:
+                cpu_target = load_target("cpu")
+                b = opts.bench_batch
+                bv, bo, bc = gate.values[:b], gate.observed[:b], gate.calendar[:b]
+                if len(bv) < b:  # repeat windows to reach the measured batch size
+                    reps = -(-b // len(bv))
+                    bv, bo, bc = (np.concatenate([a] * reps)[:b] for a in (bv, bo, bc))
+                kinds = ["dynamic", "static"] if opts.cpu_variant == "auto" else [opts.cpu_variant]
+                candidates: dict[str, tuple[Path, dict[str, Any]]] = {}
+                for kind in kinds:
+                    path = work / f"cand.{kind}.onnx"
+                    if kind == "dynamic":
+                        summary = q.quantize_cpu_dynamic(fp32, path)
+                    else:
+                        summary = q.quantize_cpu_static(fp32, path, reader())
+                    check_onnx_file(path, cpu_target, opset=opset, **dims, what=f"int8_cpu ({kind})")
+                    candidates[kind] = (path, summary)
+                speed = q.measure_throughput(
+                    {"fp32": fp32, **{k: v[0] for k, v in candidates.items()}},
+                    bv,
+                    bo,
+                    bc,
+                    threads=opts.threads,
+                    min_time_s=opts.bench_min_time_s,
+                )
+                cpu_choice = {
+                    "batch": b,
+                    "min_speedup": opts.cpu_min_speedup,
+                    "measured": "onnxruntime CPU, interleaved runs, median batch time",
+                    "threads": opts.threads,
+                    "windows_per_s": {k: round(v["windows_per_s"], 1) for k, v in speed.items()},
+                    "speedup_vs_fp32": {
+                        k: round(v["windows_per_s"] / speed["fp32"]["windows_per_s"], 3) for k, v in speed.items()
+                    },
+                }
+                fastest = max(candidates, key=lambda k: speed[k]["windows_per_s"])
+                for kind in candidates:
+                    if kind != fastest:
+                        candidates[kind][0].unlink()
+                ratio = speed[fastest]["windows_per_s"] / speed["fp32"]["windows_per_s"]
+                path, summary = candidates[fastest]
+                if ratio < opts.cpu_min_speedup:
+                    why = (
+                        f"not faster on the export machine: {fastest} INT8 runs {ratio:.3f}x fp32's "
+                        f"throughput at batch {b} (needs >= {opts.cpu_min_speedup:.2f}x to be worth a variant)"
+                    )
+                    excluded["int8_cpu"] = why
+                    cpu_choice["chosen"] = None
+                    cpu_choice["why"] = why
+                    log.warning("no CPU INT8 variant: %s", why)
+                    path.unlink()
+                else:
+                    final = work / INT8_CPU_FILE
+                    path.rename(final)
+                    cpu_choice["chosen"] = fastest
+                    cpu_choice["why"] = (
+                        f"{fastest} quantization was the fastest INT8 form measured ({ratio:.2f}x fp32 throughput "
+                        f"at batch {b} on the export machine)"
+                    )
+                    if gate_variant("int8_cpu", final):
+                        variants["int8_cpu"] = {
+                            "file": INT8_CPU_FILE,
+                            "precision": "int8",
+                            "format": "dynamic" if fastest == "dynamic" else "qoperator",
+                            "runtime": "onnxruntime (CPU)",
+                            "speedup_vs_fp32": round(ratio, 3),
+                            "quantization": summary,
+                        }
+        else:
+            excluded["int8_qdq"] = "not built: INT8 disabled for this export"
+            excluded["int8_cpu"] = "not built: INT8 disabled for this export"
+
+        # 5. card, signature, verification
+        progress.update()
+        progress.set_description("export: card, signature")
+        inputs, outputs = io_entries(L, H, C, F)
+        ch = spec.channels
+        public_hex = None
+        if sign_key is not None:
+            from gapcast.export.keys import load_private_key, public_key_hex
+
+            sign_key = sign_key if hasattr(sign_key, "sign") else load_private_key(sign_key)
+            public_hex = public_key_hex(sign_key)
+        card: dict[str, Any] = {
+            "model": {"name": opts.model_name, "version": int(opts.model_version), "config": spec.config},
+            "created": rfc3339_now(),
+            "channels": channel_entries(
+                [c["name"] for c in ch],
+                [c["unit"] for c in ch],
+                [c["valid_min"] for c in ch],
+                [c["valid_max"] for c in ch],
+                [c["mean"] for c in ch],
+                [c["std"] for c in ch],
+            ),
+            "cadence_s": int(spec.cadence_s),
+            "lookback": L,
+            "horizon": H,
+            "calendar": {"features": list(spec.calendar_features), "utc_offset_s": int(spec.utc_offset_s)},
+            "inputs": inputs,
+            "outputs": outputs,
+            "variants": variants,
+            "excluded_variants": excluded,
+            "golden": {
+                "file": GOLDEN_FILE,
+                "windows": len(gv),
+                "kinds": golden_kinds,
+                "outputs_from": "onnxruntime fp32 (model.onnx)",
+                "source": data.source,
+            },
+            "opset": opset,
+            "target": {"name": target.name, "tensorrt": target.tensorrt, "operator_list": target.source},
+            "operators": list(check.ops),
+            "parity": parity,
+            "int8_delta": int8_delta,
+            "cpu_variant_choice": cpu_choice,
+            "evaluation": evaluation,
+            "export": {**_versions(), "exporter": exporter, "data": data.source, "run": run or {}},
+            "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
+        }
+        write_card(work, card)
+        if sign_key is not None:
+            sign_bundle(work, sign_key)
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            verify_bundle(work, [Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))])
+        else:
+            log.warning(
+                "NO SIGNING KEY: the bundle at %s is UNSIGNED; gateways refuse it. Pass --sign-key "
+                "(make one with `gapcast keys generate`)",
+                out,
+            )
+            verify_bundle(work, require_signature=False)
+        progress.update()
+        written = json.loads((work / "card.json").read_text())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        os.chmod(out, 0o755)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
+    return ExportResult(path=out, card=written, signed=sign_key is not None)
+
+
+def _channels_from_meta(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Channel specs (name, unit, valid range, mean, std) from checkpoint metadata."""
+    from gapcast.train.data import BEIJING_CHANNELS
+
+    known = {c.name: c for c in BEIJING_CHANNELS}
+    norm = meta.get("normalizer") or {}
+    mean, std = list(norm.get("mean", [])), list(norm.get("std", []))
+    raw = list(meta.get("channels") or [])
+    if not raw or len(mean) != len(raw) or len(std) != len(raw):
+        msg = "the checkpoint lacks channels or a normaliser of matching length; cannot write the card"
+        raise ExportError(msg)
+    out = []
+    for i, c in enumerate(raw):
+        if isinstance(c, str):
+            c = {"name": c}
+        elif not isinstance(c, dict):
+            c = {k: getattr(c, k) for k in ("name", "unit", "valid_min", "valid_max") if hasattr(c, k)}
+        ref = known.get(c.get("name"))
+        try:
+            out.append(
+                {
+                    "name": str(c["name"]),
+                    "unit": str(c.get("unit", ref.unit if ref else "")),
+                    "valid_min": float(c.get("valid_min", ref.valid_min if ref else -np.inf)),
+                    "valid_max": float(c.get("valid_max", ref.valid_max if ref else np.inf)),
+                    "mean": float(mean[i]),
+                    "std": float(std[i]),
+                }
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = f"channel {i} in the checkpoint is incomplete: {exc}"
+            raise ExportError(msg) from exc
+    return out
+
+
+def load_run_windows(
+    meta: dict[str, Any],
+    run_config: dict[str, Any],
+    *,
+    data_root: str | os.PathLike | None = None,
+    stations: list[str] | None = None,
+    stride: int = 24,
+) -> WindowData:
+    """Real Beijing windows for a run: training months (calibration) and validation months (parity, gate, golden).
+
+    Uses the run's stations (``[data] stations`` in its config, empty = all), the checkpoint's normaliser,
+    DESIGN.md's 28/10/10-month split, windows every ``stride`` steps whose past is at least half observed.
+
+    Raises:
+        ExportError: the data cannot be loaded or yields no windows.
+    """
+    from gapcast import GapcastError
+    from gapcast.train.data import Normalizer, load_beijing, make_windows, time_split
+
+    cfg = meta["config"]
+    L, H = int(cfg["lookback"]), int(cfg["horizon"])
+    data_cfg = run_config.get("data", {}) if isinstance(run_config, dict) else {}
+    wanted = stations or list(data_cfg.get("stations") or []) or None
+    try:
+        series = load_beijing(data_root, wanted)
+    except GapcastError as exc:
+        msg = f"cannot load the real windows for calibration and parity: {exc}"
+        raise ExportError(msg) from exc
+    norm = Normalizer.from_dict(meta["normalizer"])
+    utc = int(meta.get("utc_offset_s", 0))
+    parts: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
+    for s in series.values():
+        sp = time_split(s.epoch_s)
+        for name, sl in (("train", sp.train), ("val", sp.val)):
+            parts[name][0].append(norm.transform(s.values[sl]))
+            parts[name][1].append(s.epoch_s[sl])
+    out = {}
+    for name, (vals, epochs) in parts.items():
+        ws = make_windows(
+            vals, epochs, lookback=L, horizon=H, stride=stride, min_observed=0.5, utc_offset_s=utc,
+            station_names=list(series),
+        )
+        if len(ws) == 0:
+            msg = f"no {name} windows with at least half the past observed"
+            raise ExportError(msg)
+        out[name] = ws.batch(range(len(ws)))
+    source = (
+        f"Beijing Multi-Site, stations {sorted(series)}, 28/10/10-month split; calibration from the training months, "
+        f"parity/gate/golden from the validation months; windows every {stride} h with >= 50 % of the past observed"
+    )
+    return WindowData(train=out["train"], val=out["val"], source=source)
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    sign_key=None,
+    data_root: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """``gapcast export RUN_DIR``: load ``best.pt``, real windows and ``metrics.json``, then :func:`export_bundle`.
+
+    Raises:
+        ExportError: no checkpoint, unreadable metadata, no data, or any failed export check.
+    """
+    from gapcast import GapcastError
+    from gapcast.calendar import CALENDAR_FEATURES
+    from gapcast.train.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "best.pt" if run_dir.is_dir() else run_dir
+    folder = ckpt.parent
+    try:
+        model, meta = load_checkpoint(ckpt)
+    except GapcastError as exc:
+        msg = f"cannot load the model from {ckpt}: {exc}"
+        raise ExportError(msg) from exc
+    run_config: dict[str, Any] = {}
+    if (folder / "config.toml").is_file():
+        with open(folder / "config.toml", "rb") as f:
+            run_config = tomllib.load(f)
+    evaluation = None
+    if (folder / "metrics.json").is_file():
+        try:
+            evaluation = json.loads((folder / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("ignoring unreadable %s: %s", folder / "metrics.json", exc)
+    cfg = meta["config"]
+    spec = ModelSpec(
+        lookback=int(cfg["lookback"]),
+        horizon=int(cfg["horizon"]),
+        n_calendar=int(cfg.get("n_calendar", len(CALENDAR_FEATURES))),
+        cadence_s=int(meta.get("cadence_s", 3600)),
+        utc_offset_s=int(meta.get("utc_offset_s", 0)),
+        channels=_channels_from_meta(meta),
+        calendar_features=CALENDAR_FEATURES,
+        config=dict(cfg),
+    )
+    data = load_run_windows(meta, run_config, data_root=data_root)
+    run = {"dir": str(folder.resolve()), "checkpoint": ckpt.name, "step": meta.get("step"), "best_val": meta.get("best_val")}
+    return export_bundle(
+        model, spec, data, out, options, sign_key=sign_key, evaluation=evaluation, run=run, overwrite=overwrite
+    )

@@ -1,0 +1,162 @@
+"""A tiny signed bundle in a few seconds, for tests (the gateway's, the fleet updater's, the export's own).
+
+The model is an untrained, seeded tiny ConFill with the real Beijing shapes (L = 96, H = 24, C = 13, F = 6), so a
+test can feed it real windows; calibration, parity, gate and golden windows come from one real station. The bundle
+goes through the same :func:`gapcast.export.pipeline.export_bundle` as a release, with smaller window counts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gapcast.export.pipeline import ExportOptions, ExportResult
+
+__all__ = ["TINY_STATION", "build_tiny_bundle", "tiny_config", "tiny_options"]
+
+TINY_STATION = "Aotizhongxin"
+
+
+def tiny_config():
+    """The tiny ConFill config: Beijing shapes, d_model 16, 2 encoder layers, 1 decoder layer."""
+    from gapcast.train.model import ConFillConfig
+
+    return ConFillConfig(
+        n_channels=13,
+        lookback=96,
+        horizon=24,
+        n_calendar=6,
+        d_model=16,
+        n_heads=2,
+        n_encoder_layers=2,
+        n_decoder_layers=1,
+        d_ff=32,
+        local_window=7,
+        n_freq=8,
+        conv_kernels=(3, 5),
+        dropout=0.0,
+    )
+
+
+def tiny_options(**overrides) -> ExportOptions:
+    """Export options sized for tests: few windows, the QDQ variant, no CPU variant.
+
+    The CPU variant is kept or dropped by a speed measurement, which depends on the machine's load; a test fixture
+    must not, so it is not built here (the card says so). Its quantizers are tested on their own.
+    """
+    kw = {
+        "target": "trt10",
+        "calib_windows": 16,
+        "parity_windows": 16,
+        "gate_windows": 64,
+        "golden_windows": 6,
+        "cpu_variant": "none",
+        "bench_batch": 16,
+        "bench_min_time_s": 0.05,
+        "threads": 1,
+        "model_version": 1,
+    }
+    kw.update(overrides)
+    return ExportOptions(**kw)
+
+
+def build_tiny_bundle(
+    out: str | Path,
+    *,
+    sign_key=None,
+    data_root: str | os.PathLike | None = None,
+    station: str = TINY_STATION,
+    seed: int = 0,
+    options: ExportOptions | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Build a tiny bundle from an untrained, seeded ConFill and one real station.
+
+    Args:
+        out: bundle folder to create.
+        sign_key: Ed25519 private key (object or PEM path); None writes an unsigned bundle (with a warning).
+        data_root: the data root; when None: ``$GAPCAST_DATA``, else the checkout's ``../shared/data``, else the
+            user cache (``resolve_data_dir``).
+        station: the Beijing station whose windows are used.
+        seed: torch seed for the weights (same seed, same weights, same golden outputs).
+        options: export options (default :func:`tiny_options`).
+        overwrite: replace an existing bundle folder.
+
+    Returns:
+        The :class:`ExportResult` (``.path`` is the bundle folder).
+
+    Raises:
+        ExportError: a failed export check. DataError: the station's data is missing.
+    """
+    import torch
+
+    from gapcast.calendar import CALENDAR_FEATURES
+    from gapcast.export.pipeline import ModelSpec, WindowData, export_bundle
+    from gapcast.train.data import (
+        BEIJING_CHANNELS,
+        BEIJING_UTC_OFFSET_S,
+        Normalizer,
+        load_beijing,
+        make_windows,
+        time_split,
+    )
+    from gapcast.train.model import ConFill
+
+    if data_root is None and not os.environ.get("GAPCAST_DATA"):
+        sibling = Path(__file__).resolve().parents[2] / "shared" / "data"  # the checkout's ../shared/data
+        if (sibling / "beijing-multisite").is_dir():
+            data_root = sibling
+    cfg = tiny_config()
+    torch.manual_seed(seed)
+    model = ConFill(cfg).eval()
+    series = load_beijing(data_root, [station])[station]
+    sp = time_split(series.epoch_s)
+    norm = Normalizer.fit([series.values[sp.train]])
+    arrays = {}
+    for name, sl, stride in (("train", sp.train, 97), ("val", sp.val, 49)):
+        ws = make_windows(
+            [norm.transform(series.values[sl])],
+            [series.epoch_s[sl]],
+            lookback=cfg.lookback,
+            horizon=cfg.horizon,
+            stride=stride,
+            min_observed=0.5,
+            utc_offset_s=BEIJING_UTC_OFFSET_S,
+        )
+        arrays[name] = ws.batch(range(len(ws)))
+    channels = [
+        {
+            "name": c.name,
+            "unit": c.unit,
+            "valid_min": c.valid_min,
+            "valid_max": c.valid_max,
+            "mean": float(norm.mean[i]),
+            "std": float(norm.std[i]),
+        }
+        for i, c in enumerate(BEIJING_CHANNELS)
+    ]
+    spec = ModelSpec(
+        lookback=cfg.lookback,
+        horizon=cfg.horizon,
+        n_calendar=cfg.n_calendar,
+        cadence_s=3600,
+        utc_offset_s=BEIJING_UTC_OFFSET_S,
+        channels=channels,
+        calendar_features=CALENDAR_FEATURES,
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+    )
+    data = WindowData(
+        train=arrays["train"],
+        val=arrays["val"],
+        source=f"Beijing Multi-Site station {station} (tiny test bundle, untrained model, seed {seed})",
+    )
+    return export_bundle(
+        model,
+        spec,
+        data,
+        out,
+        options or tiny_options(),
+        sign_key=sign_key,
+        run={"kind": "tiny test bundle", "seed": seed},
+        overwrite=overwrite,
+    )

@@ -1,0 +1,395 @@
+"""The gateway's update state machine without a broker: messages are handed to the updater directly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from _fleet_fakes import fake_factory, golden_inputs, make_bundle, new_key
+
+from gapcast.deploy.fleet import build_manifest, chunk_artifact, pack_bundle, sign_manifest
+from gapcast.edge import UpdateRejected
+from gapcast.edge.bundle import verify_bundle
+from gapcast.edge.updater import (
+    ArtifactAssembler,
+    FleetTopics,
+    GuardedBackend,
+    Manifest,
+    Targets,
+    Updater,
+    UpdaterConfig,
+    check_compatible,
+    check_outputs,
+    open_envelope,
+    percent_bucket,
+)
+
+FLEET = "city"
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return new_key(tmp_path / "keys", "release")
+
+
+def _release(bundle_dir, key, *, sequence, targets=None, kind="release", chunk_bytes=700, rollback_from=None):
+    """(envelope, [(chunk topic, bytes)], manifest) for a bundle, as `gapcast fleet publish` makes them."""
+    bundle, art = pack_bundle(bundle_dir)
+    d = build_manifest(
+        bundle, art, fleet=FLEET, targets=targets or Targets(everyone=True), sequence=sequence,
+        chunk_bytes=chunk_bytes, kind=kind, rollback_from=rollback_from,
+    )  # fmt: skip
+    topics = FleetTopics("gapcast/v1", FLEET)
+    chunks = [(topics.chunk(d["artifact"]["id"], i), c) for i, c in enumerate(chunk_artifact(art, chunk_bytes))]
+    return sign_manifest(d, key), chunks, Manifest.from_dict(d)
+
+
+class Gateway:
+    """An updater plus a guarded backend, driven by hand: deliver() messages, step() the model."""
+
+    def __init__(self, tmp_path, pub, seed, *, name="gw-1", fail_after=None, health_steps=2):
+        self.reports, self.subs = [], []
+        self.cfg = UpdaterConfig(gateway=name, fleet=FLEET, state_dir=tmp_path / f"state-{name}",
+                                 health_steps=health_steps)  # fmt: skip
+        self.updater = Updater(
+            self.cfg, trusted_keys=[pub], backend_factory=fake_factory(fail_after),
+            report=self.reports.append, subscribe=self.subs.append,
+        )  # fmt: skip
+        self.updater.start(seed)
+        self.guard = GuardedBackend(self.updater)
+        self.values, self.observed, self.calendar = golden_inputs(seed=3, batch=4)
+        self.calendar = np.zeros((4, 8 + 4, 6), dtype=np.float32)
+
+    def deliver(self, envelope, chunks):
+        self.updater.on_message(self.updater.topics.manifest, envelope)
+        for topic, data in chunks:
+            self.updater.on_message(topic, data)
+
+    def step(self):
+        """One agent step: boundary, then one batched inference. Returns (version used, forecast)."""
+        self.guard.step_boundary()
+        _, forecast = self.guard.run(self.values, self.observed, self.calendar)
+        return self.guard.model_version, forecast
+
+    @property
+    def stages(self):
+        return [r["stage"] for r in self.reports]
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def test_percent_bucket_is_sha256_of_fleet_and_gateway_and_rings_are_nested():
+    want = int.from_bytes(hashlib.sha256(b"city/gw-7").digest()[:8], "big") % 10_000
+    assert percent_bucket("city", "gw-7") == want
+    gws = [f"gw-{i}" for i in range(2000)]
+    p10 = {g for g in gws if Targets(percent=10).applies_to("city", g)}
+    p50 = {g for g in gws if Targets(percent=50).applies_to("city", g)}
+    assert p10 <= p50  # raising the percent keeps the first ring in
+    assert 0.08 < len(p10) / 2000 < 0.12 and 0.46 < len(p50) / 2000 < 0.54
+    assert not Targets(percent=0).applies_to("city", "gw-7")
+    assert Targets(canary=("gw-7",)).applies_to("city", "gw-7")
+    assert not Targets(canary=("gw-8",)).applies_to("city", "gw-7")
+    with pytest.raises(ValueError, match="target someone"):
+        Targets()
+
+
+def test_envelope_signature_checked_against_trusted_keys(tmp_path, keys):
+    _, pub, key = keys
+    _, other_pub, other = new_key(tmp_path / "other", "attacker")
+    bundle_dir = make_bundle(tmp_path / "b1", key, version=1)
+    env, _, m = _release(bundle_dir, key, sequence=5)
+    assert open_envelope(env, [pub]).sequence == 5
+    assert open_envelope(env, [other_pub, pub]).card_sha256 == m.card_sha256
+    with pytest.raises(UpdateRejected, match="does not verify under any of the 1 trusted"):
+        open_envelope(env, [other_pub])
+    forged = json.loads(env)
+    body = json.loads(__import__("base64").b64decode(forged["manifest"]))
+    body["targets"] = {"everyone": True, "canary": []}
+    body["model"]["version"] = 99
+    forged["manifest"] = __import__("base64").b64encode(json.dumps(body).encode()).decode()
+    with pytest.raises(UpdateRejected, match="does not verify"):
+        open_envelope(json.dumps(forged).encode(), [pub])
+    with pytest.raises(UpdateRejected, match="malformed"):
+        open_envelope(b"not json", [pub])
+
+
+def test_assembler_checks_every_chunk_and_the_whole(tmp_path, keys):
+    _, _, key = keys
+    env, chunks, m = _release(make_bundle(tmp_path / "b", key), key, sequence=1, chunk_bytes=500)
+    asm = ArtifactAssembler(m, tmp_path / "a.tar")
+    assert asm.n_chunks == len(chunks) >= 3
+    flipped = bytearray(chunks[1][1])
+    flipped[17] ^= 0x01
+    with pytest.raises(UpdateRejected, match="chunk 1 has sha256"):
+        asm.add(1, bytes(flipped))
+    with pytest.raises(UpdateRejected, match="bytes, the manifest says"):
+        asm.add(0, chunks[0][1][:-1])
+    with pytest.raises(UpdateRejected, match="outside"):
+        asm.add(len(chunks), b"x")
+    for i, (_, data) in reversed(list(enumerate(chunks))):  # any order
+        assert asm.add(i, data)
+    assert not asm.add(0, chunks[0][1])  # a duplicate (QoS 1 redelivery) is harmless
+    assert hashlib.sha256(asm.finish().read_bytes()).hexdigest() == m.artifact_sha256
+
+
+def test_check_outputs_hand_computed_bounds(tmp_path, keys):
+    # mean 10, std 5, valid 0..100, slack 0.25 -> accepted physical range [-25, 125] -> normalised [-7, 23].
+    card = verify_bundle(make_bundle(tmp_path / "b", keys[2]), [keys[1]]).card
+    imputed = np.zeros((1, 8, 3), np.float32)
+    forecast = np.full((1, 4, 3), 23.0, np.float32)
+    assert check_outputs(card, imputed, forecast) is None
+    forecast[0, 2, 1] = 23.2  # 126 u
+    assert check_outputs(card, imputed, forecast) == (
+        "forecast has 1 value(s) outside the valid range, e.g. TEMP = 126 u"
+    )
+    forecast[0, 2, 1] = np.nan
+    assert check_outputs(card, imputed, forecast) == "forecast holds 1 non-finite value(s)"
+    assert "shape" in check_outputs(card, imputed[:, :4], forecast)
+
+
+def test_compatibility_names_what_differs(tmp_path, keys):
+    a = verify_bundle(make_bundle(tmp_path / "a", keys[2]), [keys[1]]).card
+    b = verify_bundle(make_bundle(tmp_path / "b", keys[2], lookback=6, cadence_s=600), [keys[1]]).card
+    from gapcast.edge.updater import compat_of
+
+    assert check_compatible(compat_of(a), a) == []
+    assert check_compatible(compat_of(b), a) == ["cadence_s 600 != running 3600", "lookback 6 != running 8"]
+
+
+# ------------------------------------------------------------------------------------------------ the flow
+
+
+def test_update_switches_at_one_step_and_commits_after_the_health_window(tmp_path, keys):
+    _, pub, key = keys
+    v1 = make_bundle(tmp_path / "v1", key, version=1)
+    v2 = make_bundle(tmp_path / "v2", key, version=2, fake={"scale": 1.0, "bias": 0.5}, mean=12.0)
+    gw = Gateway(tmp_path, pub, v1, health_steps=2)
+    env, chunks, m = _release(v2, key, sequence=10)
+    versions = [gw.step()[0] for _ in range(3)]
+    gw.deliver(env, chunks)
+    assert gw.subs == [f"gapcast/v1/fleet/{FLEET}/artifacts/{m.artifact_id}/+"]
+    assert gw.updater.update_ready
+    outs = []
+    for _ in range(5):
+        v, f = gw.step()
+        versions.append(v)
+        outs.append(f)
+    assert versions == [1, 1, 1, 2, 2, 2, 2, 2]  # one switch, at a step boundary, no step without a forecast
+    assert all(np.isfinite(f).all() for f in outs)
+    assert gw.stages == ["received", "verified", "staged", "active", "active"]
+    assert gw.reports[-1]["committed"] is True and gw.reports[-1]["version"] == 2
+    store = gw.updater.store
+    j = store.read_journal()
+    assert j["phase"] == "idle" and j["committed"].startswith("v2-") and j["previous"].startswith("v1-")
+    assert (store.root / "current").is_symlink() and store.current_name() == j["committed"]
+    assert sorted(p.name for p in store.slots.iterdir()) == sorted([j["committed"], j["previous"]])
+    assert j["last_sequence"] == 10
+    # v2's normalisation (mean 12) is converted back to the agent's (mean 10): bias 0.5 normalised in v2 units.
+    _, f_new = gw.guard.run(gw.values, gw.observed, gw.calendar)
+    mean = (gw.values * gw.observed).sum(1) / np.maximum(gw.observed.sum(1), 1)
+    expect = (((mean * 5 + 10 - 12) / 5 + 0.5) * 5 + 12 - 10) / 5
+    np.testing.assert_allclose(f_new[:, 0, :], expect, rtol=1e-5, atol=1e-5)
+    # The same retained manifest again (reconnect) is ignored; status tells the version.
+    gw.deliver(env, chunks)
+    assert gw.stages[-1] == "active" and gw.updater.status()["model_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("flipped_byte", "artifact refused: chunk 1 has sha256"),
+        ("unknown_key", "does not verify under any of the 1 trusted key"),
+        ("older", "version 1 is not newer than the running 2"),
+        ("incompatible", "incompatible with the running model: lookback 6 != running 8"),
+        ("nan_model", "shadow run on 4 live window(s): imputed holds 96 non-finite value(s)"),
+        ("golden_mismatch", "golden check FAILED for fp32: max abs diff 1 (limit 1e-05)"),
+    ],
+)
+def test_bad_releases_are_refused_and_the_gateway_stays_put(tmp_path, keys, case, reason):
+    _, pub, key = keys
+    gw = Gateway(tmp_path, pub, make_bundle(tmp_path / "v2", key, version=2))
+    gw.step()
+    sign_key = key
+    if case == "flipped_byte":
+        cand = make_bundle(tmp_path / "c", key, version=3)
+    elif case == "unknown_key":
+        sign_key = new_key(tmp_path / "rogue", "rogue")[2]
+        cand = make_bundle(tmp_path / "c", sign_key, version=3)
+    elif case == "older":
+        cand = make_bundle(tmp_path / "c", key, version=1)
+    elif case == "incompatible":
+        cand = make_bundle(tmp_path / "c", key, version=3, lookback=6)
+    elif case == "nan_model":
+        cand = make_bundle(tmp_path / "c", key, version=3, fake={"nan": True}, golden_fake={})
+    else:
+        cand = make_bundle(tmp_path / "c", key, version=3, fake={"bias": 1.0}, golden_fake={"bias": 0.0})
+    env, chunks, _ = _release(cand, sign_key, sequence=20)
+    if case == "flipped_byte":
+        data = bytearray(chunks[1][1])
+        data[100] ^= 0x20
+        chunks[1] = (chunks[1][0], bytes(data))
+    gw.deliver(env, chunks)
+    versions = [gw.step()[0] for _ in range(3)]
+    assert versions == [2, 2, 2]
+    assert gw.stages[-1] == "rejected"
+    assert reason in gw.reports[-1]["reason"]
+    store = gw.updater.store
+    assert store.current_name().startswith("v2-")
+    assert [p.name for p in store.slots.iterdir()] == [store.current_name()]  # no half-installed slot left
+    assert not store.incoming.exists()
+
+
+def test_signed_rollback_to_an_older_version_is_accepted(tmp_path, keys):
+    _, pub, key = keys
+    v1 = make_bundle(tmp_path / "v1", key, version=1)
+    gw = Gateway(tmp_path, pub, make_bundle(tmp_path / "v2", key, version=2), health_steps=1)
+    env, chunks, _ = _release(v1, key, sequence=30, kind="rollback", rollback_from=2)
+    gw.deliver(env, chunks)
+    assert [gw.step()[0] for _ in range(3)] == [1, 1, 1]
+    assert gw.reports[-1]["committed"] is True and gw.reports[-1]["version"] == 1
+    # The same rollback manifest replayed later with an old sequence is ignored.
+    env_old, chunks_old, _ = _release(v1, key, sequence=29, kind="rollback")
+    gw.deliver(env_old, chunks_old)
+    assert gw.stages[-1] == "active"
+
+
+def test_model_that_breaks_after_activation_is_rolled_back_and_refused_later(tmp_path, keys):
+    _, pub, key = keys
+    v1 = make_bundle(tmp_path / "v1", key, version=1)
+    v2 = make_bundle(tmp_path / "v2", key, version=2)
+    # v2's backend: 1 golden call + 1 shadow call pass, the 4th call (2nd live step) returns NaN.
+    gw = Gateway(tmp_path, pub, v1, fail_after={2: 3}, health_steps=5)
+    gw.step()
+    env, chunks, m = _release(v2, key, sequence=40)
+    gw.deliver(env, chunks)
+    results = [gw.step() for _ in range(4)]
+    assert [v for v, _ in results] == [2, 1, 1, 1]  # the failing step itself is served by v1
+    assert all(np.isfinite(f).all() for _, f in results)
+    assert gw.stages == ["received", "verified", "staged", "active", "rolled_back"]
+    rb = gw.reports[-1]
+    assert rb["failed_version"] == 2 and rb["version"] == 1 and "non-finite" in rb["reason"]
+    store = gw.updater.store
+    assert store.current_name().startswith("v1-") and len(list(store.slots.iterdir())) == 1
+    # Promoting the same release again (new sequence) is refused: it failed here.
+    env2, chunks2, _ = _release(v2, key, sequence=41)
+    gw.deliver(env2, chunks2)
+    assert gw.stages[-1] == "rejected" and "was refused here before: rolled back" in gw.reports[-1]["reason"]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, the files stay as they are."""
+
+
+@pytest.mark.parametrize("where", ["staged", "health"])
+def test_restart_mid_update_comes_back_on_one_verified_bundle(tmp_path, keys, monkeypatch, where):
+    _, pub, key = keys
+    v1 = make_bundle(tmp_path / "v1", key, version=1)
+    v2 = make_bundle(tmp_path / "v2", key, version=2)
+    gw = Gateway(tmp_path, pub, v1, health_steps=3)
+    gw.step()
+    env, chunks, _ = _release(v2, key, sequence=50)
+    gw.deliver(env, chunks)
+    if where == "staged":
+        monkeypatch.setattr(Updater, "_check_golden", lambda *a: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed):
+            gw.step()
+        monkeypatch.undo()
+        assert gw.updater.store.read_journal()["phase"] == "staged"
+    else:
+        assert gw.step()[0] == 2  # switched, inside the health window
+        assert gw.updater.store.read_journal()["phase"] == "health"
+    assert len(list(gw.updater.store.slots.iterdir())) == 2  # both bundles on disk at the kill
+
+    # A new process on the same state folder.
+    again = Gateway(tmp_path, pub, v1, health_steps=3)
+    store = again.updater.store
+    assert again.guard.model_version == 1
+    assert store.current_name().startswith("v1-")
+    assert [p.name for p in store.slots.iterdir()] == [store.current_name()]
+    verify_bundle(os.path.realpath(store.root / "current"), [pub])
+    assert again.stages == ["rolled_back"] and "restart interrupted the update" in again.reports[0]["reason"]
+    # The retained manifest comes again at reconnect: the update is retried and completes.
+    again.deliver(env, chunks)
+    assert [again.step()[0] for _ in range(5)] == [2, 2, 2, 2, 2]
+    assert again.reports[-1]["committed"] is True
+
+
+def test_real_onnx_bundles_switch_through_onnxruntime(tmp_path, tiny_bundle, signing_key):
+    """Two tiny ConFill bundles from the export pipeline (real Beijing windows), run by the real onnxruntime
+    backend: the golden check, the shadow run and the switch work on real models, not only on fakes."""
+    from gapcast.edge.backends import select_backend
+    from gapcast.edge.trt import compare_golden, golden_tolerance
+    from gapcast.export.testing import build_tiny_bundle, tiny_options
+
+    v2 = build_tiny_bundle(
+        tmp_path / "v2", sign_key=signing_key.private, seed=1, options=tiny_options(model_version=2)
+    ).path
+    reports = []
+    cfg = UpdaterConfig(gateway="gw-onnx", fleet=FLEET, state_dir=tmp_path / "state", health_steps=2)
+    updater = Updater(
+        cfg, trusted_keys=[signing_key.public], report=reports.append,
+        backend_factory=lambda b: select_backend(b, prefer="onnxruntime", threads=1),
+    )  # fmt: skip
+    updater.start(tiny_bundle)
+    guard = GuardedBackend(updater)
+    gold1 = guard.bundle.golden()
+    live = (gold1["values"], gold1["observed"], gold1["calendar"])  # real windows, incl. a 72 h outage
+    guard.step_boundary()
+    guard.run(*live)
+    env, chunks, _ = _release(v2, _private(signing_key), sequence=100, chunk_bytes=64 * 1024)
+    updater.on_message(updater.topics.manifest, env)
+    for topic, data in chunks:
+        updater.on_message(topic, data)
+    swap = guard.step_boundary()
+    assert swap is not None and swap.reason == "update" and guard.model_version == 2
+    assert [r["stage"] for r in reports] == ["received", "verified", "staged", "active"]
+    imputed, forecast = guard.run(*live)
+    gold2 = guard.bundle.golden()
+    np.testing.assert_array_equal(gold2["values"], gold1["values"])  # same station, same golden windows
+    precision = updater.active_backend.precision
+    check = compare_golden(imputed, forecast, gold2, precision, golden_tolerance(precision, guard.bundle.card.raw))
+    assert check.ok, check.describe()
+    assert not np.allclose(forecast, gold1["forecast"], atol=1e-3)  # another model (seed 1) really serves now
+    for _ in range(2):
+        guard.step_boundary()
+        guard.run(*live)
+    guard.step_boundary()
+    assert reports[-1]["stage"] == "active" and reports[-1]["committed"] is True
+
+
+def _private(kp):
+    from gapcast.deploy.fleet import load_private_key
+
+    return load_private_key(kp.private)
+
+
+def test_edge_config_update_section_starts_from_the_store(tmp_path, tiny_bundle, signing_key):
+    from gapcast.edge import ConfigError
+    from gapcast.edge.config import parse_config
+    from gapcast.edge.updater import start_from_config
+
+    doc = {
+        "gateway": {"id": "gw-cfg", "fleet": FLEET},
+        "stations": {"names": ["Aotizhongxin"]},
+        "model": {"bundle": str(tiny_bundle), "trusted_keys": [str(signing_key.public)], "backend": "onnxruntime"},
+        "agent": {"state_dir": str(tmp_path / "state")},
+        "update": {"enabled": True, "health_steps": 4},
+    }
+    cfg = parse_config(doc, base=tmp_path)
+    assert cfg.update.state_dir == tmp_path / "state" / "models" and cfg.update.health_steps == 4
+    link, guard, note = start_from_config(cfg)
+    assert note.startswith("onnxruntime") and f"gapcast/v1/fleet/{FLEET}/manifest" in note
+    slot = guard.updater.store.current_name()
+    assert slot.startswith("v1-") and (tmp_path / "state" / "models" / "slots" / slot / "card.json").is_file()
+    assert link.handles(f"gapcast/v1/fleet/{FLEET}/artifacts/x/0") and not link.handles("gapcast/v1/stations/a/readings")
+    # A restart runs the store's bundle (verified again), not a copy of model.bundle.
+    link2, guard2, _ = start_from_config(cfg)
+    assert guard2.updater.store.current_name() == slot and guard2.bundle.path.name == slot
+    with pytest.raises(ConfigError, match="nothing to update"):
+        start_from_config(parse_config({**doc, "model": {**doc["model"], "backend": "interpolation"}}, base=tmp_path))
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config({**doc, "update": {"enabled": True, "health_step": 4}}, base=tmp_path)

@@ -1,0 +1,103 @@
+"""A few training steps on real Beijing data: run folder, checkpoints, resume, determinism, config handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from gapcast.train import TrainError
+from gapcast.train.checkpoint import load_checkpoint, read_checkpoint
+from gapcast.train.data import BEIJING_CHANNELS
+from gapcast.train.trainer import TrainConfig, default_config_path, dump_toml, load_config, train
+
+TINY = default_config_path().parent / "tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def two_stations(beijing):
+    return {k: beijing[k] for k in ("Aotizhongxin", "Dingling")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared; one thread is faster and steadier than two contending ones.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(**optim) -> TrainConfig:
+    cfg = load_config(TINY)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **optim))
+
+
+def test_tiny_run_writes_checkpoints_that_reload(two_stations, tmp_path):
+    out = tmp_path / "run"
+    res = train(_tiny(max_steps=4, steps_per_epoch=2), out_dir=out, series=two_stations, progress=False)
+    assert res.steps == 4 and res.stop_reason == "max_steps"
+    for name in ("best.pt", "last.pt", "config.toml", "normalization.json", "history.jsonl"):
+        assert (out / name).is_file(), name
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [2, 4]
+    assert all(h["val_impute_mae"] > 0 and h["val_forecast_mae"] > 0 for h in hist)
+    assert {"train_impute", "train_recon", "train_forecast", "train_contrast"} <= set(hist[0])
+
+    model, meta = load_checkpoint(out / "best.pt")
+    assert meta["cadence_s"] == 3600 and meta["utc_offset_s"] == 8 * 3600
+    assert [c["name"] for c in meta["channels"]] == [c.name for c in BEIJING_CHANNELS]
+    norm = json.loads((out / "normalization.json").read_text())
+    assert norm["mean"] == meta["normalizer"]["mean"] and len(norm["std"]) == 13
+    # PM2.5 training mean of these two stations is tens of ug/m3, TEMP mean a mild temperature.
+    assert 40 < norm["mean"][0] < 120 and 5 < norm["mean"][6] < 20
+    assert load_config(out / "config.toml") == _tiny(max_steps=4, steps_per_epoch=2)
+    best_step = meta["step"]
+    assert best_step in (2, 4) and meta["best_val"] == min(h["val_score"] for h in hist)
+
+    L, H = model.cfg.lookback, model.cfg.horizon
+    imp, fc = model(torch.zeros(3, L, 13), torch.zeros(3, L, 13), torch.zeros(3, L + H, 6))
+    assert imp.shape == (3, L, 13) and fc.shape == (3, H, 13) and torch.isfinite(fc).all()
+
+    # Resume continues from last.pt to the new step count.
+    res2 = train(_tiny(max_steps=6, steps_per_epoch=2), out_dir=out, series=two_stations, resume=True,
+                 progress=False)
+    assert res2.steps == 6
+    last = read_checkpoint(out / "last.pt")
+    assert last["step"] == 6 and len(last["history"]) == 3
+
+
+def test_same_seed_same_weights(two_stations, tmp_path):
+    cfg = _tiny(max_steps=2, steps_per_epoch=2)
+    for name in ("a", "b"):
+        train(cfg, out_dir=tmp_path / name, series=two_stations, progress=False)
+    sa = read_checkpoint(tmp_path / "a" / "last.pt")["state_dict"]
+    sb = read_checkpoint(tmp_path / "b" / "last.pt")["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    train(_tiny(max_steps=2, steps_per_epoch=2, seed=1), out_dir=tmp_path / "c", series=two_stations,
+          progress=False)
+    sc = read_checkpoint(tmp_path / "c" / "last.pt")["state_dict"]
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_resume_without_checkpoint_fails(two_stations, tmp_path):
+    with pytest.raises(TrainError, match="not found"):
+        train(_tiny(max_steps=1), out_dir=tmp_path, series=two_stations, resume=True, progress=False)
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    cfg = load_config()
+    assert cfg.model.d_model == 64 and cfg.model.lookback == 96 and cfg.model.horizon == 24
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(cfg.to_dict()))
+    assert load_config(path) == cfg
+    path.write_text("[model]\nd_model = 64\nbogus = 1\n")
+    with pytest.raises(TrainError, match="bogus"):
+        load_config(path)
+    path.write_text("[loss]\nimpute = -1.0\n")
+    with pytest.raises(TrainError, match="loss"):
+        load_config(path)
+    with pytest.raises(TrainError):
+        load_config(tmp_path / "missing.toml")

@@ -1,0 +1,102 @@
+"""``gapcast train`` and ``gapcast evaluate``.
+
+Nothing heavy is imported at module level (torch, pandas): the handlers import what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` and ``evaluate`` sub-commands."""
+    p = subparsers.add_parser(
+        "train",
+        help="train ConFill on the Beijing training months",
+        description="Train ConFill (masked imputation + reconstruction + forecast + contrastive losses). "
+        "Launch with torchrun to train with DistributedDataParallel; the command stays the same.",
+    )
+    p.add_argument("--data", help="data root holding beijing-multisite/ (default: $GAPCAST_DATA, then the cache)")
+    p.add_argument("--config", help="TOML config (default: the packaged beijing.toml)")
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, config.toml, normalization.json")
+    p.add_argument("--max-steps", type=int, help="override optim.max_steps")
+    p.add_argument("--time-budget-min", type=float, help="stop after this many minutes (checkpoints are written)")
+    p.add_argument("--seed", type=int, help="override optim.seed")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train, log_info=True)
+
+    e = subparsers.add_parser(
+        "evaluate",
+        help="score a run on the test months against LOCF, linear interpolation and seasonal naive",
+        description="Run the DESIGN.md protocol on the test months (point-10%%, block 6/24/72 h, real pattern, "
+        "24 h forecast) and write RUN_DIR/metrics.json, metrics.md and PNG plots.",
+    )
+    e.add_argument("run_dir", help="a training run folder (holds best.pt)")
+    e.add_argument("--data", help="data root holding beijing-multisite/")
+    e.add_argument("--stations", nargs="+", help="stations to score (default: all)")
+    e.add_argument("--max-windows", type=int, help="at most this many test windows per station")
+    e.add_argument("--stride", type=int, default=24, help="steps between test window starts (default 24)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the scenario masks")
+    e.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default best.pt)")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    e.set_defaults(func=_evaluate, log_info=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from gapcast.train.data import resolve_data_dir
+    from gapcast.train.trainer import load_config, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, seed=args.seed))
+    data = resolve_data_dir(args.data)
+    result = train(
+        cfg,
+        out_dir=args.out,
+        data=data,
+        max_steps=args.max_steps,
+        time_budget_min=args.time_budget_min,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(
+        f"stopped ({result.stop_reason}) after {result.steps} steps; best validation score "
+        f"{result.best_val:.4f}; checkpoints in {result.out_dir}"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gapcast.train.evaluate import evaluate_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = evaluate_run(
+        args.run_dir,
+        data=args.data,
+        stations=args.stations,
+        max_windows=args.max_windows,
+        stride=args.stride,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        plots=not args.no_plots,
+    )
+    print(report.markdown)
+    print(f"wrote {report.json_path}, {report.markdown_path}" + "".join(f", {p}" for p in report.plots))
+    return 0

@@ -1,0 +1,634 @@
+"""The evaluation protocol of DESIGN.md on the Beijing test months, reusable with any imputer.
+
+Two steps, kept apart so benchmarks can score other imputers on exactly the same hidden values:
+
+1. :func:`build_scenarios` cuts the test months into windows and draws the fixed masks of every scenario
+   (point-10%, block 6 / 24 / 72 h over all pollutants of a station, real pattern) from one seed;
+2. :func:`score_imputer` runs an imputer ``fn(values, observed, calendar) -> (imputed, forecast)`` on every scenario
+   and on the forecast task and returns MAE / RMSE / MRE per channel in original units and on normalised values.
+
+Each scenario is scored only on values that were observed and then hidden. :func:`evaluate_run` does both for a
+training run, adds LOCF, linear interpolation and seasonal naive, and writes metrics.json, metrics.md and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gapcast.baselines import linear_interpolate, locf, seasonal_naive
+from gapcast.train import TrainError
+from gapcast.train.data import (
+    BEIJING_POLLUTANTS,
+    Normalizer,
+    StationSeries,
+    load_beijing,
+    make_windows,
+    time_split,
+)
+
+__all__ = [
+    "EvalReport",
+    "Imputer",
+    "Scenario",
+    "ScenarioSet",
+    "EvalWindows",
+    "baseline_imputers",
+    "build_scenarios",
+    "evaluate_run",
+    "model_imputer",
+    "score_imputer",
+    "eval_windows",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``fn(values [N, L, C], observed [N, L, C], calendar [N, L+H, F]) -> (imputed [N, L, C], forecast [N, H, C] or
+#: None)``, numpy float32, normalised; ``values`` is 0 where ``observed`` is 0.
+Imputer = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray | None]]
+
+BLOCK_HOURS = (6, 24, 72)
+POINT_RATE = 0.1
+
+
+@dataclass
+class EvalWindows:
+    """Test windows of L + H steps.
+
+    Attributes:
+        values: [N, L+H, C] float32, normalised, 0 where unobserved.
+        observed: [N, L+H, C] float32 0/1 (the real sensor record).
+        calendar: [N, L+H, F] float32.
+        station: [N] int64 index into ``stations``.
+        start_epoch_s: [N] int64 UTC start time of each window.
+        stations: station names.
+        lookback: L.
+        horizon: H.
+    """
+
+    values: np.ndarray
+    observed: np.ndarray
+    calendar: np.ndarray
+    station: np.ndarray
+    start_epoch_s: np.ndarray
+    stations: list[str]
+    lookback: int
+    horizon: int
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class Scenario:
+    """One imputation scenario: which observed past values are hidden.
+
+    Attributes:
+        name: ``point-10%``, ``block-6h``, ``block-24h``, ``block-72h``, ``real-pattern``.
+        hidden: [N, L, C] bool, True where an observed value is hidden (and scored).
+        description: how the mask was drawn (goes into metrics.json).
+    """
+
+    name: str
+    hidden: np.ndarray
+    description: str
+
+
+@dataclass
+class ScenarioSet:
+    """Windows, fixed masks and what is needed to score in original units.
+
+    Attributes:
+        windows: the :class:`EvalWindows`.
+        scenarios: the imputation scenarios, in report order.
+        normalizer: the training normaliser (to go back to original units).
+        channels: channel names.
+        pollutants: indices of the pollutant channels.
+        protocol: the protocol as written into metrics.json (split, stride, seeds, ...).
+    """
+
+    windows: EvalWindows
+    scenarios: list[Scenario]
+    normalizer: Normalizer
+    channels: tuple[str, ...]
+    pollutants: tuple[int, ...] = BEIJING_POLLUTANTS
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+
+def eval_windows(
+    series: dict[str, StationSeries],
+    normalizer: Normalizer,
+    *,
+    lookback: int,
+    horizon: int,
+    utc_offset_s: int,
+    stride: int = 24,
+    max_windows: int | None = None,
+    min_observed: float = 0.5,
+) -> EvalWindows:
+    """Windows over the test months of each station (DESIGN.md split: the last 10 of 48 months).
+
+    Args:
+        series: station name -> series.
+        normalizer: the training normaliser.
+        lookback, horizon: L and H, steps.
+        utc_offset_s: local time of the calendar features, seconds.
+        stride: steps between window starts.
+        max_windows: at most this many windows per station (evenly spaced), None for all.
+        min_observed: keep windows whose past has at least this share of cells observed.
+
+    Returns:
+        :class:`EvalWindows`.
+
+    Raises:
+        TrainError: if no window survives.
+    """
+    names = sorted(series)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("v", "m", "c", "s", "t")}
+    for k, name in enumerate(names):
+        s = series[name]
+        sp = time_split(s.epoch_s)
+        ws = make_windows(
+            [normalizer.transform(s.values[sp.test])], [s.epoch_s[sp.test]], lookback=lookback, horizon=horizon,
+            stride=stride, min_observed=min_observed, utc_offset_s=utc_offset_s,
+        )
+        idx = np.arange(len(ws))
+        if max_windows is not None and len(idx) > max_windows:
+            idx = np.linspace(0, len(ws) - 1, max_windows).round().astype(np.int64)
+        if len(idx) == 0:
+            continue
+        v, m, c = ws.batch(idx)
+        parts["v"].append(v)
+        parts["m"].append(m)
+        parts["c"].append(c)
+        parts["s"].append(np.full(len(idx), k, dtype=np.int64))
+        parts["t"].append(s.epoch_s[sp.test][ws.starts[idx, 1]])
+    if not parts["v"]:
+        msg = "no test window has enough observed values"
+        raise TrainError(msg)
+    return EvalWindows(
+        values=np.concatenate(parts["v"]), observed=np.concatenate(parts["m"]), calendar=np.concatenate(parts["c"]),
+        station=np.concatenate(parts["s"]), start_epoch_s=np.concatenate(parts["t"]), stations=names,
+        lookback=lookback, horizon=horizon,
+    )
+
+
+def _donor_masks(series: dict[str, StationSeries], lookback: int, rng: np.random.Generator) -> np.ndarray:
+    """Real missing patterns: [D, L, C] bool observed masks of training/validation-month windows that have gaps."""
+    donors = []
+    for name in sorted(series):
+        s = series[name]
+        sp = time_split(s.epoch_s)
+        obs = s.observed[: sp.val.stop]
+        starts = np.arange(0, len(obs) - lookback + 1, lookback // 2)
+        for t0 in starts:
+            w = obs[t0 : t0 + lookback]
+            missing = 1.0 - w.mean()
+            if 0.02 <= missing <= 0.6:
+                donors.append(w)
+    if not donors:
+        msg = "no real outage pattern found in the training/validation months"
+        raise TrainError(msg)
+    out = np.stack(donors)
+    return out[rng.permutation(len(out))]
+
+
+def build_scenarios(
+    series: dict[str, StationSeries],
+    normalizer: Normalizer,
+    *,
+    channels: Sequence[str],
+    lookback: int = 96,
+    horizon: int = 24,
+    utc_offset_s: int = 8 * 3600,
+    stride: int = 24,
+    max_windows: int | None = None,
+    seed: int = 0,
+    pollutants: tuple[int, ...] = BEIJING_POLLUTANTS,
+) -> ScenarioSet:
+    """Test windows and the fixed masks of every scenario (DESIGN.md, "The evaluation protocol").
+
+    * point-10%: each observed value of the past window is hidden with probability 0.1 (all channels);
+    * block-6h / 24h / 72h: one block over all pollutant channels at once, uniformly placed inside the past window
+      with at least one step before and after it (so interpolation has both sides);
+    * real-pattern: the observed mask of a window from the training/validation months (any station) that really
+      had gaps is transplanted: observed test values that the donor lacks are hidden.
+
+    Args:
+        series: station name -> series (all 48 months; only the test months are scored).
+        normalizer: the training normaliser.
+        channels: channel names, in column order.
+        lookback, horizon: L and H, steps.
+        utc_offset_s: local time of the calendar features.
+        stride: steps between window starts.
+        max_windows: cap per station.
+        seed: seed of every mask (same seed, same masks).
+        pollutants: channels hidden by the block scenarios.
+
+    Returns:
+        :class:`ScenarioSet`.
+    """
+    tw = eval_windows(series, normalizer, lookback=lookback, horizon=horizon, utc_offset_s=utc_offset_s,
+                      stride=stride, max_windows=max_windows)
+    L = lookback
+    obs = tw.observed[:, :L].astype(bool)
+    N, _, C = obs.shape
+    rng = np.random.default_rng(seed)
+    scenarios = [Scenario("point-10%", obs & (rng.random(obs.shape) < POINT_RATE),
+                          f"each observed past value hidden with probability {POINT_RATE}")]
+    pol = np.zeros(C, dtype=bool)
+    pol[list(pollutants)] = True
+    for hours in BLOCK_HOURS:
+        n = min(hours, L - 2)
+        t0 = rng.integers(1, L - n, size=N)  # block [t0, t0 + n) with >= 1 step either side
+        t = np.arange(L)
+        in_block = (t[None, :] >= t0[:, None]) & (t[None, :] < t0[:, None] + n)  # [N, L]
+        scenarios.append(Scenario(f"block-{hours}h", obs & in_block[:, :, None] & pol[None, None, :],
+                                  f"{n} consecutive steps of all pollutant channels hidden, inside the window"))
+    donors = _donor_masks(series, L, rng)
+    pick = rng.integers(0, len(donors), size=N)
+    scenarios.append(Scenario("real-pattern", obs & ~donors[pick],
+                              "the observed mask of a training/validation window with 2-60% missing transplanted"))
+    protocol = {
+        "dataset": "Beijing Multi-Site (UCI 501), hourly",
+        "split": "by time: first 28 months train, next 10 validation, last 10 test; normalisation fitted on train",
+        "eval_windows": int(N),
+        "stations": tw.stations,
+        "lookback_L": L,
+        "horizon_H": horizon,
+        "stride_steps": stride,
+        "max_windows_per_station": max_windows,
+        "min_observed_share": 0.5,
+        "seed": seed,
+        "scored_on": "only values that were observed and then hidden; forecast on observed future values",
+        "scenarios": {s.name: s.description for s in scenarios},
+        "forecast": f"H = {horizon} from L = {L}, the window's real observed mask only",
+        "headline": "MAE on normalised values over the hidden (pollutant, for blocks) values",
+    }
+    return ScenarioSet(windows=tw, scenarios=scenarios, normalizer=normalizer, channels=tuple(channels),
+                       pollutants=tuple(pollutants), protocol=protocol)
+
+
+def _errors(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray, ss: ScenarioSet) -> dict[str, Any]:
+    """MAE / RMSE / MRE over the selected cells: overall and pollutants (normalised), per channel (both units)."""
+    sel = sel.astype(bool)
+    err = pred - truth
+    std = ss.normalizer.std.astype(np.float64)
+    mean = ss.normalizer.mean.astype(np.float64)
+    truth_orig = truth * std + mean
+
+    def agg(mask: np.ndarray) -> dict[str, float]:
+        n = int(mask.sum())
+        if n == 0:
+            return {"n": 0, "mae": None, "rmse": None, "mre": None}
+        e = err[mask].astype(np.float64)
+        return {"n": n, "mae": float(np.abs(e).mean()), "rmse": float(np.sqrt((e**2).mean())),
+                "mre": float(np.abs(e).sum() / max(np.abs(truth[mask]).sum(), 1e-12))}
+
+    pol = np.zeros(sel.shape[-1], dtype=bool)
+    pol[list(ss.pollutants)] = True
+    per_channel = {}
+    for j, name in enumerate(ss.channels):
+        mj = sel[..., j]
+        n = int(mj.sum())
+        if n == 0:
+            per_channel[name] = {"n": 0}
+            continue
+        e_n = err[..., j][mj].astype(np.float64)
+        e_o = e_n * std[j]
+        per_channel[name] = {
+            "n": n,
+            "mae": float(np.abs(e_o).mean()),
+            "rmse": float(np.sqrt((e_o**2).mean())),
+            "mre": float(np.abs(e_o).sum() / max(np.abs(truth_orig[..., j][mj]).sum(), 1e-12)),
+            "mae_norm": float(np.abs(e_n).mean()),
+            "rmse_norm": float(np.sqrt((e_n**2).mean())),
+        }
+    return {"all_norm": agg(sel), "pollutants_norm": agg(sel & pol), "per_channel": per_channel}
+
+
+def score_imputer(fn: Imputer, ss: ScenarioSet, *, name: str = "imputer") -> dict[str, Any]:
+    """Score one imputer on every scenario and on the forecast task.
+
+    Args:
+        fn: the :data:`Imputer`; it may return None for a part it does not do (e.g. no forecast).
+        ss: the scenarios (same masks for every imputer).
+        name: label for logs.
+
+    Returns:
+        ``{scenario name: errors, ..., "forecast": errors}``; errors hold ``all_norm`` and ``pollutants_norm``
+        ({n, mae, rmse, mre} on normalised values) and ``per_channel`` ({n, mae, rmse, mre} in original units plus
+        mae_norm, rmse_norm). A part the imputer does not do is absent.
+
+    Raises:
+        TrainError: if the imputer returns the wrong shape or non-finite values where scored.
+    """
+    tw = ss.windows
+    L = tw.lookback
+    truth = tw.values[:, :L]
+    out: dict[str, Any] = {}
+    for sc in ss.scenarios:
+        obs_in = tw.observed[:, :L] * (~sc.hidden)
+        imputed, _ = fn(truth * obs_in, obs_in.astype(np.float32), tw.calendar)
+        if imputed is None:
+            continue
+        _check(imputed, truth.shape, sc.hidden, f"{name}/{sc.name}")
+        out[sc.name] = _errors(imputed, truth, sc.hidden, ss)
+        log.info("%s %s: MAE %.4f", name, sc.name, out[sc.name]["all_norm"]["mae"])
+    _, forecast = fn(truth * tw.observed[:, :L], tw.observed[:, :L], tw.calendar)
+    if forecast is not None:
+        target_obs = tw.observed[:, L:].astype(bool)
+        _check(forecast, tw.values[:, L:].shape, target_obs, f"{name}/forecast")
+        out["forecast"] = _errors(forecast, tw.values[:, L:], target_obs, ss)
+    return out
+
+
+def _check(pred: np.ndarray, shape: tuple[int, ...], sel: np.ndarray, what: str) -> None:
+    if pred.shape != shape:
+        msg = f"{what}: expected shape {shape}, got {pred.shape}"
+        raise TrainError(msg)
+    if not np.all(np.isfinite(pred[sel.astype(bool)])):
+        msg = f"{what}: non-finite values where scored"
+        raise TrainError(msg)
+
+
+def baseline_imputers(horizon: int, season: int = 24) -> dict[str, Imputer]:
+    """The simple baselines as :data:`Imputer` functions (``gapcast.baselines``).
+
+    Returns:
+        ``locf`` (imputation: LOCF; forecast: persistence of the last LOCF value), ``linear`` (imputation only),
+        ``seasonal_naive`` (forecast only: the value ``season`` steps earlier).
+    """
+
+    def _locf(v, m, c):
+        filled = locf(v, m)
+        return filled, np.repeat(filled[:, -1:], horizon, axis=1)
+
+    def _linear(v, m, c):
+        return linear_interpolate(v, m), None
+
+    def _seasonal(v, m, c):
+        return None, seasonal_naive(v, m, horizon, season=season)
+
+    return {"locf": _locf, "linear": _linear, "seasonal_naive": _seasonal}
+
+
+def model_imputer(model, *, batch_size: int = 256, progress: bool = True) -> Imputer:
+    """Wrap a ConFill model (eval mode, no gradients, batched) as an :data:`Imputer`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+
+    def fn(values: np.ndarray, observed: np.ndarray, calendar: np.ndarray):
+        imps, fcs = [], []
+        with torch.no_grad():
+            for a in tqdm(range(0, len(values), batch_size), desc="confill", disable=not progress, leave=False):
+                sl = slice(a, a + batch_size)
+                imp, fc = model(torch.from_numpy(np.ascontiguousarray(values[sl], dtype=np.float32)),
+                                torch.from_numpy(np.ascontiguousarray(observed[sl], dtype=np.float32)),
+                                torch.from_numpy(np.ascontiguousarray(calendar[sl], dtype=np.float32)))
+                imps.append(imp.numpy())
+                fcs.append(fc.numpy())
+        return np.concatenate(imps), np.concatenate(fcs)
+
+    return fn
+
+
+@dataclass
+class EvalReport:
+    """What :func:`evaluate_run` wrote."""
+
+    metrics: dict[str, Any]
+    markdown: str
+    json_path: Path
+    markdown_path: Path
+    plots: list[Path]
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.4f}"
+
+
+def _markdown(metrics: dict[str, Any], ss: ScenarioSet) -> str:
+    res = metrics["results"]
+    lines = ["# ConFill evaluation (Beijing Multi-Site test months)", ""]
+    p = ss.protocol
+    lines += [f"Protocol: {p['split']}. {p['eval_windows']} windows of L={p['lookback_L']} (+H={p['horizon_H']}) "
+              f"steps, stride {p['stride_steps']}, {len(p['stations'])} stations, mask seed {p['seed']}. "
+              f"Scored {p['scored_on']}.", ""]
+    lines += ["## Imputation: MAE on normalised values (blocks: pollutant channels)", "",
+              "| scenario | hidden values | ConFill | LOCF | linear | ConFill vs best baseline |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for sc in ss.scenarios:
+        key = "pollutants_norm" if sc.name.startswith("block") else "all_norm"
+        ours = res["confill"][sc.name][key]["mae"]
+        lo, li = res["locf"][sc.name][key]["mae"], res["linear"][sc.name][key]["mae"]
+        best = min(lo, li)
+        rel = f"{100 * (ours - best) / best:+.1f}%" if best > 0 else "n/a"
+        lines.append(f"| {sc.name} | {res['confill'][sc.name][key]['n']} | {_fmt(ours)} | {_fmt(lo)} | {_fmt(li)} "
+                     f"| {rel} |")
+    lines += ["", "## Imputation: RMSE on normalised values", "",
+              "| scenario | ConFill | LOCF | linear |", "|---|---:|---:|---:|"]
+    for sc in ss.scenarios:
+        key = "pollutants_norm" if sc.name.startswith("block") else "all_norm"
+        lines.append("| " + sc.name + " | " + " | ".join(_fmt(res[m][sc.name][key]["rmse"])
+                                                        for m in ("confill", "locf", "linear")) + " |")
+    lines += ["", f"## Forecast: H = {p['horizon_H']} from L = {p['lookback_L']}, observed targets, normalised", "",
+              "| channels | ConFill MAE | seasonal naive MAE | persistence MAE | ConFill RMSE | seasonal naive RMSE "
+              "| ConFill vs seasonal naive |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, label in (("all_norm", "all"), ("pollutants_norm", "pollutants")):
+        o, s, pe = (res[m]["forecast"][key] for m in ("confill", "seasonal_naive", "locf"))
+        rel = f"{100 * (o['mae'] - s['mae']) / s['mae']:+.1f}%"
+        lines.append(f"| {label} | {_fmt(o['mae'])} | {_fmt(s['mae'])} | {_fmt(pe['mae'])} | {_fmt(o['rmse'])} "
+                     f"| {_fmt(s['rmse'])} | {rel} |")
+    lines += ["", "## Per channel, original units: MAE (ConFill / linear) on block-24h and block-72h; forecast MAE "
+              "(ConFill / seasonal naive)", "",
+              "| channel | block-24h | block-72h | point-10% | forecast |", "|---|---:|---:|---:|---:|"]
+    for ch in ss.channels:
+        cells = []
+        for sc, base in (("block-24h", "linear"), ("block-72h", "linear"), ("point-10%", "linear"),
+                         ("forecast", "seasonal_naive")):
+            o = res["confill"].get(sc, {}).get("per_channel", {}).get(ch, {})
+            b = res[base].get(sc, {}).get("per_channel", {}).get(ch, {})
+            cells.append(f"{o['mae']:.2f} / {b['mae']:.2f}" if o.get("n") else "-")
+        lines.append(f"| {ch} | " + " | ".join(cells) + " |")
+    t = metrics["targets"]
+    lines += ["", "## Targets (issue 3)", ""]
+    lines += [f"- {k}: {'met' if v['met'] else 'MISSED'} ({v['detail']})" for k, v in t.items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _targets(res: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for sc in ("block-24h", "block-72h"):
+        o = res["confill"][sc]["pollutants_norm"]["mae"]
+        b = min(res["linear"][sc]["pollutants_norm"]["mae"], res["locf"][sc]["pollutants_norm"]["mae"])
+        out[f"{sc} MAE >= 20% below linear and LOCF"] = {
+            "met": bool(o <= 0.8 * b), "detail": f"{100 * (o - b) / b:+.1f}% vs the better of the two"}
+    o, b = res["confill"]["point-10%"]["all_norm"]["mae"], res["linear"]["point-10%"]["all_norm"]["mae"]
+    out["point-10% MAE no worse than linear"] = {"met": bool(o <= b), "detail": f"{100 * (o - b) / b:+.1f}%"}
+    o, b = res["confill"]["forecast"]["all_norm"]["mae"], res["seasonal_naive"]["forecast"]["all_norm"]["mae"]
+    out["forecast MAE >= 15% below seasonal naive"] = {"met": bool(o <= 0.85 * b),
+                                                      "detail": f"{100 * (o - b) / b:+.1f}%"}
+    return out
+
+
+def _plots(run_dir: Path, ss: ScenarioSet, preds: dict[str, dict[str, np.ndarray]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tw = ss.windows
+    L, H = tw.lookback, tw.horizon
+    ch = 0  # PM2.5
+    std, mean = float(ss.normalizer.std[ch]), float(ss.normalizer.mean[ch])
+    paths = []
+    sc = next(s for s in ss.scenarios if s.name == "block-72h")
+    i = _median_window(preds["confill"]["block-72h"][:, :, ch], tw.values[:, :L, ch], sc.hidden[:, :, ch])
+    hours = np.arange(L)
+    obs = tw.observed[i, :L, ch].astype(bool)
+    truth = np.where(obs, tw.values[i, :L, ch] * std + mean, np.nan)
+    hid = sc.hidden[i, :, ch]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(hours, truth, "k.-", lw=1, ms=3, label="truth (observed)")
+    for key, style, label in (("confill", "C1-", "ConFill"), ("linear", "C0--", "linear interpolation")):
+        series = preds[key]["block-72h"][i, :, ch] * std + mean
+        ax.plot(hours[hid], series[hid], style, lw=2, label=label)
+    ax.axvspan(hours[hid].min() - 0.5, hours[hid].max() + 0.5, color="0.9", label="72 h outage (all pollutants)")
+    start = np.datetime64(int(tw.start_epoch_s[i]), "s")
+    ax.set(title=f"{tw.stations[tw.station[i]]}: PM2.5 through a 72 h outage, window from {start} UTC "
+           "(the median window by ConFill error)",
+           xlabel="hour in window", ylabel="PM2.5 (ug/m3)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    paths.append(run_dir / "plot_block72_PM2.5.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    i = _median_window(preds["confill"]["forecast"][:, :, ch], tw.values[:, L:, ch], tw.observed[:, L:, ch] > 0)
+    t = np.arange(-L, H)
+    hist = np.where(tw.observed[i, :L, ch] > 0, tw.values[i, :L, ch] * std + mean, np.nan)
+    fut = np.where(tw.observed[i, L:, ch] > 0, tw.values[i, L:, ch] * std + mean, np.nan)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(t[:L], hist, "k.-", lw=1, ms=3, label="history (observed)")
+    ax.plot(t[L:], fut, "ko-", lw=1, ms=3, label="truth")
+    ax.plot(t[L:], preds["confill"]["forecast"][i, :, ch] * std + mean, "C1-", lw=2, label="ConFill")
+    ax.plot(t[L:], preds["seasonal_naive"]["forecast"][i, :, ch] * std + mean, "C2--", lw=1.5,
+            label="seasonal naive (24 h)")
+    ax.axvline(-0.5, color="0.6", lw=1)
+    ax.set(title=f"{tw.stations[tw.station[i]]}: 24 h PM2.5 forecast (the median window by ConFill error)", xlabel="hours from issue time",
+           ylabel="PM2.5 (ug/m3)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    paths.append(run_dir / "plot_forecast24_PM2.5.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _median_window(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray) -> int:
+    """Index of the window with the median MAE among those where every step is scored (any scored, if none is
+    complete): a typical case for the plots, not a chosen one. Arrays are [N, T] for one channel."""
+    sel = sel.astype(bool)
+    counts = sel.sum(axis=1)
+    cand = np.flatnonzero(counts == counts.max()) if counts.max() > 0 else np.arange(len(sel))
+    mae = np.array([np.abs(pred[i] - truth[i])[sel[i]].mean() if sel[i].any() else 0.0 for i in cand])
+    return int(cand[np.argsort(mae)[len(mae) // 2]])
+
+
+def _recording(fn: Imputer, ss: ScenarioSet, store: dict[str, np.ndarray]) -> Imputer:
+    """Wrap ``fn`` so the plots can reuse its outputs (keyed by scenario; the forecast call is the last)."""
+    names = iter([s.name for s in ss.scenarios] + ["forecast"])
+
+    def wrapped(v, m, c):
+        imp, fc = fn(v, m, c)
+        key = next(names)
+        store[key] = fc if key == "forecast" else imp
+        return imp, fc
+
+    return wrapped
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    series: dict[str, StationSeries] | None = None,
+    stations: Sequence[str] | None = None,
+    max_windows: int | None = None,
+    stride: int = 24,
+    seed: int = 0,
+    checkpoint: str = "best.pt",
+    plots: bool = True,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate a training run on the test months and write metrics.json, metrics.md and the plots.
+
+    Args:
+        run_dir: the run folder.
+        data: data root (ignored when ``series`` is given).
+        series: already loaded stations (tests).
+        stations: restrict to these stations.
+        max_windows: cap of test windows per station.
+        stride: steps between test windows.
+        seed: seed of the scenario masks.
+        checkpoint: checkpoint file name in ``run_dir``.
+        plots: write the PNG plots.
+        progress: tqdm bars.
+
+    Returns:
+        :class:`EvalReport`.
+
+    Raises:
+        TrainError: missing checkpoint or no test data.
+    """
+    from gapcast.train.checkpoint import load_checkpoint
+
+    run = Path(run_dir)
+    model, meta = load_checkpoint(run / checkpoint)
+    cfg = model.cfg
+    if series is None:
+        series = load_beijing(data, stations or None)
+    elif stations:
+        series = {k: v for k, v in series.items() if k in stations}
+    normalizer = Normalizer.from_dict(meta["normalizer"])
+    channels = [c["name"] for c in meta["channels"]]
+    ss = build_scenarios(series, normalizer, channels=channels, lookback=cfg.lookback, horizon=cfg.horizon,
+                         utc_offset_s=int(meta["utc_offset_s"]), stride=stride, max_windows=max_windows, seed=seed)
+    imputers = {"confill": model_imputer(model, progress=progress), **baseline_imputers(cfg.horizon)}
+    results, preds = {}, {}
+    for name, fn in imputers.items():
+        preds[name] = {}
+        results[name] = score_imputer(_recording(fn, ss, preds[name]), ss, name=name)
+    metrics = {
+        "protocol": ss.protocol,
+        "checkpoint": {"file": str(run / checkpoint), "step": meta.get("step"), "val": meta.get("val")},
+        "model_config": meta["config"],
+        "results": results,
+    }
+    metrics["targets"] = _targets(results)
+    md = _markdown(metrics, ss)
+    json_path, md_path = run / "metrics.json", run / "metrics.md"
+    json_path.write_text(json.dumps(metrics, indent=2, default=_json_default))
+    md_path.write_text(md)
+    plot_paths = _plots(run, ss, preds) if plots else []
+    return EvalReport(metrics=metrics, markdown=md, json_path=json_path, markdown_path=md_path, plots=plot_paths)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+

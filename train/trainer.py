@@ -1,0 +1,554 @@
+"""ConFill training on the Beijing Multi-Site training months, validated on the validation months.
+
+One step: draw a batch of training windows, hide artificial outages in their past part, run the model once on the
+batch together with the contrastive views of a share of it (anchors, positives, negatives in one pass), and add the
+weighted losses. An "epoch" is a fixed number of steps; after each one the model is scored on a fixed validation
+set, checkpoints are written (``last.pt`` always, ``best.pt`` when the validation score improves) and early
+stopping is checked.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the same command runs DistributedDataParallel over
+gloo: every rank draws its own batches, gradients are averaged, rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gapcast.train import TrainError
+from gapcast.train.checkpoint import build_meta, read_checkpoint, save_checkpoint
+from gapcast.train.data import (
+    BEIJING_CHANNELS,
+    BEIJING_POLLUTANTS,
+    BEIJING_UTC_OFFSET_S,
+    Normalizer,
+    StationSeries,
+    WindowSet,
+    fit_beijing_normalizer,
+    load_beijing,
+    make_windows,
+    time_split,
+)
+from gapcast.train.losses import LossWeights, ProjectionHead, info_nce, masked_mae
+from gapcast.train.masking import ContrastConfig, ContrastiveSampler, MaskConfig, outage_mask
+from gapcast.train.model import ConFill, ConFillConfig
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainResult",
+    "default_config_path",
+    "dump_toml",
+    "load_config",
+    "prepare_data",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+CADENCE_S = 3600
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which windows training sees.
+
+    Attributes:
+        stations: station names (empty = every station in the data folder).
+        min_observed: a training window is kept only if this share of its past cells is observed.
+        val_stride: steps between validation window starts.
+        val_windows: at most this many validation windows (evenly spaced), scored after every epoch.
+    """
+
+    stations: tuple[str, ...] = ()
+    min_observed: float = 0.5
+    val_stride: int = 24
+    val_windows: int = 512
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stations", tuple(self.stations))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and loop.
+
+    Attributes:
+        batch_size: windows per step (per rank under DDP).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        max_steps: training steps; the learning rate follows a cosine to ``min_lr_ratio * lr`` over them (or over
+            the time budget, whichever ends first).
+        min_lr_ratio: final learning rate as a share of ``lr``.
+        steps_per_epoch: steps between validations.
+        patience: epochs without a better validation score before early stopping.
+        grad_clip: global gradient-norm clip.
+        seed: the run's seed (batches, masks, views, initial weights, dropout).
+    """
+
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    max_steps: int = 20000
+    min_lr_ratio: float = 0.05
+    steps_per_epoch: int = 250
+    patience: int = 8
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run reads, one TOML table per field ([model], [data], [masking], [contrast], [loss],
+    [optim])."""
+
+    model: ConFillConfig = field(default_factory=ConFillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from nested dicts (a parsed TOML file).
+
+        Raises:
+            TrainError: unknown table or key, or a value the section rejects.
+        """
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        types = {"model": ConFillConfig, "data": DataConfig, "masking": MaskConfig, "contrast": ContrastConfig,
+                 "loss": LossWeights, "optim": OptimConfig}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            msg = f"unknown config table(s) {unknown}; known: {sorted(sections)}"
+            raise TrainError(msg)
+        built = {}
+        for name, typ in types.items():
+            table = d.get(name, {})
+            bad = sorted(set(table) - {f.name for f in dataclasses.fields(typ)})
+            if bad:
+                msg = f"unknown key(s) {bad} in [{name}]"
+                raise TrainError(msg)
+            try:
+                built[name] = typ(**table)
+            except (TypeError, ValueError) as exc:
+                msg = f"bad [{name}] config: {exc}"
+                raise TrainError(msg) from exc
+        return cls(**built)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dicts (tuples become lists), the inverse of :meth:`from_dict`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            table = dataclasses.asdict(getattr(self, f.name))
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}
+        return out
+
+
+def default_config_path() -> Path:
+    """The packaged default config (``gapcast/train/configs/beijing.toml``)."""
+    return Path(str(resources.files("gapcast.train") / "configs" / "beijing.toml"))
+
+
+def load_config(path: str | os.PathLike | None = None) -> TrainConfig:
+    """Read a TOML training config (the packaged ``beijing.toml`` when ``path`` is None).
+
+    Raises:
+        TrainError: missing or malformed file, unknown keys, invalid values.
+    """
+    path = Path(path) if path else default_config_path()
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        msg = f"cannot read config {path}: {exc}"
+        raise TrainError(msg) from exc
+    return TrainConfig.from_dict(raw)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    msg = f"cannot write {type(v).__name__} to TOML"
+    raise TypeError(msg)
+
+
+def dump_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """Write one level of tables of scalars and lists as TOML (enough for :class:`TrainConfig`)."""
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass
+class PreparedData:
+    """Training and validation windows with the normaliser fitted on the training months."""
+
+    normalizer: Normalizer
+    train: WindowSet
+    val: WindowSet
+    stations: list[str]
+
+
+def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig) -> PreparedData:
+    """Normalise the stations and index training / validation windows (DESIGN.md split: 28 / 10 / 10 months).
+
+    Args:
+        series: station name -> series (``load_beijing``).
+        cfg: the training config (lookback, horizon, window filters).
+
+    Returns:
+        :class:`PreparedData`.
+
+    Raises:
+        TrainError: if no training or validation window survives the filters.
+    """
+    normalizer = fit_beijing_normalizer(series)
+    names = sorted(series)
+    tr_v, tr_t, va_v, va_t = [], [], [], []
+    for name in names:
+        s = series[name]
+        sp = time_split(s.epoch_s)
+        tr_v.append(normalizer.transform(s.values[sp.train]))
+        tr_t.append(s.epoch_s[sp.train])
+        va_v.append(normalizer.transform(s.values[sp.val]))
+        va_t.append(s.epoch_s[sp.val])
+    L, H = cfg.model.lookback, cfg.model.horizon
+    common = {"lookback": L, "horizon": H, "utc_offset_s": BEIJING_UTC_OFFSET_S, "station_names": names}
+    train_ws = make_windows(tr_v, tr_t, stride=1, min_observed=cfg.data.min_observed, **common)
+    val_ws = make_windows(va_v, va_t, stride=cfg.data.val_stride, min_observed=cfg.data.min_observed, **common)
+    if len(train_ws) == 0 or len(val_ws) == 0:
+        msg = f"no windows left (train {len(train_ws)}, val {len(val_ws)}): lower data.min_observed?"
+        raise TrainError(msg)
+    return PreparedData(normalizer=normalizer, train=train_ws, val=val_ws, stations=names)
+
+
+class _TrainNet(nn.Module):
+    """The model plus the contrastive projection head, run in one forward so DDP sees a single call."""
+
+    def __init__(self, model: ConFill, *, view_grad: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.proj = ProjectionHead(model.cfg.d_model)
+        self.view_grad = view_grad
+
+    def forward(self, values, observed, calendar, n_anchor: int, extra=None):
+        x_hat, forecast, memory = self.model.compute(values, observed, calendar)
+        if extra is None:
+            return x_hat, forecast, None, None
+        ev, eo, ec = extra
+        # Without view gradients the positives/negatives are fixed targets for this step (the anchor carries the
+        # gradient): a third of the cost of back-propagating through four extra encodings.
+        with torch.set_grad_enabled(self.view_grad and torch.is_grad_enabled()):
+            extra_memory, _ = self.model.encode(ev, eo, ec)
+        return x_hat, forecast, self.proj(memory[:n_anchor]), self.proj(extra_memory)
+
+
+@dataclass
+class TrainResult:
+    """What a run ended with.
+
+    Attributes:
+        out_dir: the run folder.
+        steps: optimiser steps done (including resumed ones).
+        best_val: the best validation score (normalised MAE, imputation + forecast).
+        stop_reason: ``max_steps``, ``time_budget`` or ``early_stopping``.
+        history: one dict per epoch (step, train losses, validation figures, seconds).
+    """
+
+    out_dir: Path
+    steps: int
+    best_val: float
+    stop_reason: str
+    history: list[dict[str, float]]
+
+
+def _lr_at(step: int, elapsed_s: float, cfg: OptimConfig, budget_s: float | None) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if budget_s:
+        progress = max(progress, elapsed_s / budget_s)
+    progress = min(1.0, progress)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _to_t(*arrays: np.ndarray) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
+
+
+@dataclass
+class _ValSet:
+    values: torch.Tensor  # [N, L, C] input (artificially hidden cells zeroed)
+    observed: torch.Tensor  # [N, L, C] input mask
+    calendar: torch.Tensor  # [N, L+H, F]
+    target: torch.Tensor  # [N, L+H, C]
+    hidden: torch.Tensor  # [N, L, C] 1 = observed then hidden
+    future_obs: torch.Tensor  # [N, H, C]
+
+
+def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int) -> _ValSet:
+    """A fixed validation set: evenly spaced windows with outages drawn once from a fixed seed."""
+    n = min(len(ws), cfg.data.val_windows)
+    idx = np.linspace(0, len(ws) - 1, n).round().astype(np.int64)
+    v, m, c = ws.batch(idx)
+    L = cfg.model.lookback
+    rng = np.random.default_rng(seed + 7919)
+    hide = outage_mask(m[:, :L], rng, cfg.masking, BEIJING_POLLUTANTS).astype(np.float32)
+    m_in = m[:, :L] * (1.0 - hide)
+    return _ValSet(*_to_t(v[:, :L] * m_in, m_in, c, v, hide, m[:, L:]))
+
+
+@torch.no_grad()
+def _validate(model: ConFill, vs: _ValSet, batch: int = 256) -> dict[str, float]:
+    model.eval()
+    L = model.cfg.lookback
+    err_i = cnt_i = err_f = cnt_f = 0.0
+    for a in range(0, len(vs.values), batch):
+        sl = slice(a, a + batch)
+        x_hat, fc, _ = model.compute(vs.values[sl], vs.observed[sl], vs.calendar[sl])
+        err_i += float((torch.abs(x_hat - vs.target[sl, :L]) * vs.hidden[sl]).sum())
+        cnt_i += float(vs.hidden[sl].sum())
+        err_f += float((torch.abs(fc - vs.target[sl, L:]) * vs.future_obs[sl]).sum())
+        cnt_f += float(vs.future_obs[sl].sum())
+    model.train()
+    mae_i, mae_f = err_i / max(cnt_i, 1.0), err_f / max(cnt_f, 1.0)
+    return {"val_impute_mae": mae_i, "val_forecast_mae": mae_f, "val_score": mae_i + mae_f}
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return {"numpy": json.dumps(rng.bit_generator.state), "torch": torch.get_rng_state()}
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    out_dir: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    series: dict[str, StationSeries] | None = None,
+    max_steps: int | None = None,
+    time_budget_min: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ConFill and write the run folder.
+
+    Args:
+        cfg: the training config (``optim.seed`` is the run's seed).
+        out_dir: the run folder: best.pt, last.pt, config.toml, normalization.json, history.jsonl.
+        data: data root for ``load_beijing`` (ignored when ``series`` is given).
+        series: already loaded stations (tests pass a subset).
+        max_steps: overrides ``optim.max_steps``.
+        time_budget_min: stop (validate, write checkpoints) once this many minutes of this invocation have
+            passed; the learning-rate cosine then ends with the budget (whichever of steps and time runs out first).
+            With a budget the number of steps depends on the machine, so only ``max_steps`` runs repeat exactly.
+        resume: continue from ``out_dir/last.pt`` (model, optimiser, RNG state, step, early-stopping state).
+        progress: show a tqdm progress bar (rank 0 only).
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        TrainError: bad config, no data, or ``resume`` without a ``last.pt``.
+    """
+    from tqdm.auto import tqdm
+
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=int(max_steps)))
+    oc = cfg.optim
+    out = Path(out_dir)
+    rank, world = _dist_info()
+    distributed = world > 1
+    own_group = False
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # CPU training: gloo, launched by torchrun (env:// rendezvous)
+            own_group = True
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if series is None:
+        series = load_beijing(data, cfg.data.stations or None)
+    elif cfg.data.stations:
+        series = {k: v for k, v in series.items() if k in cfg.data.stations}
+    prepared = prepare_data(series, cfg)
+    if cfg.model.n_channels != len(BEIJING_CHANNELS):
+        msg = f"model.n_channels is {cfg.model.n_channels}, the Beijing data has {len(BEIJING_CHANNELS)}"
+        raise TrainError(msg)
+    meta = build_meta(
+        cfg.model,
+        normalizer=prepared.normalizer.to_dict(),
+        channels=[dataclasses.asdict(c) for c in BEIJING_CHANNELS],
+        cadence_s=CADENCE_S,
+        utc_offset_s=BEIJING_UTC_OFFSET_S,
+    )
+    meta["train_config"] = cfg.to_dict()
+    meta["stations"] = prepared.stations
+
+    torch.manual_seed(oc.seed)
+    rng = np.random.default_rng([oc.seed, rank])
+    model = ConFill(cfg.model)
+    net = _TrainNet(model, view_grad=cfg.contrast.view_grad)
+    opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    sampler = ContrastiveSampler(prepared.train, cfg.contrast)
+    valset = _make_valset(prepared.val, cfg, oc.seed)
+
+    step, epoch, best, bad_epochs, history = 0, 0, math.inf, 0, []
+    elapsed_before = 0.0
+    if resume:
+        state = read_checkpoint(out / "last.pt")
+        if state.get("config") != dataclasses.asdict(cfg.model):
+            msg = f"{out / 'last.pt'} was trained with a different model config"
+            raise TrainError(msg)
+        model.load_state_dict(state["state_dict"])
+        net.proj.load_state_dict(state["proj_state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, best = int(state["step"]), int(state["epoch"]), float(state["best_val"])
+        bad_epochs, history = int(state["bad_epochs"]), list(state.get("history", []))
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        if rank == 0:
+            rng.bit_generator.state = json.loads(state["rng"]["numpy"])
+        else:  # only rank 0's state is saved: the other ranks draw fresh, distinct streams
+            rng = np.random.default_rng([oc.seed, rank, step])
+        torch.set_rng_state(state["rng"]["torch"])
+        log.info("resumed from %s at step %d", out / "last.pt", step)
+
+    if rank == 0:
+        (out / "config.toml").write_text(dump_toml(cfg.to_dict()))
+        (out / "normalization.json").write_text(
+            json.dumps({**prepared.normalizer.to_dict(), "channels": [c.name for c in BEIJING_CHANNELS]}, indent=2)
+        )
+
+    runner: nn.Module = net
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(net, find_unused_parameters=cfg.loss.contrast == 0)
+
+    L = cfg.model.lookback
+    w = cfg.loss
+    budget_s = time_budget_min * 60.0 if time_budget_min else None
+    n_anchor = int(round(oc.batch_size * cfg.contrast.fraction)) if w.contrast > 0 else 0
+    # The budget counts this invocation; the learning-rate schedule runs over the whole run (resumed parts too).
+    t_start = time.monotonic()
+    schedule_s = elapsed_before + budget_s if budget_s else None
+    bar = tqdm(total=oc.max_steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
+    stop_reason = "max_steps"
+    sums: dict[str, float] = {}
+    n_sum = 0
+    net.train()
+    while step < oc.max_steps:
+        elapsed = elapsed_before + time.monotonic() - t_start
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, elapsed, oc, schedule_s)
+        idx = rng.integers(0, len(prepared.train), size=oc.batch_size)
+        v, m, c = prepared.train.batch(idx)
+        hide = outage_mask(m[:, :L], rng, cfg.masking, BEIJING_POLLUTANTS).astype(np.float32)
+        m_in = m[:, :L] * (1.0 - hide)
+        extra = None
+        if n_anchor:
+            views = sampler.sample(prepared.train.starts[idx[:n_anchor]], rng)
+            extra = tuple(_to_t(*views.stacked()))
+        tv, tm_in, tc, thide, tm = _to_t(v, m_in, c, hide, m)
+        x_hat, fc, z_a, z_x = runner(tv[:, :L] * tm_in, tm_in, tc, n_anchor, extra)
+        l_imp = masked_mae(x_hat, tv[:, :L], thide)
+        l_rec = masked_mae(x_hat, tv[:, :L], tm_in)
+        l_fc = masked_mae(fc, tv[:, L:], tm[:, L:])
+        loss = w.impute * l_imp + w.recon * l_rec + w.forecast * l_fc
+        parts = {"impute": l_imp.item(), "recon": l_rec.item(), "forecast": l_fc.item()}
+        if z_a is not None:
+            n = n_anchor
+            l_con = info_nce(z_a, [z_x[:n], z_x[n : 2 * n]], z_x[2 * n :], cfg.contrast.temperature)
+            loss = loss + w.contrast * l_con
+            parts["contrast"] = l_con.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if oc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        for k, val in parts.items():
+            sums[k] = sums.get(k, 0.0) + val
+        n_sum += 1
+        if step % 10 == 0:
+            bar.set_postfix({k: f"{s / n_sum:.3f}" for k, s in sums.items()})
+
+        out_of_time = budget_s is not None and time.monotonic() - t_start >= budget_s
+        if distributed:
+            flag = torch.tensor([1.0 if out_of_time else 0.0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = bool(flag.item() > 0)
+        end_of_epoch = step % oc.steps_per_epoch == 0 or step >= oc.max_steps or out_of_time
+        if not end_of_epoch:
+            continue
+        epoch += 1
+        figures = _validate(model, valset)
+        record = {"epoch": epoch, "step": step, "seconds": round(elapsed_before + time.monotonic() - t_start, 1),
+                  "lr": opt.param_groups[0]["lr"], **{f"train_{k}": s / max(n_sum, 1) for k, s in sums.items()},
+                  **figures}
+        history.append(record)
+        sums, n_sum = {}, 0
+        improved = figures["val_score"] < best - 1e-6
+        if improved:
+            best, bad_epochs = figures["val_score"], 0
+        else:
+            bad_epochs += 1
+        if rank == 0:
+            train_state = {"step": step, "epoch": epoch, "best_val": best, "bad_epochs": bad_epochs,
+                           "history": history, "elapsed_s": elapsed_before + time.monotonic() - t_start}
+            if improved:
+                save_checkpoint(out / "best.pt", model, meta, **train_state, val=figures)
+            save_checkpoint(out / "last.pt", model, meta, **train_state, val=figures,
+                            proj_state_dict=net.proj.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(rng))
+            with (out / "history.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.write(f"epoch {epoch} step {step}: val impute MAE {figures['val_impute_mae']:.4f}, "
+                      f"forecast MAE {figures['val_forecast_mae']:.4f}" + (" (best)" if improved else ""))
+        if out_of_time:
+            stop_reason = "time_budget"
+            break
+        if bad_epochs >= oc.patience:
+            stop_reason = "early_stopping"
+            break
+    bar.close()
+    if distributed:
+        torch.distributed.barrier()
+        if own_group:
+            torch.distributed.destroy_process_group()
+    log.info("training stopped (%s) at step %d, best validation score %.4f", stop_reason, step, best)
+    return TrainResult(out_dir=out, steps=step, best_val=best, stop_reason=stop_reason, history=history)
