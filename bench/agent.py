@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ class AgentBenchOptions:
         ingest_messages: readings in the ingest stream per N (rounded up to whole steps; at least 2 steps).
         latency_steps: paced steps for the latency figures.
         threads: onnxruntime threads of the agent.
+        max_batch: the agent's ``model.max_batch`` (windows per backend call; its default is 256).
         step_timeout_s: give up waiting for a step's forecasts after this long, seconds.
         ingest_timeout_s: give up waiting for the agent to work through the ingest stream, seconds.
     """
@@ -69,6 +71,7 @@ class AgentBenchOptions:
     ingest_messages: int = 20_000
     latency_steps: int = 3
     threads: int = 2
+    max_batch: int = 256
     step_timeout_s: float = 120.0
     ingest_timeout_s: float = 600.0
 
@@ -80,7 +83,8 @@ class AgentBenchOptions:
 
 def synthetic_network(series: dict, n: int, steps: int) -> dict:
     """N stations from the real ones: station k replays real station ``k % len(series)`` of the test months, shifted
-    by ``(k // len(series)) * 25`` hours so that stations sharing a source do not send identical values.
+    by ``(k // len(series)) * 25`` hours (wrapping around inside the test months) so that stations sharing a source
+    do not send identical values.
 
     Args:
         series: the real stations (``load_beijing``).
@@ -171,7 +175,8 @@ class _RssSampler:
         self._t.join()
 
 
-def _agent_toml(path: Path, *, port: int, bundle: Path, trusted: str, state: Path, n: int, threads: int) -> None:
+def _agent_toml(path: Path, *, port: int, bundle: Path, trusted: str, state: Path, n: int, threads: int,
+                max_batch: int) -> None:
     path.write_text(f"""# Written by `gapcast bench agent`.
 [gateway]
 id = "{GATEWAY}"
@@ -193,7 +198,7 @@ bundle = {json.dumps(str(bundle))}
 trusted_keys = [{json.dumps(trusted)}]
 backend = "auto"
 threads = {threads}
-max_batch = 256
+max_batch = {max_batch}
 
 [input]
 lateness_s = 3600.0
@@ -251,8 +256,12 @@ def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenc
     ropts = ReplayOptions(speed=0.0, qos=1, prefix=PREFIX, max_inflight=1000, drain_timeout_s=120.0)
     say = print if progress else log.info
 
+    # A fresh broker and agent state every time: a persistent session or a window snapshot left by an earlier run
+    # would make the agent treat the stream as duplicates.
+    for stale in (work / f"broker-{n}", work / f"state-{n}"):
+        shutil.rmtree(stale, ignore_errors=True)
     bdir = work / f"broker-{n}"
-    bdir.mkdir(parents=True, exist_ok=True)
+    bdir.mkdir(parents=True)
     broker = LocalBroker(workdir=bdir)
     broker.start()
     agent = None
@@ -273,7 +282,7 @@ def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenc
         # 2. the agent on the same stream
         toml = work / f"edge-{n}.toml"
         _agent_toml(toml, port=broker.port, bundle=bundle, trusted=trusted, state=work / f"state-{n}", n=n,
-                    threads=opts.threads)
+                    threads=opts.threads, max_batch=opts.max_batch)
         log_path = work / f"agent-{n}.log"
         with open(log_path, "w") as logf:
             agent = subprocess.Popen([sys.executable, "-m", "gapcast.cli", "edge", "run", "--config", str(toml)],
@@ -421,6 +430,11 @@ def run_agent_bench(
         work = Path(workdir)
         work.mkdir(parents=True, exist_ok=True)
     results = []
+
+    def _on_term(signum, frame):  # SIGTERM (e.g. `timeout`): unwind so the agent and the broker are stopped
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term) if threading.current_thread() is threading.main_thread() else None
     try:
         for n in opts.stations:
             try:
@@ -429,6 +443,8 @@ def run_agent_bench(
                 log.exception("agent bench at %d stations failed", n)
                 results.append({"stations": n, "error": f"{type(exc).__name__}: {exc}"})
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if tmp is not None:
             tmp.cleanup()
     return {

@@ -283,12 +283,13 @@ def _agent(args: argparse.Namespace) -> int:
         stations = tuple(s for s in stations if s <= 100) or (min(stations),)
         msgs, steps = min(msgs, 2000), min(steps, 2)
     bundle, key, note = _bundle_or_tiny(args, out)
-    opts = AgentBenchOptions(stations=stations, ingest_messages=msgs, latency_steps=steps, threads=args.threads)
+    opts = AgentBenchOptions(stations=stations, ingest_messages=msgs, latency_steps=steps, threads=args.threads,
+                             max_batch=args.max_batch)
     res = run_agent_bench(bundle, trusted_key=key, data=args.data, options=opts, workdir=out / "agent-work",
                           bundle_note=note)
     md = [f"# gapcast bench agent\n\n{note}. Private Mosquitto on loopback; agent backend "
           f"{next((r.get('agent_backend') for r in res['results'] if r.get('agent_backend')), 'n/a')}, "
-          f"{args.threads} onnxruntime threads; {os.cpu_count()} CPUs shared by the broker, the publisher, the "
+          f"{args.threads} onnxruntime threads, max batch {args.max_batch}; {os.cpu_count()} CPUs shared by the broker, the publisher, the "
           "subscribers and the agent."]
     rows = []
     for r in res["results"]:
@@ -372,5 +373,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--stations", default="100,1000,5000", help="station counts (default 100,1000,5000)")
     g.add_argument("--ingest-messages", type=int, default=20000, help="readings in the ingest stream per count")
     g.add_argument("--latency-steps", type=int, default=3, help="paced steps for the latency figures (default 3)")
+    g.add_argument("--max-batch", type=int, default=256, help="the agent's model.max_batch (default 256, its default)")
     g.set_defaults(func=_agent)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -207,7 +207,7 @@ class Collector:
         self.deadletter: list[tuple[float, dict]] = []
         self.duplicates = 0
         self.undecodable = 0
-        self._ids: set[str] = set()
+        self._ids: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.last_rx = time.monotonic()
@@ -247,11 +247,13 @@ class Collector:
                 self.last_rx = now  # the periodic status does not count as activity
             mid = body.get("id")
             if mid and not msg.topic.endswith("/status"):
-                # QoS 1 is at-least-once: the agent's stable ids deduplicate redeliveries.
-                if mid in self._ids:
+                # QoS 1 is at-least-once: a redelivery has the same stable id and the same payload. (The same id
+                # with other values is a new message, e.g. a step revised again by a late reading.)
+                key = (mid, hash(msg.payload))
+                if key in self._ids:
                     self.duplicates += 1
                     return
-                self._ids.add(mid)
+                self._ids.add(key)
             if msg.topic.endswith("/filled"):
                 (self.revisions if body.get("revision") else self.filled).append((now, body))
             elif msg.topic.endswith("/forecast"):
@@ -712,6 +714,8 @@ burst = 20000
 
 
 class _Demo:
+    """One run of the demo: its stages, the processes it started, and what it measured."""
+
     def __init__(self, opts: DemoOptions) -> None:
         self.o = opts
         self.out = Path(opts.out).resolve()
@@ -722,6 +726,9 @@ class _Demo:
         self.collector: Collector | None = None
         self.summary: dict[str, Any] = {}
         self.artifacts: dict[str, str] = {}
+        self.plan = None  # the ReplayPlan that was published (set by the replay stage)
+        self.outs: list[tuple[str, int, int]] = []  # the injected outages
+        self.replay_journal: list[dict] = []
         self.env = dict(os.environ)
         if opts.data:
             self.env["GAPCAST_DATA"] = str(Path(opts.data).resolve())

@@ -557,9 +557,13 @@ class AgentCore:
         return status_message(self.topics, body, now_s, self.model_version)
 
     def state_meta(self) -> dict[str, Any]:
-        """Compatibility keys a snapshot must match to be restored into this core."""
+        """Compatibility keys a snapshot must match to be restored into this core.
+
+        The model version is deliberately absent: windows hold raw physical values, so a snapshot taken under one
+        model restores under another with the same channels, cadence and lookback (after a fleet update or an
+        automatic rollback).
+        """
         return {
-            "model_version": self.model_version,
             "channels": list(self.channels),
             "cadence_s": self.cadence_s,
             "lookback": self.L,

@@ -457,7 +457,11 @@ def revision_message(
     """
     n = int(values.shape[0])
     last_s = first_step_s + (n - 1) * cadence_s
-    mid = message_id(station, first_step_s, "revision", model_version, extra=iso(last_s))
+    # Two revisions of the same range (a gap end, then a late reading) must not share an id, or a deduplicating
+    # subscriber drops the newer one; the reason and the imputed pattern tell them apart and are deterministic
+    # (a replay after a restart yields the same id).
+    pattern = hashlib.sha256(reason.encode() + np.packbits(np.asarray(imputed, dtype=bool)).tobytes()).hexdigest()
+    mid = message_id(station, first_step_s, "revision", model_version, extra=f"{iso(last_s)}:{reason}:{pattern[:8]}")
     body = {
         "id": mid,
         "station": station,

@@ -307,6 +307,7 @@ class SQLiteOutbox:
                     [(str(op), float(now), str(t), bytes(p), int(bool(r))) for op, now, t, p, r in journal],
                 )
                 dropped: Counter = Counter()
+                stored: Counter = Counter()
                 for m in items:
                     size = m.size_bytes
                     if size > self.config.max_bytes:
@@ -322,8 +323,9 @@ class SQLiteOutbox:
                     ids.append(int(cur.lastrowid))
                     self._bytes += size
                     self._count += 1
-                    self._counters.put[m.kind] += 1
+                    stored[m.kind] += 1
                 self._db.execute("COMMIT")
+                self._counters.put.update(stored)
             except sqlite3.Error as exc:
                 self._rollback_locked()
                 msg = f"outbox write failed: {exc}"

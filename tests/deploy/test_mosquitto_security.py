@@ -375,3 +375,63 @@ def test_plain_tcp_client_gets_no_session(secure):
     finally:
         c.c.loop_stop()
     assert not c.connack.is_set()
+
+
+# -- the agent's own TLS: verification on by default, off only explicitly and logged ----------------------------
+
+
+def _agent(broker, tls: dict, tmp_path: Path):
+    """The real MQTT shell (gapcast.edge.mqtt.MqttAgent) configured for the secure broker as gateway gw-01."""
+    from gapcast.edge.agent import AgentCore, CoreSettings
+    from gapcast.edge.bundle import Card
+    from gapcast.edge.config import parse_config
+    from gapcast.edge.messages import Topics
+    from gapcast.edge.mqtt import MqttAgent
+    from gapcast.edge.outbox_memory import MemoryOutbox
+
+    cfg = parse_config(
+        {
+            "gateway": {"id": "gw-01"},
+            "mqtt": {"host": broker.host, "port": broker.port, "username": "gw-01", "password": USERS["gw-01"],
+                     "reconnect_min_s": 1, "reconnect_max_s": 1, "tls": {"enabled": True, **tls}},
+            "stations": {"names": ["Aotizhongxin"]},
+            "agent": {"state_dir": str(tmp_path)},
+        },
+        base=tmp_path,
+    )
+    card = Card.from_dict(
+        {
+            "schema_version": 1, "model": {"name": "confill", "version": 1}, "created": "2026-11-29T00:00:00Z",
+            "channels": [{"name": "PM2.5", "unit": "ug/m3", "valid_min": 0, "valid_max": 2000, "mean": 80, "std": 80}],
+            "cadence_s": 3600, "lookback": 4, "horizon": 2,
+            "calendar": {"features": [], "utc_offset_s": 0}, "inputs": [], "outputs": [],
+            "files": {"model.onnx": {"sha256": "0" * 64, "bytes": 1}},
+            "variants": {"fp32": {"file": "model.onnx", "precision": "fp32"}},
+        }
+    )
+    core = AgentCore(card, Topics(cfg.topic_prefix, cfg.gateway_id), CoreSettings.from_config(cfg))
+    return MqttAgent(cfg, core, MemoryOutbox(), snapshot_path="")
+
+
+@pytest.mark.parametrize(
+    ("tls", "connects"),
+    [
+        ({"ca_file": "CA"}, True),  # the fleet's CA: certificate and host name verified
+        ({"ca_file": "ROGUE"}, False),  # a broker whose certificate the gateway does not trust
+        ({}, False),  # no ca_file: the system trust store, which does not hold the test CA
+        ({"ca_file": "ROGUE", "tls_insecure": True}, True),  # verification explicitly off (and logged)
+    ],
+    ids=["trusted-ca", "untrusted-ca", "system-store", "insecure-explicit"],
+)
+def test_agent_verifies_the_broker_certificate_by_default(secure, tmp_path, caplog, tls, connects):
+    broker, pki = secure
+    tls = {k: (str(pki["ca"]) if v == "CA" else str(pki["rogue_ca"]) if v == "ROGUE" else v) for k, v in tls.items()}
+    agent = _agent(broker, tls, tmp_path)
+    try:
+        agent.start()
+        assert agent.connected.wait(5 if connects else 3) is connects
+    finally:
+        agent.client.disconnect()
+        agent.client.loop_stop()
+    warned = "TLS verification of the broker" in caplog.text and "tls_insecure" in caplog.text
+    assert warned is bool(tls.get("tls_insecure"))

@@ -268,6 +268,7 @@ def record(fault: str, figures: dict) -> None:
 # -- 1. broker SIGKILLed mid-stream ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_broker_killed_mid_stream_loses_nothing(broker, tmp_path, tiny_bundle, signing_key, replay):
     series, msgs = replay()
     cfg = write_config(tmp_path / "edge.toml", broker.port, tiny_bundle, signing_key.public, STATIONS)
@@ -433,6 +434,7 @@ def paced_publisher(port: int, clock: FastClock, series: dict, plan: list[tuple[
 # -- 4. the outbox cap reached during a long outage ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_long_outage_fills_outbox_drops_oldest_forecasts_counted(broker, tmp_path, tiny_bundle, signing_key, beijing):
     from gapcast.edge.outbox import OutboxConfig, SQLiteOutbox
 
@@ -491,6 +493,9 @@ def test_long_outage_fills_outbox_drops_oldest_forecasts_counted(broker, tmp_pat
             assert steps == list(range(steps[0], steps[0] + 3600 * len(steps), 3600)), f"{name}: a filled step lost"
             assert steps[-1] >= outage_start
         assert all(len(ids) == 1 for ids in filled.values())
+        for name in STATIONS:  # the backlog was flushed in order
+            arrival = [b["epoch_s"] for b in cloud.bodies("/filled") if b["station"] == name and not b["revision"]]
+            assert arrival == sorted(arrival)
         # Forecasts: received + dropped (counted, in the status) = produced; the dropped ones are the OLDEST.
         fc = {(b["station"], b["origin"]) for b in cloud.bodies("/forecast")}
         assert len(fc) + final_dropped >= produced_fc - 4  # the last few may still be in flight at stop
@@ -622,6 +627,7 @@ def test_hostile_input_through_the_broker(broker, tmp_path, tiny_bundle, signing
 # -- 6. wall-clock jumps ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wall_clock_jumps_neither_skip_nor_repeat_steps(broker, tmp_path, tiny_bundle, signing_key, beijing, monkeypatch):
     """The gateway clock closes silent stations' steps; its wall clock jumps +1 h, then back -1 h. Ticks run on the
     monotonic clock, so every step is published exactly once."""

@@ -75,7 +75,10 @@ _MAKERS = {
         frozenset({"payload_too_large"}),
     ),
     "bad_utf8": lambda ctx, tail, st_: (_topic(st_), b'{"ts":\xff' + tail, False, frozenset({"bad_encoding"})),
-    "bad_json": lambda ctx, text, st_: (_topic(st_), ('{"ts": ' + text).encode(), False, frozenset({"bad_json"})),
+    # Unclosed, so never valid JSON; a NaN/Infinity literal met before the syntax error makes it non_finite.
+    "bad_json": lambda ctx, text, st_: (
+        _topic(st_), ('{"ts": ' + text).encode(), False, frozenset({"bad_json", "non_finite"}),
+    ),
     "deep_extra": lambda ctx, d, st_: (
         _topic(st_),
         f'{{"ts":{ctx["now"] - 60},"values":{{}},"x":{"[" * d}{"]" * d}}}'.encode(),

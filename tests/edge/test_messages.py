@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -164,7 +165,15 @@ def test_filled_and_revision_payloads():
     rb = json.loads(r.payload)
     assert rb["revision"] is True and rb["start"] == "2017-01-01T00:00:00Z" and rb["end"] == "2017-01-01T01:00:00Z"
     assert [s["imputed"] for s in rb["steps"]] == [["PM2.5", "TEMP", "wd_sin"], ["TEMP"]]
-    assert rb["id"] == "A:2017-01-01T00:00:00Z:revision:2017-01-01T01:00:00Z:v3" and r.kind == "revision"
+    pattern = hashlib.sha256(b"gap_end" + np.packbits(np.array([[1, 1, 1], [0, 1, 0]], bool)).tobytes()).hexdigest()
+    assert rb["id"] == f"A:2017-01-01T00:00:00Z:revision:2017-01-01T01:00:00Z:gap_end:{pattern[:8]}:v3"
+    assert r.kind == "revision"
+    # The same range revised again for another reason (or with another imputed pattern) gets another id.
+    late = revision_message(TOPICS, "A", T0, 3600, names, np.ones((2, 3)), np.array([[1, 1, 1], [0, 1, 0]], bool),
+                            "model", 3, "late_reading")
+    again = revision_message(TOPICS, "A", T0, 3600, names, np.ones((2, 3)), np.array([[1, 1, 1], [0, 1, 0]], bool),
+                             "model", 3, "gap_end")
+    assert late.msg_id != r.msg_id and again.msg_id == r.msg_id
 
 
 def test_forecast_status_deadletter_payloads_and_ids():

@@ -272,3 +272,46 @@ def test_token_bucket():
     assert b.take(10, now_s=50.0) == 0
     with pytest.raises(ValueError):
         TokenBucket(0, 1)
+
+
+def test_journal_is_written_with_the_outputs_and_truncated(tmp_path):
+    path = tmp_path / "o.db"
+    box = SQLiteOutbox(OutboxConfig(path=path))
+    assert box.journal_seq() == 0 and box.journal_entries() == []
+    box.put_many([msg(0)], journal=[("ingest", 10.0, "t/a", b'{"ts":1}', False), ("tick", 11.0, "", b"", False)])
+    box.put_many([], journal=[("ingest", 12.0, "t/b", b"x", True)])  # a reading that closed nothing
+    entries = box.journal_entries()
+    assert [(e.seq, e.op, e.now_s, e.topic, e.payload, e.retained) for e in entries] == [
+        (1, "ingest", 10.0, "t/a", b'{"ts":1}', False),
+        (2, "tick", 11.0, "", b"", False),
+        (3, "ingest", 12.0, "t/b", b"x", True),
+    ]
+    assert box.journal_seq() == 3
+    assert box.journal_truncate(2) == 2
+    assert [e.seq for e in box.journal_entries()] == [3]
+    assert [e.seq for e in box.journal_entries(after_seq=3)] == []
+    box._db.close()  # a crash: no clean close
+    box = SQLiteOutbox(OutboxConfig(path=path))
+    assert [e.seq for e in box.journal_entries()] == [3] and box.journal_seq() == 3
+    box.put_many([], journal=[("tick", 13.0, "", b"", False)])
+    assert box.journal_seq() == 4  # sequence numbers are never reused after a truncate
+    assert ids_of(box.next_batch(10)) == ["id-0"]
+    box.close()
+
+
+def test_journal_and_outputs_commit_together(tmp_path, monkeypatch):
+    """A failed write stores neither the outputs nor the journal entries (one transaction)."""
+    box = SQLiteOutbox(OutboxConfig(path=tmp_path / "o.db"))
+
+    class Exploding(OutboxMessage):
+        @property
+        def size_bytes(self) -> int:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(OutboxError):
+        box.put_many(
+            [msg(0), Exploding(topic="t", payload=b"p", created_s=1.0)], journal=[("tick", 1.0, "", b"", False)]
+        )
+    assert box.journal_entries() == [] and box.next_batch(10) == []
+    assert box.stats()["depth"] == 0 and box.stats()["bytes"] == 0 and box.stats()["put"] == {}
+    box.close()

@@ -181,3 +181,80 @@ def test_scheduler_periodic_and_on_demand(tmp_path, caplog):
     assert s.save_now() is False
     assert s.failures == 1 and "read-only" in caplog.text
     assert read_snapshot(tmp_path / "state.npz").meta == META
+
+
+def test_replay_journal_feeds_the_core_in_order():
+    from gapcast.edge.outbox import JournalEntry
+    from gapcast.edge.state import replay_journal
+
+    calls = []
+
+    class Core:
+        def ingest(self, topic, payload, now_s, *, retained=False):
+            calls.append(("ingest", topic, payload, now_s, retained))
+            return ["ignored output"]
+
+        def tick(self, now_s):
+            calls.append(("tick", now_s))
+            return ["ignored output"]
+
+    entries = [
+        JournalEntry(1, "ingest", 100.0, "a/readings", b"{}", False),
+        JournalEntry(2, "tick", 101.0),
+        JournalEntry(3, "bogus", 102.0),
+        JournalEntry(4, "ingest", 103.0, "b/readings", b"[]", True),
+    ]
+    assert replay_journal(Core(), entries) == 3
+    assert calls == [
+        ("ingest", "a/readings", b"{}", 100.0, False),
+        ("tick", 101.0),
+        ("ingest", "b/readings", b"[]", 103.0, True),
+    ]
+
+
+def test_scheduler_on_saved_gets_the_meta_and_never_raises(tmp_path, caplog):
+    seen = []
+
+    def on_saved(meta):
+        seen.append(dict(meta))
+        raise RuntimeError("journal truncate failed")
+
+    s = SnapshotScheduler(tmp_path / "s.npz", lambda: (stations(), {**META, "journal_seq": 7}), on_saved=on_saved)
+    assert s.save_now() is True
+    assert seen == [{**META, "journal_seq": 7}]
+    assert "journal truncate failed" in caplog.text
+
+
+def test_agent_core_state_round_trip_with_journal(tmp_path, card, make_core):
+    """A core restored from a snapshot plus the journal of what followed equals the core that never stopped."""
+    from gapcast.edge.outbox import JournalEntry
+    from gapcast.edge.state import replay_journal
+
+    T0 = 1_483_228_800
+
+    def reading(k, a, b=None):
+        vals = {"a": a} if b is None else {"a": a, "b": b}
+        return json.dumps({"ts": T0 + 3600 * k + 60, "values": vals}).encode()
+
+    live = make_core()
+    inputs = [("gapcast/v1/stations/s1/readings", reading(k, 10.0 + k, float(k))) for k in range(8)]
+    inputs.insert(3, ("gapcast/v1/stations/s2/readings", reading(2, 50.0)))
+    p = tmp_path / "w.npz"
+    journal = []
+    for j, (topic, payload) in enumerate(inputs):
+        now = T0 + 3600 * 9
+        live.ingest(topic, payload, now)
+        live.tick(now)
+        if j == 4:  # snapshot here; the rest goes to the journal
+            save_snapshot(p, {n: StationState(a, m) for n, (a, m) in live.export_state().items()}, live.state_meta())
+        elif j > 4:
+            journal += [JournalEntry(2 * j, "ingest", now, topic, payload), JournalEntry(2 * j + 1, "tick", now)]
+    restored = make_core()
+    snap = load_snapshot(p, expect_meta=restored.state_meta())
+    assert restored.restore_state({n: (s.arrays, s.meta) for n, s in snap.stations.items()}) == 2
+    replay_journal(restored, journal)
+    for name, (arrays, meta) in live.export_state().items():
+        r_arrays, r_meta = restored.export_state()[name]
+        assert r_meta == meta
+        for k in arrays:
+            np.testing.assert_array_equal(r_arrays[k], arrays[k])
