@@ -488,9 +488,9 @@ def score_run(
 
 
 def _iso(epoch_s: int) -> str:
-    from datetime import UTC, datetime
+    from datetime import datetime, timezone
 
-    return datetime.fromtimestamp(int(epoch_s), UTC).strftime("%Y-%m-%d %H:%MZ")
+    return datetime.fromtimestamp(int(epoch_s), timezone.utc).strftime("%Y-%m-%d %H:%MZ")
 
 
 def _epoch(text: str | int | float) -> int:

@@ -14,7 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-import tomllib
+
+try:  # Python 3.11+; JetPack 6's TensorRT bindings are for Python 3.10, which needs the tomli backport
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def rfc3339_now() -> str:
     """Current UTC time as RFC 3339 with a ``Z`` suffix, second precision."""
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _finite(obj: Any) -> Any:

@@ -21,12 +21,12 @@ import logging
 import os
 import shutil
 import tempfile
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 from tqdm import tqdm
 
 from gapcast.export import ExportError

@@ -107,3 +107,29 @@ def test_private_broker_round_trip(broker):
     finally:
         sub.loop_stop()
         sub.disconnect()
+
+
+def _python310() -> str | None:
+    import shutil
+    from pathlib import Path
+
+    cands = sorted(str(p) for p in (Path.home() / ".pyenv/versions").glob("3.10*/bin/python"))
+    for cand in [*cands, shutil.which("python3.10")]:
+        if cand and Path(cand).is_file():
+            ok = subprocess.run([cand, "--version"], capture_output=True, text=True, timeout=30)
+            if ok.returncode == 0 and ok.stdout.startswith("Python 3.10"):
+                return cand
+    return None
+
+
+def test_gateway_code_compiles_on_python_310():
+    """JetPack 6's TensorRT bindings are for Python 3.10: the gateway code must at least parse there."""
+    py310 = _python310()
+    if py310 is None:
+        pytest.skip("no Python 3.10 interpreter on this machine")
+    import gapcast
+
+    root = __import__("pathlib").Path(gapcast.__file__).resolve().parents[1]
+    files = [str(p) for d in ("edge", "gapcast") for p in sorted((root / d).glob("*.py"))]
+    out = subprocess.run([py310, "-m", "py_compile", *files], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

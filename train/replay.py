@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -95,7 +95,7 @@ def parse_time(text: str, *, relative_to: int | None = None) -> int:
         relative_to: epoch seconds an offset counts from.
 
     Returns:
-        Epoch seconds (UTC).
+        Epoch seconds (timezone.utc).
 
     Raises:
         ReplayError: if the text is neither form, or an offset is given without a reference.
@@ -121,13 +121,13 @@ def parse_time(text: str, *, relative_to: int | None = None) -> int:
         msg = f"bad time {text!r}: use ISO 8601 like 2016-06-01T06:00 (UTC unless an offset is given) or +3d"
         raise ReplayError(msg) from exc
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
+        dt = dt.replace(tzinfo=timezone.utc)
     return int(dt.timestamp())
 
 
 def format_ts(epoch_s: int) -> str:
     """Epoch seconds -> RFC 3339 UTC (``2016-05-01T00:00:00Z``)."""
-    return datetime.fromtimestamp(int(epoch_s), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(int(epoch_s), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------------------------------- outages
@@ -139,7 +139,7 @@ class Outage:
 
     Attributes:
         station: station name.
-        start_s: first affected step, epoch seconds (UTC), inclusive.
+        start_s: first affected step, epoch seconds (timezone.utc), inclusive.
         hours: length, hours (> 0).
         channels: the channels withheld; None = the whole station is silent (no message at all).
     """

@@ -18,13 +18,13 @@ import logging
 import math
 import os
 import time
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 import torch.nn as nn
 
