@@ -17,10 +17,9 @@
 #   6. the systemd unit deploy/systemd/gapcast-edge.service, enabled and started.
 #
 # Python: the TensorRT bindings JetPack ships are built for the system Python (3.10 on JetPack 6 / Ubuntu 22.04,
-# 3.12 on JetPack 7 / Ubuntu 24.04). gapcast needs Python >= 3.11. On JetPack 6 the script therefore stops unless
-# you choose one of: --python python3.11 (Ubuntu's python3.11; the agent then runs on onnxruntime's CPU provider,
-# no TensorRT), or --tensorrt-wheel FILE (a TensorRT Python wheel you built for that Python from TensorRT's
-# open-source python/ folder, matching JetPack's TensorRT version).
+# 3.12 on JetPack 7 / Ubuntu 24.04). The gateway side of gapcast (gapcast[edge]) runs on Python >= 3.10, so the
+# default, the system python3, sees JetPack's TensorRT on both. --python picks another interpreter (>= 3.10); the
+# agent then runs TensorRT only if a matching TensorRT wheel is given with --tensorrt-wheel FILE, else onnxruntime.
 set -euo pipefail
 
 PREFIX=/opt/gapcast
@@ -48,7 +47,7 @@ Options:
   --key PATH             Ed25519 public key (PEM) the bundle signature must verify under
   --config PATH          your edge.toml (default: deploy/edge.example.toml, edit it afterwards)
   --source SPEC          what pip installs (default: this checkout if it has pyproject.toml, else "gapcast[edge]")
-  --python EXE           Python for the venv (default python3; must be >= 3.11)
+  --python EXE           Python for the venv (default python3; must be >= 3.10)
   --tensorrt-wheel FILE  TensorRT Python wheel for --python when JetPack's bindings do not match it
   --precision P          TensorRT engine precision: fp16 (default), int8 (the bundle's QDQ variant) or fp32
   --no-start             install everything but do not enable/start the service
@@ -100,9 +99,9 @@ if [ "$PYTHON" != python3 ]; then
 fi
 apt-get install -y -qq "${PKGS[@]}" >/dev/null
 
-"$PYTHON" - <<'EOF' || die "$PYTHON is older than 3.11; on JetPack 6 pass --python python3.11 (see the header)"
+"$PYTHON" - <<'EOF' || die "$PYTHON is older than 3.10: the gateway needs Python >= 3.10 (see the header)"
 import sys
-sys.exit(0 if sys.version_info >= (3, 11) else 1)
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
 EOF
 
 # ---------------------------------------------------------------------------------------------- 2. user, folders
