@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget-min", type=float, help="stop after this many minutes (checkpoints are written)")
     p.add_argument("--seed", type=int, help="override optim.seed")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="fine-tune: start from this checkpoint's weights (same [model] config), fresh optimiser")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train, log_info=True)
@@ -69,6 +71,7 @@ def _train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         time_budget_min=args.time_budget_min,
         resume=args.resume,
+        init_from=args.init_from,
         progress=not args.no_progress,
     )
     if os.environ.get("RANK", "0") != "0":

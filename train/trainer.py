@@ -361,6 +361,7 @@ def train(
     max_steps: int | None = None,
     time_budget_min: float | None = None,
     resume: bool = False,
+    init_from: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ConFill and write the run folder.
@@ -375,13 +376,17 @@ def train(
             passed; the learning-rate cosine then ends with the budget (whichever of steps and time runs out first).
             With a budget the number of steps depends on the machine, so only ``max_steps`` runs repeat exactly.
         resume: continue from ``out_dir/last.pt`` (model, optimiser, RNG state, step, early-stopping state).
+        init_from: fine-tune: start from the weights of this checkpoint (``best.pt`` / ``last.pt`` of another
+            run, whose model config must equal ``cfg.model``; its projection head too when saved) with a fresh
+            optimiser, step 0 and this config's schedule and masks. Ignored with ``resume``.
         progress: show a tqdm progress bar (rank 0 only).
 
     Returns:
         :class:`TrainResult`.
 
     Raises:
-        TrainError: bad config, no data, or ``resume`` without a ``last.pt``.
+        TrainError: bad config, no data, ``resume`` without a ``last.pt``, or an ``init_from`` checkpoint that
+            is missing or has a different model config.
     """
     from tqdm.auto import tqdm
 
@@ -429,6 +434,16 @@ def train(
 
     step, epoch, best, bad_epochs, history = 0, 0, math.inf, 0, []
     elapsed_before = 0.0
+    if init_from is not None and not resume:
+        init = read_checkpoint(init_from)
+        if init.get("config") != dataclasses.asdict(cfg.model):
+            msg = f"{init_from} was trained with a different model config than this run's [model]"
+            raise TrainError(msg)
+        model.load_state_dict(init["state_dict"])
+        if "proj_state_dict" in init:
+            net.proj.load_state_dict(init["proj_state_dict"])
+        meta["init_from"] = {"path": str(init_from), "step": int(init.get("step", 0))}
+        log.info("initialised from %s (step %s)", init_from, init.get("step"))
     if resume:
         state = read_checkpoint(out / "last.pt")
         if state.get("config") != dataclasses.asdict(cfg.model):
