@@ -93,21 +93,21 @@ class FleetError(GapcastError):
 def load_private_key(path: str | Path):
     """Load an Ed25519 private key from an unencrypted PEM file (``gapcast keys generate`` writes one).
 
+    The same loader as ``gapcast export`` (:func:`gapcast.export.keys.load_private_key`), with its error converted.
+
+    Returns:
+        ``cryptography`` ``Ed25519PrivateKey``.
+
     Raises:
         FleetError: unreadable, encrypted, or not Ed25519.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from gapcast.export import ExportError
+    from gapcast.export.keys import load_private_key as _load
 
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        msg = f"cannot load the Ed25519 signing key {path}: {exc}"
-        raise FleetError(msg) from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        msg = f"{path} is not an Ed25519 private key"
-        raise FleetError(msg)
-    return key
+        return _load(path)
+    except ExportError as exc:
+        raise FleetError(str(exc)) from exc
 
 
 def pack_bundle(bundle_dir: str | Path) -> tuple[Bundle, bytes]:

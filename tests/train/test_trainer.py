@@ -82,6 +82,35 @@ def test_same_seed_same_weights(two_stations, tmp_path):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_init_from_starts_from_the_checkpoint_weights(two_stations, tmp_path):
+    train(_tiny(max_steps=2, steps_per_epoch=2), out_dir=tmp_path / "base", series=two_stations, progress=False)
+    base = read_checkpoint(tmp_path / "base" / "last.pt")
+    # lr = 0: the fine-tuning step cannot move the weights, so they must be exactly the base run's.
+    train(_tiny(max_steps=1, steps_per_epoch=1, lr=0.0, seed=5), out_dir=tmp_path / "ft", series=two_stations,
+          init_from=tmp_path / "base" / "last.pt", progress=False)
+    ft = read_checkpoint(tmp_path / "ft" / "last.pt")
+    assert ft["step"] == 1 and ft["init_from"]["step"] == 2
+    assert all(torch.equal(base["state_dict"][k], ft["state_dict"][k]) for k in base["state_dict"])
+    assert all(torch.equal(base["proj_state_dict"][k], ft["proj_state_dict"][k]) for k in base["proj_state_dict"])
+    # A fresh run with the same seed starts elsewhere (the test above would pass for no reason otherwise).
+    train(_tiny(max_steps=1, steps_per_epoch=1, lr=0.0, seed=5), out_dir=tmp_path / "fresh", series=two_stations,
+          progress=False)
+    fresh = read_checkpoint(tmp_path / "fresh" / "last.pt")["state_dict"]
+    assert not all(torch.equal(base["state_dict"][k], fresh[k]) for k in fresh)
+
+    cfg = _tiny(max_steps=1)
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32))
+    with pytest.raises(TrainError, match="different model config"):
+        train(wider, out_dir=tmp_path / "bad", series=two_stations, init_from=tmp_path / "base" / "best.pt",
+              progress=False)
+
+
+def test_fine_tune_config_fits_the_default_model():
+    ft = load_config(default_config_path().parent / "beijing-ft.toml")
+    assert ft.model == load_config().model  # so --init-from a default run is accepted
+    assert ft.masking.block_prob < load_config().masking.block_prob and ft.loss.contrast == 0.0
+
+
 def test_resume_without_checkpoint_fails(two_stations, tmp_path):
     with pytest.raises(TrainError, match="not found"):
         train(_tiny(max_steps=1), out_dir=tmp_path, series=two_stations, resume=True, progress=False)
