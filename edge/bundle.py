@@ -248,18 +248,55 @@ def load_public_key(source: str | Path | bytes):
     return key
 
 
-def _unpack_tar(path: Path) -> Path:
-    dest = Path(tempfile.mkdtemp(prefix="gapcast-bundle-"))
-    try:
-        with tarfile.open(path) as tf:
-            tf.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        msg = f"cannot unpack bundle archive {path}: {exc}"
-        raise BundleError(msg) from exc
-    entries = [p for p in dest.iterdir()]
+def _bundle_root(dest: Path) -> Path:
+    entries = list(dest.iterdir())
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return dest
+
+
+def _unpack_tar(path: Path, *, fresh: bool = False) -> Path:
+    """Unpack a bundle archive into ``<tempdir>/gapcast-bundle-<sha256[:16]>`` (one folder per archive content).
+
+    The folder is reused by later calls on the same archive (its files are re-verified by hash anyway), so repeated
+    ``edge check`` / ``edge run`` do not leak a copy each. Unpacking goes to a private temporary folder that is
+    then renamed into place, so a concurrent call never sees a half-written folder.
+
+    Args:
+        path: the ``.tar`` (any compression ``tarfile`` reads).
+        fresh: discard an existing folder for this archive and unpack again.
+
+    Returns:
+        The bundle folder (the archive's single top-level folder, or the unpack folder itself).
+
+    Raises:
+        BundleError: the archive cannot be read or unpacked.
+    """
+    import os
+    import shutil
+
+    digest = sha256_file(path)[:16]
+    dest = Path(tempfile.gettempdir()) / f"gapcast-bundle-{digest}"
+    if fresh:
+        shutil.rmtree(dest, ignore_errors=True)
+    if dest.is_dir():
+        return _bundle_root(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".gapcast-bundle-{digest}-", dir=dest.parent))
+    try:
+        with tarfile.open(path) as tf:
+            tf.extractall(tmp, filter="data")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # lost a race to a concurrent unpack: use theirs; anything else is an error
+                raise
+    except (tarfile.TarError, OSError) as exc:
+        msg = f"cannot unpack bundle archive {path}: {exc}"
+        raise BundleError(msg) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _bundle_root(dest)
 
 
 def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require_signature: bool = True) -> Bundle:
@@ -281,8 +318,25 @@ def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require
     from cryptography.exceptions import InvalidSignature
 
     p = Path(path)
-    if p.is_file() and tarfile.is_tarfile(p):
-        p = _unpack_tar(p)
+    if p.is_file():
+        try:
+            is_tar = tarfile.is_tarfile(p)
+        except OSError as exc:
+            msg = f"cannot read bundle archive {path}: {exc}"
+            raise BundleError(msg) from exc
+        if not is_tar:
+            msg = f"bundle {path} is not a valid tar archive (a bundle is a directory or a .tar of one)"
+            raise BundleError(msg)
+        try:
+            return _verify_dir(_unpack_tar(p), path, trusted_keys, require_signature)
+        except BundleError:  # a reused unpack folder may have been altered: unpack afresh once and verify again
+            return _verify_dir(_unpack_tar(p, fresh=True), path, trusted_keys, require_signature)
+    return _verify_dir(p, path, trusted_keys, require_signature)
+
+
+def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_signature: bool) -> Bundle:
+    from cryptography.exceptions import InvalidSignature
+
     if not p.is_dir():
         msg = f"bundle {path} does not exist or is not a directory/.tar"
         raise BundleError(msg)

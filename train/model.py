@@ -18,7 +18,8 @@ One addition to the paper: the imputation head mixes its output with masked-conv
 neighbours (:class:`NeighbourSmoother`), with per-step, per-channel softmax weights chosen from the encoder memory.
 Without it the network, trained for an hour on CPU, fills short gaps worse than linear interpolation; with it short
 gaps start from interpolation-like values and long gaps come from the encoder. ``smoother_widths = []`` in the
-config gives the paper's plain head.
+config gives the paper's plain head. ``interp_source = true`` adds a further estimate, linear interpolation across
+the whole gap (:class:`GapInterpolator`), which the narrow smoother equals only for a single missing step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "DecoderLayer",
     "EncoderLayer",
     "FrequencyEmbedding",
+    "GapInterpolator",
     "MultiHeadAttention",
     "MultiScaleConv",
     "NeighbourSmoother",
@@ -199,6 +201,58 @@ class NeighbourSmoother(nn.Module):
         return est, avail
 
 
+class GapInterpolator(nn.Module):
+    """Linear interpolation in time between the nearest observed values on each side of every step, per channel;
+    the nearest observed value where only one side has one (the same rule as ``gapcast.baselines.linear_interpolate``
+    applied to the window).
+
+    :class:`NeighbourSmoother` equals linear interpolation only for a single missing step; across a gap of two or
+    more steps its narrow width is one-sided and its wider ones average a neighbourhood, which on smooth channels
+    (TEMP, PRES) is worse than a straight line. This module gives the imputation head the straight line itself.
+
+    No scan and no CumSum: with c_t the number of observed steps up to t (a MatMul with a fixed triangular matrix),
+    the nearest observed step j <= t is the observed j with c_j = c_t, selected by relu(1 - |c_t - c_j|) in an
+    [L, L] matrix (likewise to the right with the count from the end). ONNX: MatMul, Sub, Abs, Relu, Mul, Div, Clip.
+    """
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        t = torch.arange(length, dtype=torch.float32)
+        self.register_buffer("upto", (t[:, None] <= t[None, :]).to(torch.float32), persistent=False)  # [L(j), L(t)]
+        self.register_buffer("before", self.upto.t().contiguous(), persistent=False)  # [L(t), L(j)]: j <= t
+        self.register_buffer("after", (t[None, :] >= t[:, None]).to(torch.float32), persistent=False)  # j >= t
+        self.register_buffer("steps", t, persistent=False)  # [L]
+
+    def forward(self, masked_values: torch.Tensor, observed: torch.Tensor):
+        """Args:
+            masked_values: [B, L, C] float32, values * observed.
+            observed: [B, L, C] float32 0/1.
+
+        Returns:
+            (estimate [B, L, C], available [B, L, C]) float32: the interpolated value (the value itself at an
+            observed step, 0 for a channel without any observation in the window) and 1 where the channel has at
+            least one observation in the window.
+        """
+        x = masked_values.transpose(1, 2).unsqueeze(-2)  # [B, C, 1, L(j)]
+        m = observed.transpose(1, 2)  # [B, C, L]
+        left_count = torch.matmul(m, self.upto)  # [B, C, L]: observed steps j <= t
+        right_count = torch.matmul(m, self.before)  # observed steps j >= t
+        m_j = m.unsqueeze(-2)  # [B, C, 1, L(j)]
+
+        def nearest(count: torch.Tensor, side: torch.Tensor):
+            same = torch.relu(1.0 - torch.abs(count.unsqueeze(-1) - count.unsqueeze(-2)))  # [B, C, L(t), L(j)]
+            pick = same * side * m_j  # exactly one 1 per row where an observed step exists on that side
+            return (pick * x).sum(-1), torch.matmul(pick, self.steps), pick.sum(-1)  # value, position, found
+
+        lv, lp, has_l = nearest(left_count, self.before)
+        rv, rp, has_r = nearest(right_count, self.after)
+        frac = (self.steps - lp) / torch.clamp(rp - lp, min=1.0)
+        both = has_l * has_r
+        est = both * (lv + (rv - lv) * frac) + has_l * (1.0 - has_r) * lv + has_r * (1.0 - has_l) * rv
+        avail = torch.clamp(has_l + has_r, max=1.0)
+        return est.transpose(1, 2), avail.transpose(1, 2)
+
+
 class AdaptiveHierarchicalAttention(nn.Module):
     """Global and windowed-local multi-head self-attention fused by a sigmoid gate.
 
@@ -331,6 +385,8 @@ class ConFillConfig:
         conv_kernels: odd kernel sizes of the multi-scale convolution.
         smoother_widths: odd widths of the :class:`NeighbourSmoother` estimates the imputation head mixes with
             its own output (empty: the head alone, as in the paper).
+        interp_source: also mix in the :class:`GapInterpolator` estimate (linear interpolation across the gap);
+            needs ``smoother_widths``. False keeps the layout of models trained without it.
         dropout: dropout rate in training.
     """
 
@@ -347,6 +403,7 @@ class ConFillConfig:
     n_freq: int = 16
     conv_kernels: tuple[int, ...] = (3, 5, 7)
     smoother_widths: tuple[int, ...] = (3, 9, 25, 73)
+    interp_source: bool = False
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -367,6 +424,9 @@ class ConFillConfig:
         object.__setattr__(self, "smoother_widths", tuple(int(k) for k in self.smoother_widths))
         if any(k < 1 or k % 2 == 0 for k in self.smoother_widths):
             msg = f"smoother_widths must be odd, got {self.smoother_widths}"
+            raise ValueError(msg)
+        if self.interp_source and not self.smoother_widths:
+            msg = "interp_source needs smoother_widths (the mixing head)"
             raise ValueError(msg)
         if not self.conv_kernels or any(k < 1 or k % 2 == 0 for k in self.conv_kernels):
             msg = f"conv_kernels must be odd sizes ('same' padding), got {self.conv_kernels}"
@@ -412,10 +472,39 @@ class ConFill(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         self.impute_head = nn.Linear(d, C)
         self.forecast_head = nn.Linear(d, C)
-        # Per step and channel, softmax weights over [smoother estimates..., head output], chosen from the memory.
-        n_src = len(cfg.smoother_widths) + 1
+        # Per step and channel, softmax weights over [smoother estimates..., head output(, interpolation)], chosen
+        # from the memory.
+        n_src = len(cfg.smoother_widths) + 1 + int(cfg.interp_source)
         self.smoother = NeighbourSmoother(C, cfg.smoother_widths) if cfg.smoother_widths else None
+        self.interp = GapInterpolator(L) if cfg.interp_source else None
         self.source_mix = nn.Linear(d, C * n_src) if cfg.smoother_widths else None
+
+    def load_without_interp(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Warm-start an ``interp_source`` model from the weights of the same model trained without it.
+
+        Every weight is copied. The narrowest smoother width's share of the mix is split in two equal halves between
+        it and the interpolation source (both logits: the old one minus ln 2): for an isolated missing step the two
+        estimates are the same linear interpolation, so there the model starts exactly as it was trained, and
+        fine-tuning learns where the straight line is better (longer gaps).
+
+        Args:
+            state_dict: a ``state_dict`` of ``ConFill(replace(self.cfg, interp_source=False))``.
+
+        Raises:
+            ValueError: if this model has no interpolation source.
+            RuntimeError: if the weights do not fit.
+        """
+        if self.interp is None:
+            msg = "load_without_interp needs a model with interp_source = True"
+            raise ValueError(msg)
+        C, n_new = self.cfg.n_channels, len(self.cfg.smoother_widths) + 2
+        sd = dict(state_dict)
+        w_old = sd["source_mix.weight"].reshape(C, n_new - 1, -1)
+        b_old = sd["source_mix.bias"].reshape(C, n_new - 1)
+        b_half = b_old[:, :1] - math.log(2.0)
+        sd["source_mix.weight"] = torch.cat([w_old, w_old[:, :1]], dim=1).reshape(C * n_new, -1)
+        sd["source_mix.bias"] = torch.cat([b_half, b_old[:, 1:], b_half], dim=1).reshape(C * n_new)
+        self.load_state_dict(sd)
 
     def depth_weights(self) -> torch.Tensor:
         """[N] softmax weights of the encoder depths (sum to 1)."""
@@ -454,16 +543,21 @@ class ConFill(nn.Module):
             (x_hat [B, L, C] raw reconstruction, forecast [B, H, C], memory [B, L, d]), float32, normalised.
             With smoother widths configured, x_hat mixes the head's output with the :class:`NeighbourSmoother`
             estimates by per-step, per-channel softmax weights computed from the memory (unavailable estimates get
-            weight 0), so short gaps start from interpolation-like values and long ones from the encoder.
+            weight 0), so short gaps start from interpolation-like values and long ones from the encoder. With
+            ``interp_source`` the :class:`GapInterpolator` estimate is one more source, after the head's.
         """
         L, C = self.cfg.lookback, self.cfg.n_channels
         memory, key_allowed = self.encode(values, observed, calendar)
         x_hat = self.impute_head(memory)
         if self.smoother is not None:
             est, avail = self.smoother(values * observed, observed)  # [B, L, C, W] each
-            n_src = est.shape[-1] + 1
             sources = torch.cat([est, x_hat.unsqueeze(-1)], dim=-1)  # [B, L, C, W+1]
             avail = torch.cat([avail, torch.ones_like(x_hat).unsqueeze(-1)], dim=-1)
+            if self.interp is not None:
+                i_est, i_avail = self.interp(values * observed, observed)  # [B, L, C] each
+                sources = torch.cat([sources, i_est.unsqueeze(-1)], dim=-1)  # [B, L, C, W+2]
+                avail = torch.cat([avail, i_avail.unsqueeze(-1)], dim=-1)
+            n_src = sources.shape[-1]
             logits = self.source_mix(memory).reshape(-1, L, C, n_src) + (1.0 - avail) * NEG_MASK
             x_hat = (torch.softmax(logits, dim=-1) * sources).sum(dim=-1)  # [B, L, C]
         q = self.query_emb + self.dec_cal_emb(calendar[:, L:])  # [B, H, d]

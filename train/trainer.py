@@ -348,6 +348,11 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def _model_config(state: dict[str, Any]) -> dict[str, Any]:
+    """The model config saved in a checkpoint, with the defaults of keys added since (``interp_source``)."""
+    return {"interp_source": False, **dict(state.get("config") or {})}
+
+
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
     return {"numpy": json.dumps(rng.bit_generator.state), "torch": torch.get_rng_state()}
 
@@ -377,8 +382,9 @@ def train(
             With a budget the number of steps depends on the machine, so only ``max_steps`` runs repeat exactly.
         resume: continue from ``out_dir/last.pt`` (model, optimiser, RNG state, step, early-stopping state).
         init_from: fine-tune: start from the weights of this checkpoint (``best.pt`` / ``last.pt`` of another
-            run, whose model config must equal ``cfg.model``; its projection head too when saved) with a fresh
-            optimiser, step 0 and this config's schedule and masks. Ignored with ``resume``.
+            run, whose model config must equal ``cfg.model``, or differ only by ``interp_source`` switched on here:
+            see :meth:`ConFill.load_without_interp`; its projection head too when saved) with a fresh optimiser,
+            step 0 and this config's schedule and masks. Ignored with ``resume``.
         progress: show a tqdm progress bar (rank 0 only).
 
     Returns:
@@ -436,17 +442,21 @@ def train(
     elapsed_before = 0.0
     if init_from is not None and not resume:
         init = read_checkpoint(init_from)
-        if init.get("config") != dataclasses.asdict(cfg.model):
+        want, had = dataclasses.asdict(cfg.model), _model_config(init)
+        if had == want:
+            model.load_state_dict(init["state_dict"])
+        elif had == {**want, "interp_source": False}:
+            model.load_without_interp(init["state_dict"])
+        else:
             msg = f"{init_from} was trained with a different model config than this run's [model]"
             raise TrainError(msg)
-        model.load_state_dict(init["state_dict"])
         if "proj_state_dict" in init:
             net.proj.load_state_dict(init["proj_state_dict"])
         meta["init_from"] = {"path": str(init_from), "step": int(init.get("step", 0))}
         log.info("initialised from %s (step %s)", init_from, init.get("step"))
     if resume:
         state = read_checkpoint(out / "last.pt")
-        if state.get("config") != dataclasses.asdict(cfg.model):
+        if _model_config(state) != dataclasses.asdict(cfg.model):
             msg = f"{out / 'last.pt'} was trained with a different model config"
             raise TrainError(msg)
         model.load_state_dict(state["state_dict"])

@@ -191,3 +191,57 @@ def test_neighbour_smoother_bridges_gaps_like_interpolation():
     assert float(avail[0, 14, 0, 1]) == 1 and float(avail[0, 14, 0, 0]) == 0
     # Step 14 (width 9 sees 10 and 11 only): triangular weights 1/5 on step 10 (value 21), 2/5 on 11 (23).
     assert float(est[0, 14, 0, 1]) == pytest.approx((21 * 0.2 + 23 * 0.4) / 0.6, rel=1e-5)
+
+
+def test_gap_interpolator_draws_straight_lines_across_gaps():
+    from gapcast.train.model import GapInterpolator
+
+    t = torch.arange(12, dtype=torch.float32)
+    values = torch.stack([3.0 * t - 2.0, torch.zeros(12), t * t], dim=-1).unsqueeze(0)  # [1, 12, 3]
+    observed = torch.ones(1, 12, 3)
+    observed[0, 3:6, 0] = 0  # a 3-step gap between 7 (t=2) and 16 (t=6): exactly the ramp
+    observed[0, :, 1] = 0  # never observed: nothing available
+    observed[0, :4, 2] = 0  # leading gap: the first observation (t=4, 16) is carried back
+    observed[0, 7:11, 2] = 0  # t=6 (36) to t=11 (121): 36 + (121 - 36) * k / 5
+    est, avail = GapInterpolator(12)(values * observed, observed)
+    assert torch.allclose(est[0, :, 0], values[0, :, 0], atol=1e-5)
+    assert float(avail[0, :, 1].max()) == 0 and float(est[0, :, 1].abs().max()) == 0
+    assert torch.allclose(est[0, :4, 2], torch.full((4,), 16.0))
+    assert torch.allclose(est[0, 7:11, 2], torch.tensor([53.0, 70.0, 87.0, 104.0]), atol=1e-4)
+    assert float(avail[0, :, 2].min()) == 1 and torch.equal(est[0, 4:7, 2], values[0, 4:7, 2])
+
+
+def test_gap_interpolator_matches_the_linear_baseline():
+    import numpy as np
+
+    from gapcast.baselines import linear_interpolate
+    from gapcast.train.model import GapInterpolator
+
+    values, observed, _ = _inputs(4, seed=3, missing=0.6)
+    observed[1, :, 2] = 0
+    est, _ = GapInterpolator(CFG.lookback)(values, observed)
+    ref = linear_interpolate(values.numpy(), observed.numpy())
+    assert np.abs(est.numpy() - ref).max() < 1e-5
+
+
+def test_interp_source_warm_start_keeps_the_forecast_and_isolated_gaps():
+    import dataclasses
+
+    torch.manual_seed(0)
+    base = ConFill(CFG).eval()
+    with_interp = ConFill(dataclasses.replace(CFG, interp_source=True)).eval()
+    with_interp.load_without_interp(base.state_dict())
+    values, observed, calendar = _inputs(3, seed=4, missing=0.0)
+    observed[:, 1::4] = 0  # only isolated missing steps: interpolation = the narrow smoother width there
+    values = values * observed
+    imp_a, fc_a = base(values, observed, calendar)
+    imp_b, fc_b = with_interp(values, observed, calendar)
+    assert torch.equal(fc_a, fc_b)
+    assert torch.allclose(imp_a, imp_b, atol=1e-5)
+    observed[:, 8:11] = 0  # a 3-step gap: the straight line now gets a share, outputs differ
+    assert not torch.allclose(base(values * observed, observed, calendar)[0],
+                              with_interp(values * observed, observed, calendar)[0], atol=1e-4)
+    with pytest.raises(ValueError):
+        base.load_without_interp(base.state_dict())
+    with pytest.raises(ValueError):
+        ConFillConfig(smoother_widths=(), interp_source=True)

@@ -98,6 +98,19 @@ def test_init_from_starts_from_the_checkpoint_weights(two_stations, tmp_path):
     fresh = read_checkpoint(tmp_path / "fresh" / "last.pt")["state_dict"]
     assert not all(torch.equal(base["state_dict"][k], fresh[k]) for k in fresh)
 
+    # Switching the interpolation source on is the one model change a fine-tune accepts (warm start).
+    cfg = _tiny(max_steps=1, steps_per_epoch=1, lr=0.0)
+    interp = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, interp_source=True))
+    train(interp, out_dir=tmp_path / "interp", series=two_stations, init_from=tmp_path / "base" / "last.pt",
+          progress=False)
+    warm = read_checkpoint(tmp_path / "interp" / "last.pt")
+    assert warm["config"]["interp_source"] is True
+    mix = warm["state_dict"]["source_mix.weight"].reshape(13, 6, -1)  # [C, 4 widths + head + interpolation, d]
+    assert torch.equal(mix[:, :5], base["state_dict"]["source_mix.weight"].reshape(13, 5, -1))
+    assert torch.equal(mix[:, 5], mix[:, 0])
+    assert all(torch.equal(base["state_dict"][k], warm["state_dict"][k]) for k in base["state_dict"]
+               if not k.startswith("source_mix"))
+
     cfg = _tiny(max_steps=1)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32))
     with pytest.raises(TrainError, match="different model config"):
@@ -107,7 +120,8 @@ def test_init_from_starts_from_the_checkpoint_weights(two_stations, tmp_path):
 
 def test_fine_tune_config_fits_the_default_model():
     ft = load_config(default_config_path().parent / "beijing-ft.toml")
-    assert ft.model == load_config().model  # so --init-from a default run is accepted
+    # The default model plus the interpolation source: --init-from a default run warm-starts it.
+    assert ft.model == dataclasses.replace(load_config().model, interp_source=True)
     assert ft.masking.block_prob < load_config().masking.block_prob and ft.loss.contrast == 0.0
 
 
