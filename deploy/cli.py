@@ -7,16 +7,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 __all__ = ["register"]
 
 _PREFIX = "gapcast/v1"
+#: ``message_size_limit`` of the production Mosquitto config (deploy/mosquitto/mosquitto.conf), bytes.
+PRODUCTION_MESSAGE_LIMIT_BYTES = 1024 * 1024
+
+
+def _prefix(text: str) -> str:
+    """argparse type for ``--prefix`` (the rule of ``gapcast replay --prefix``)."""
+    from gapcast.train.replay import topic_prefix_arg
+
+    return topic_prefix_arg(text)
+
+
+def _chunk_bytes(text: str) -> int:
+    """argparse type for ``--chunk-bytes``: 1 .. MAX_CHUNK_BYTES (8 MiB)."""
+    from gapcast.edge.updater import MAX_CHUNK_BYTES
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= n <= MAX_CHUNK_BYTES:
+        msg = f"must be within 1..{MAX_CHUNK_BYTES} bytes (8 MiB), got {n}"
+        raise argparse.ArgumentTypeError(msg)
+    return n
 
 
 def _common(p: argparse.ArgumentParser, *, key: bool) -> None:
     p.add_argument("--fleet", required=True, help="fleet name (one MQTT topic level)")
     p.add_argument("--broker", required=True, help="broker URL, mqtt://[user:pass@]host[:port] or mqtts://...")
-    p.add_argument("--prefix", default=_PREFIX, help=f"MQTT topic prefix (default {_PREFIX})")
+    p.add_argument("--prefix", type=_prefix, default=_PREFIX, help=f"MQTT topic prefix (default {_PREFIX})")
     p.add_argument("--ca-file", default=None, help="CA bundle for mqtts:// (default: the system's)")
     p.add_argument("--timeout", type=float, default=15.0, help="broker acknowledgement timeout, seconds")
     if key:
@@ -33,7 +57,9 @@ def register(subparsers) -> None:
     _common(p, key=True)
     p.add_argument("--canary", default=None, help="comma-separated gateway ids that get the release first")
     p.add_argument("--percent", type=float, default=None, help="share of the fleet, 0..100 (deterministic ring)")
-    p.add_argument("--chunk-bytes", type=int, default=None, help="artifact chunk size, bytes (default 98304)")
+    p.add_argument("--chunk-bytes", type=_chunk_bytes, default=None,
+                   help="artifact chunk size, bytes: 1..8388608 (default 98304); the production Mosquitto config "
+                   "drops messages above 1 MiB (message_size_limit)")
     p.set_defaults(func=_publish)
 
     p = sub.add_parser("status", help="which gateway runs which model version and backend, and its last update")
@@ -81,6 +107,13 @@ def _publish(args) -> int:
     from gapcast.deploy.fleet import FleetError, load_private_key, publish_release
     from gapcast.edge.updater import DEFAULT_CHUNK_BYTES, Targets
 
+    topics = _topics(args)  # a bad fleet name fails before the key is read or the broker reached
+    if args.chunk_bytes is not None and args.chunk_bytes > PRODUCTION_MESSAGE_LIMIT_BYTES:
+        print(
+            f"gapcast: WARNING: --chunk-bytes {args.chunk_bytes} is above 1 MiB: the production Mosquitto config "
+            f"(message_size_limit {PRODUCTION_MESSAGE_LIMIT_BYTES}) would drop these chunks",
+            file=sys.stderr,
+        )
     canary = tuple(g.strip() for g in (args.canary or "").split(",") if g.strip())
     try:
         targets = Targets(canary=canary, percent=args.percent, everyone=not canary and args.percent is None)
@@ -89,8 +122,9 @@ def _publish(args) -> int:
     key = load_private_key(args.sign_key)
     with _client(args) as client:
         rel = publish_release(
-            client, _topics(args), args.bundle, key, targets, chunk_bytes=args.chunk_bytes or DEFAULT_CHUNK_BYTES
-        )
+            client, topics, args.bundle, key, targets,
+            chunk_bytes=DEFAULT_CHUNK_BYTES if args.chunk_bytes is None else args.chunk_bytes,
+        )  # fmt: skip
     _say(rel, "published")
     return 0
 
@@ -98,6 +132,7 @@ def _publish(args) -> int:
 def _status(args) -> int:
     from gapcast.deploy.fleet import fleet_status, format_status
 
+    _topics(args)  # a bad fleet name is a FleetError, before the broker is reached
     with _client(args) as client:
         rows = fleet_status(client, args.prefix, args.fleet)
     if args.json:
@@ -112,9 +147,10 @@ def _status(args) -> int:
 def _promote(args) -> int:
     from gapcast.deploy.fleet import load_private_key, promote
 
+    topics = _topics(args)
     key = load_private_key(args.sign_key)
     with _client(args) as client:
-        rel = promote(client, _topics(args), key)
+        rel = promote(client, topics, key)
     _say(rel, "promoted")
     return 0
 
@@ -122,8 +158,9 @@ def _promote(args) -> int:
 def _rollback(args) -> int:
     from gapcast.deploy.fleet import load_private_key, rollback
 
+    topics = _topics(args)
     key = load_private_key(args.sign_key)
     with _client(args) as client:
-        rel = rollback(client, _topics(args), key, args.to_version)
+        rel = rollback(client, topics, key, args.to_version)
     _say(rel, "issued")
     return 0

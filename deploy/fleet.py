@@ -580,10 +580,20 @@ def _online(status: dict[str, Any]) -> bool | None:
 def fleet_status(client: FleetClient, prefix: str, fleet: str) -> list[GatewayState]:
     """Which gateway of the fleet runs which model, from their retained ``status`` and ``model`` messages.
 
-    A gateway belongs to the fleet when its model report or status names it.
+    A gateway belongs to the fleet when its retained status names it (``"fleet"``: the agent's online status, its
+    Last Will and its clean-shutdown ``offline`` status all carry ``gateway.fleet``), so a stopped or lost gateway
+    stays listed, with ``online`` False. A status without a fleet (an older agent) falls back to the gateway's
+    model report or its status's ``update`` section.
+
+    Raises:
+        FleetError: a fleet name that is not one topic level, or a broker failure.
     """
+    try:
+        topics = FleetTopics(prefix, fleet)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from exc
     base = f"{prefix}/gateways"
-    got = client.retained([f"{base}/+/status", f"{base}/+/model"], probe_base=FleetTopics(prefix, fleet).base)
+    got = client.retained([f"{base}/+/status", f"{base}/+/model"], probe_base=topics.base)
     per: dict[str, dict[str, dict[str, Any]]] = {}
     for topic, payload in got.items():
         parts = topic[len(base) + 1 :].split("/")
@@ -593,7 +603,11 @@ def fleet_status(client: FleetClient, prefix: str, fleet: str) -> list[GatewaySt
     for gw in sorted(per):
         st, md = per[gw].get("status", {}), per[gw].get("model", {})
         upd = st.get("update") if isinstance(st.get("update"), dict) else {}
-        if fleet not in (md.get("fleet"), st.get("fleet"), upd.get("fleet")):
+        named = st.get("fleet")
+        if isinstance(named, str):  # the status names the gateway's current fleet: it decides
+            if named != fleet:
+                continue
+        elif fleet not in (md.get("fleet"), upd.get("fleet")):
             continue
         model = st.get("model") if isinstance(st.get("model"), dict) else {}
         version = model.get("version", st.get("model_version", upd.get("model_version", md.get("running_version"))))

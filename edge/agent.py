@@ -136,6 +136,7 @@ class CoreSettings:
         max_pending: open steps per station beyond the lookback (ring slack).
         max_catchup_steps: at most this many steps of one station are closed in one go; an older backlog (a
             gateway that was off for weeks) is skipped, counted and logged.
+        fleet: the gateway's fleet (``gateway.fleet``), named in its status so ``gapcast fleet status`` finds it.
     """
 
     stations: tuple[str, ...] = ()
@@ -148,6 +149,7 @@ class CoreSettings:
     max_batch: int = 256
     max_pending: int = 48
     max_catchup_steps: int = 24 * 31
+    fleet: str = "default"
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig) -> CoreSettings:
@@ -160,6 +162,7 @@ class CoreSettings:
             max_future_s=cfg.input.max_future_s,
             max_missing_share=cfg.agent.max_missing_share,
             max_batch=cfg.model.max_batch,
+            fleet=cfg.fleet,
         )
 
 
@@ -532,6 +535,7 @@ class AgentCore:
         """Counters and state for the status message (the shell adds connection and outbox figures)."""
         reasons = dict(sorted(self.no_forecast.items())[:50])
         return {
+            "fleet": self.settings.fleet,
             "model": {
                 "name": self.card.model_name,
                 "version": self.model_version,

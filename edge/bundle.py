@@ -255,7 +255,7 @@ def _bundle_root(dest: Path) -> Path:
     return dest
 
 
-def _unpack_tar(path: Path, *, fresh: bool = False) -> Path:
+def _unpack_tar(path: Path, *, fresh: bool = False) -> tuple[Path, bool]:
     """Unpack a bundle archive into ``<tempdir>/gapcast-bundle-<sha256[:16]>`` (one folder per archive content).
 
     The folder is reused by later calls on the same archive (its files are re-verified by hash anyway), so repeated
@@ -267,7 +267,8 @@ def _unpack_tar(path: Path, *, fresh: bool = False) -> Path:
         fresh: discard an existing folder for this archive and unpack again.
 
     Returns:
-        The bundle folder (the archive's single top-level folder, or the unpack folder itself).
+        ``(folder, reused)``: the bundle folder (the archive's single top-level folder, or the unpack folder
+        itself), and whether it was already there from an earlier call.
 
     Raises:
         BundleError: the archive cannot be read or unpacked.
@@ -280,7 +281,7 @@ def _unpack_tar(path: Path, *, fresh: bool = False) -> Path:
     if fresh:
         shutil.rmtree(dest, ignore_errors=True)
     if dest.is_dir():
-        return _bundle_root(dest)
+        return _bundle_root(dest), True
     tmp = Path(tempfile.mkdtemp(prefix=f".gapcast-bundle-{digest}-", dir=dest.parent))
     try:
         with tarfile.open(path) as tf:
@@ -296,14 +297,15 @@ def _unpack_tar(path: Path, *, fresh: bool = False) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return _bundle_root(dest)
+    return _bundle_root(dest), False
 
 
 def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require_signature: bool = True) -> Bundle:
     """Verify a bundle: the card signature against the trusted keys, every pinned file's sha256, the schema.
 
     Args:
-        path: bundle directory or ``.tar`` (unpacked to a temporary folder).
+        path: bundle directory or ``.tar`` (unpacked once into ``<tempdir>/gapcast-bundle-<sha256[:16]>``, reused
+            by later calls on the same archive).
         trusted_keys: Ed25519 public keys (objects, PEM paths or hex strings); the signature must verify under one.
         require_signature: False only for local development bundles (``gapcast export`` without ``--sign-key``);
             the gateway always requires it.
@@ -313,10 +315,9 @@ def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require
 
     Raises:
         BundleError: missing card or signature, signature not valid under any trusted key, a file missing, extra
-            or with a wrong hash, or a malformed card. The message names the file or the field.
+            or with a wrong hash, a malformed card, or a file that is not a tar archive. The message names the file
+            or the field.
     """
-    from cryptography.exceptions import InvalidSignature
-
     p = Path(path)
     if p.is_file():
         try:
@@ -327,10 +328,14 @@ def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require
         if not is_tar:
             msg = f"bundle {path} is not a valid tar archive (a bundle is a directory or a .tar of one)"
             raise BundleError(msg)
+        folder, reused = _unpack_tar(p)
         try:
-            return _verify_dir(_unpack_tar(p), path, trusted_keys, require_signature)
-        except BundleError:  # a reused unpack folder may have been altered: unpack afresh once and verify again
-            return _verify_dir(_unpack_tar(p, fresh=True), path, trusted_keys, require_signature)
+            return _verify_dir(folder, path, trusted_keys, require_signature)
+        except BundleError:
+            if not reused:
+                raise
+        # The reused unpack folder may have been altered since: unpack afresh once and verify that.
+        return _verify_dir(_unpack_tar(p, fresh=True)[0], path, trusted_keys, require_signature)
     return _verify_dir(p, path, trusted_keys, require_signature)
 
 

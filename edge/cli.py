@@ -12,7 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
-__all__ = ["load_runtime", "register"]
+__all__ = ["load_runtime", "preferred_backend_warning", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,25 @@ def load_runtime(cfg):
         note = f"interpolation fallback: no model backend could run ({exc})"
         log.error("%s", note)
         return bundle, None, note
-    return bundle, backend, f"{backend.name} (preferred: {m.backend})"
+    note = f"{backend.name} (preferred: {m.backend})"
+    warning = preferred_backend_warning(m.backend, backend)
+    if warning:
+        log.warning("%s", warning)
+    return bundle, backend, note
+
+
+def preferred_backend_warning(preferred: str, backend) -> str | None:
+    """A sentence saying why the preferred backend is not the one that runs, or None when it is (or for ``auto``).
+
+    Args:
+        preferred: ``model.backend`` (``auto``, ``tensorrt``, ``onnxruntime``, ``interpolation``).
+        backend: the backend :func:`gapcast.edge.backends.select_backend` chose; its ``selection`` lists the
+            backends passed over and why.
+    """
+    if preferred in ("auto", "interpolation") or backend is None or backend.name == preferred:
+        return None
+    why = "; ".join(r for n, r in (getattr(backend, "selection", None) or []) if n == preferred) or "not available"
+    return f"preferred backend {preferred} is unavailable ({why}); running on {backend.name} instead"
 
 
 def _check(args) -> int:
@@ -109,6 +127,9 @@ def _check(args) -> int:
         f"({', '.join(card.channel_names)}), cadence {card.cadence_s} s, lookback {card.lookback}, horizon {card.horizon}"
     )
     print(f"backend: {note}")
+    warning = preferred_backend_warning(cfg.model.backend, backend)
+    if warning:
+        print(f"WARNING: {warning}")
     tls = "off"
     if b.tls.enabled:
         tls = "on, certificate NOT verified (tls_insecure)" if b.tls.insecure else "on, certificate verified"
@@ -135,14 +156,20 @@ def _run(args) -> int:
     from gapcast.edge.agent import AgentCore
     from gapcast.edge.config import load_config
     from gapcast.edge.mqtt import MqttAgent, make_outbox
+    from gapcast.edge.state import lock_state_dir
 
     cfg = load_config(args.config)
+    # One agent per state folder: a second one would share the outbox and fight for the broker session.
+    state_lock = lock_state_dir(cfg.agent.state_dir)
     update_link = None
     if cfg.update.enabled:  # fleet updates: the bundle runs from the update store (gapcast.edge.updater)
         from gapcast.edge.updater import start_from_config
 
         update_link, backend, note = start_from_config(cfg)
         bundle = backend.bundle
+        warning = preferred_backend_warning(cfg.model.backend, getattr(backend.updater, "active_backend", None))
+        if warning:
+            log.warning("%s", warning)
     else:
         bundle, backend, note = load_runtime(cfg)
     log.info("bundle %s v%d verified; backend: %s", bundle.card.model_name, bundle.card.model_version, note)
@@ -157,7 +184,10 @@ def _run(args) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    return agent.run(stop)
+    try:
+        return agent.run(stop)
+    finally:
+        state_lock.release()
 
 
 def _build_engine(args) -> int:

@@ -28,6 +28,7 @@ from gapcast.edge import ConfigError
 __all__ = [
     "BACKENDS",
     "DEFAULT_PREFIX",
+    "DROPPABLE_KINDS",
     "AgentSettings",
     "BrokerSettings",
     "EdgeConfig",
@@ -349,6 +350,28 @@ def _name(sec: _Section, k: str, value: str) -> str:
     return value
 
 
+#: Outgoing message kinds ``outbox.drop_order`` may name. Filled values (``filled`` and their ``revision``) are not:
+#: they are dropped only last, when nothing else is left, never by policy.
+DROPPABLE_KINDS = ("forecast", "deadletter", "status")
+
+
+def _drop_order(sec: _Section) -> tuple[str, ...]:
+    order = sec.list_("drop_order", str)
+    if order is None:
+        return ("forecast", "deadletter", "status")
+    if "filled" in order or "revision" in order:
+        raise ConfigError(
+            "outbox.drop_order: must not hold 'filled' or 'revision' (filled values are only dropped last, when nothing else is "
+            "left, never by policy)"
+        )
+    bad = [k for k in order if k not in DROPPABLE_KINDS]
+    if bad:
+        raise ConfigError(f"outbox.drop_order: unknown kind(s) {bad}; choose from {', '.join(DROPPABLE_KINDS)}")
+    if len(set(order)) != len(order):
+        raise ConfigError("outbox.drop_order: holds duplicates")
+    return tuple(order)
+
+
 def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path | None = None) -> EdgeConfig:
     """Build an :class:`EdgeConfig` from a parsed TOML document.
 
@@ -375,7 +398,9 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     gw.done()
 
     m = top.table("mqtt")
-    prefix = m.str_("topic_prefix", DEFAULT_PREFIX) or DEFAULT_PREFIX
+    prefix = m.str_("topic_prefix", DEFAULT_PREFIX)
+    if not prefix:
+        raise ConfigError(f"mqtt.topic_prefix: must not be empty (default {DEFAULT_PREFIX!r})")
     if prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
         raise ConfigError(f"mqtt.topic_prefix: {prefix!r} must not start/end with '/' nor hold + # or NUL")
     password = m.str_("password", None)
@@ -414,8 +439,11 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     client_id = m.str_("client_id", "") or ""
     if len(client_id) > 128:
         raise ConfigError("mqtt.client_id: at most 128 characters")
+    host = m.str_("host", "127.0.0.1")
+    if not host or not host.strip():
+        raise ConfigError("mqtt.host: must not be empty (the broker's host name or IP address)")
     broker = BrokerSettings(
-        host=m.str_("host", "127.0.0.1") or "127.0.0.1",
+        host=host,
         port=m.int_("port", 8883 if tls.enabled else 1883, 1, 65535),
         mqtt_version=m.str_("version", "5", choices=("5", "3.1.1")) or "5",
         client_id=client_id,
@@ -488,13 +516,16 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         snapshot_interval_s=a.float_("snapshot_interval_s", 60.0, 0.1, 86400.0),
     )
     a.done()
+    for key, d in (("agent.state_dir", agent.state_dir),):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"{key}: {d} exists and is not a directory (the agent keeps its outbox and snapshots there)")
 
     o = top.table("outbox")
     outbox = OutboxSettings(
         kind=o.str_("kind", "sqlite", choices=("sqlite", "memory")) or "sqlite",
         max_bytes=o.int_("max_bytes", 64 * 1024 * 1024, 1024),
         max_age_s=o.float_("max_age_s", 7 * 24 * 3600.0, 0.0),
-        drop_order=tuple(o.list_("drop_order", str) or ("forecast", "deadletter", "status")),
+        drop_order=_drop_order(o),
         synchronous=(o.str_("synchronous", "FULL", choices=("FULL", "NORMAL", "EXTRA")) or "FULL"),
         rate_per_s=o.float_("rate_per_s", 200.0, 0.001),
         burst=o.int_("burst", 500, 1),
@@ -511,6 +542,8 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         range_slack=u.float_("range_slack", 0.25, 0.0, 100.0),
     )
     u.done()
+    if update.state_dir is not None and update.state_dir.exists() and not update.state_dir.is_dir():
+        raise ConfigError(f"update.state_dir: {update.state_dir} exists and is not a directory")
     if update.enabled and not model.trusted_keys:
         raise ConfigError("update.enabled: needs model.trusted_keys (releases and bundles must be signed)")
     top.done()
@@ -546,13 +579,15 @@ def load_config(path: str | Path) -> EdgeConfig:
         The validated :class:`EdgeConfig`.
 
     Raises:
-        ConfigError: the file is missing, not valid TOML, or a key is wrong (the message names it).
+        ConfigError: the file is missing, not UTF-8, not valid TOML, or a key is wrong (the message names it).
     """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {p} is not UTF-8 text (byte {exc.start}: {exc.reason}); is it a TOML file?") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -232,7 +232,7 @@ def parse_timestamp(ts: object) -> float | Rejection:
     if isinstance(ts, int | float):
         t = float(ts)
         if not math.isfinite(t):
-            return Rejection("non_finite", "ts is NaN")
+            return Rejection("non_finite", "ts is NaN" if math.isnan(t) else f"ts is not finite ({t})")
     elif isinstance(ts, str):
         m = _RFC3339.match(ts)
         if not m:
@@ -536,9 +536,15 @@ def status_message(topics: Topics, body: dict, now_s: float, model_version: int)
     return OutMessage(topics.status, _dumps(full), "status", mid, retain=True, created_s=now_s)
 
 
-def offline_payload(gateway: str, reason: str = "connection lost") -> bytes:
-    """The Last Will (and clean-shutdown) status payload: ``{"gateway", "state": "offline", "reason"}``."""
-    return _dumps({"gateway": gateway, "state": "offline", "reason": reason})
+def offline_payload(gateway: str, reason: str = "connection lost", *, fleet: str | None = None) -> bytes:
+    """The Last Will (and clean-shutdown) status payload: ``{"gateway", "state": "offline", "reason"[, "fleet"]}``.
+
+    ``fleet`` (the gateway's ``gateway.fleet``) keeps an offline gateway listed by ``gapcast fleet status``.
+    """
+    body = {"gateway": gateway, "state": "offline", "reason": reason}
+    if fleet is not None:
+        body["fleet"] = fleet
+    return _dumps(body)
 
 
 def deadletter_message(

@@ -5,11 +5,17 @@ What it does (issue 5, DESIGN.md "MQTT contract"):
 - connects with MQTT 5 by default (3.1.1 selectable), a stable client id and a persistent session
   (MQTT 5: ``clean_start = False`` + Session Expiry Interval; 3.1.1: ``clean_session = False``), so QoS 1
   readings queued at the broker while the gateway was away are delivered after a reconnect;
-- subscribes to ``{prefix}/stations/+/readings`` with QoS 1 (MQTT 5: retained readings are not sent at subscribe);
-  inbound messages are acknowledged (manual PUBACK) only after the core has ingested them;
+- subscribes to ``{prefix}/stations/+/readings`` with QoS 1; inbound messages are acknowledged (manual PUBACK) only
+  after the core has ingested them. Under MQTT 5 the subscription sets Retain Handling 2 ("do not send retained
+  messages at subscribe"), so a reading a station published with the retain flag is never delivered to the agent
+  from the broker's retained store: it is neither ingested nor dead-lettered (only readings published while the
+  agent is subscribed, or queued in its persistent session, arrive). Under 3.1.1 retained readings are delivered and
+  the core decides about them;
 - keeps a retained status on ``{prefix}/gateways/{gateway}/status`` with a Last Will that turns it ``offline``;
 - reconnects with exponential back-off (``reconnect_min_s`` .. ``reconnect_max_s``), TLS with verification on by
-  default, username/password;
+  default, username/password; a failed connection attempt is logged as ONE warning naming ``host:port`` and the OS
+  error, on attempts 1, 2, 4, 8... (:class:`ConnectFailureLog`), and paho's own per-loop "Client is not connected"
+  error line is filtered out of the ``gapcast.edge.paho`` logger;
 - every outgoing message goes through an outbox and leaves it only on the broker's PUBACK (``on_publish``);
 - ticks run on ``time.monotonic()``, mapped once to event time (:class:`EventClock`), so a wall-clock jump neither
   skips nor repeats steps.
@@ -36,9 +42,57 @@ from gapcast.edge.agent import AgentCore
 from gapcast.edge.config import EdgeConfig
 from gapcast.edge.messages import offline_payload
 
-__all__ = ["EventClock", "MqttAgent", "make_outbox"]
+__all__ = ["ConnectFailureLog", "EventClock", "MqttAgent", "make_outbox"]
 
 log = logging.getLogger(__name__)
+
+#: The logger paho's own log lines are bridged to (``Client.enable_logger``).
+PAHO_LOGGER = "gapcast.edge.paho"
+
+
+class _PahoNoise(logging.Filter):
+    """Drops paho's "Client is not connected" error, logged on every network-loop pass while the broker is away
+    (the agent logs each failed attempt itself, with host, port and reason: :class:`ConnectFailureLog`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+class ConnectFailureLog:
+    """Logs failed connection attempts as one WARNING with ``host:port`` and the OS error, at most once per back-off
+    step: on the 1st, 2nd, 4th, 8th... consecutive failure (and whenever the error changes), so an outage of a day
+    at ``reconnect_max_s = 60`` writes about 11 lines, not 1440. A successful connection resets it.
+
+    Args:
+        host, port: the broker, for the message.
+        logger: where the warnings go.
+    """
+
+    def __init__(self, host: str, port: int, logger: logging.Logger = log) -> None:
+        self.host = host
+        self.port = port
+        self.logger = logger
+        self.failures = 0
+        self._last_error = ""
+
+    def failed(self, error: BaseException | str | None) -> bool:
+        """One more failed attempt; returns whether it was logged."""
+        self.failures += 1
+        err = str(error) if error is not None else "unknown error"
+        n = self.failures
+        if n & (n - 1) == 0 or err != self._last_error:
+            self._last_error = err
+            self.logger.warning(
+                "cannot connect to the broker %s:%d: %s (%d failed attempt(s); retrying with back-off)",
+                self.host, self.port, err, n,
+            )
+            return True
+        return False
+
+    def connected(self) -> None:
+        """The broker answered: the next outage starts counting from one again."""
+        self.failures = 0
+        self._last_error = ""
 
 
 class EventClock:
@@ -160,14 +214,22 @@ class MqttAgent:
         if not v5:
             kwargs["clean_session"] = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, **kwargs)
-        client.enable_logger(logging.getLogger("gapcast.edge.paho"))
+        paho_log = logging.getLogger(PAHO_LOGGER)
+        if not any(isinstance(f, _PahoNoise) for f in paho_log.filters):
+            paho_log.addFilter(_PahoNoise())
+        client.enable_logger(paho_log)
+        self._connect_failures = ConnectFailureLog(b.host, b.port)
+        client.on_connect_fail = self._on_connect_fail
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.will_set(
-            self.core.topics.status, offline_payload(self.cfg.gateway_id, "connection lost"), qos=1, retain=True
+            self.core.topics.status,
+            offline_payload(self.cfg.gateway_id, "connection lost", fleet=self.cfg.fleet),
+            qos=1,
+            retain=True,
         )
         if b.username:
             client.username_pw_set(b.username, b.password)
@@ -234,6 +296,7 @@ class MqttAgent:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.epoch += 1
+        self._connect_failures.connected()
         self.connected.set()
         present = bool(getattr(flags, "session_present", False))
         log.info("connected to %s:%d (session present: %s)", self.cfg.broker.host, self.cfg.broker.port, present)
@@ -247,6 +310,13 @@ class MqttAgent:
         if self.update_link is not None:  # the fleet's retained release manifest comes with this subscription
             self.update_link.on_connect(client)
         self._events.put("connected")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """A connection attempt failed before CONNACK (refused, unreachable, DNS, TLS). Runs on paho's network thread
+        inside paho's ``except OSError``, so the error is the one being handled."""
+        import sys
+
+        self._connect_failures.failed(sys.exc_info()[1])
 
     def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
         """SUBACK arrived. Runs on paho's network thread: logs a refused subscription."""
@@ -440,7 +510,10 @@ class MqttAgent:
             time.sleep(0.02)
         if self.connected.is_set():
             info = self.client.publish(
-                self.core.topics.status, offline_payload(self.cfg.gateway_id, "shutdown"), qos=1, retain=True
+                self.core.topics.status,
+                offline_payload(self.cfg.gateway_id, "shutdown", fleet=self.cfg.fleet),
+                qos=1,
+                retain=True,
             )
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=max(deadline - self.mono(), 1.0))

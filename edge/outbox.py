@@ -469,7 +469,12 @@ class SQLiteOutbox:
         with self._lock:
             if outbox_id < 0:
                 return
-            self._inflight.discard(outbox_id)
+            if outbox_id in self._inflight:
+                self._inflight.discard(outbox_id)
+            elif self._db.execute("SELECT 1 FROM outbox WHERE id = ?", (outbox_id,)).fetchone() is None:
+                # Already gone (dropped for room or expired while on the wire): its row was counted out then, so
+                # adding it to the pending acks would make the depth (stored rows minus pending acks) too small.
+                return
             self._acked.add(outbox_id)
             if len(self._acked) >= _ACK_FLUSH_EVERY:
                 try:
@@ -561,8 +566,9 @@ class SQLiteOutbox:
     # -- reporting -----------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
+        """Messages waiting (in flight included): stored rows minus acknowledged ones not yet deleted; never < 0."""
         with self._lock:
-            return self._count - len(self._acked)
+            return max(self._count - len(self._acked), 0)
 
     def stats(self) -> dict[str, Any]:
         """Counters for the status message.
@@ -585,7 +591,7 @@ class SQLiteOutbox:
             oldest = row[0]
             c = self._counters
             return {
-                "depth": self._count - len(self._acked),
+                "depth": max(self._count - len(self._acked), 0),
                 "bytes": self._bytes,
                 "inflight": len(self._inflight),
                 "oldest_age_s": round(max(self._clock() - oldest, 0.0), 3) if oldest is not None else 0.0,

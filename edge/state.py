@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from gapcast.edge import EdgeError
+from gapcast.edge import ConfigError, EdgeError
 
 __all__ = [
     "SNAPSHOT_FORMAT",
@@ -42,8 +42,10 @@ __all__ = [
     "Snapshot",
     "SnapshotError",
     "SnapshotScheduler",
+    "StateDirLock",
     "StationState",
     "atomic_write_bytes",
+    "lock_state_dir",
     "load_snapshot",
     "read_snapshot",
     "replay_journal",
@@ -350,3 +352,78 @@ def replay_journal(core: Any, entries: Iterable[Any]) -> int:
     if n:
         log.info("replayed %d journaled input(s) since the snapshot", n)
     return n
+
+
+#: The lock file :func:`lock_state_dir` holds in ``agent.state_dir``.
+LOCK_NAME = "agent.lock"
+
+
+class StateDirLock:
+    """An exclusive ``flock`` on ``<state_dir>/agent.lock``, held while the agent runs (see :func:`lock_state_dir`).
+
+    The kernel drops the lock when the process exits, however it exits, so a stale lock file never blocks a restart.
+
+    Attributes:
+        path: the lock file.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StateDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_state_dir(state_dir: str | Path) -> StateDirLock:
+    """Take the exclusive, non-blocking lock on an agent state folder (created if missing).
+
+    Two agents sharing one ``agent.state_dir`` (the same ``edge.toml`` started twice) would share the outbox
+    database and the window snapshots and, with the same client id, keep kicking each other off the broker. The
+    second one therefore refuses to start.
+
+    Args:
+        state_dir: the agent's ``agent.state_dir``.
+
+    Returns:
+        The held lock; keep it referenced for the agent's lifetime (or call ``release``).
+
+    Raises:
+        ConfigError: another process holds the lock ("another gapcast agent is running with state_dir X (pid N)"),
+            or the folder or lock file cannot be created.
+    """
+    import fcntl
+
+    d = Path(state_dir)
+    path = d / LOCK_NAME
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        msg = f"agent.state_dir: cannot create the lock file {path}: {exc}"
+        raise ConfigError(msg) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        msg = f"another gapcast agent is running with state_dir {d} (pid {holder}); stop it or give this one its own"
+        raise ConfigError(msg) from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return StateDirLock(path, fd)

@@ -13,6 +13,14 @@ __all__ = ["register"]
 
 
 def _export(args: argparse.Namespace) -> int:
+    from gapcast.export import ExportError
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        why = "is a file, not a run folder" if run.exists() else "does not exist"
+        msg = f"run folder {run} {why} (train one with `gapcast train --out {run}`)"
+        raise ExportError(msg)
+
     from gapcast.export.pipeline import ExportOptions, export_run
 
     opts = ExportOptions(

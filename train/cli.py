@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["register"]
+__all__ = ["RUN_FILES", "prepare_run_dir", "register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="override optim.max_steps")
     p.add_argument("--time-budget-min", type=float, help="stop after this many minutes (checkpoints are written)")
     p.add_argument("--seed", type=int, help="override optim.seed")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="RUN_DIR already holds a run: delete its checkpoints, history, metrics and plots; start over")
     p.add_argument("--init-from", metavar="CKPT",
                    help="fine-tune: start from this checkpoint's weights (same [model] config), fresh optimiser")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
@@ -35,13 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = subparsers.add_parser(
         "evaluate",
         help="score a run on the test months against LOCF, linear interpolation and seasonal naive",
-        description="Run the DESIGN.md protocol on the test months (point-10%%, block 6/24/72 h, real pattern, "
+        description="Run the DESIGN.md protocol on the test months (point-10%, block 6/24/72 h, real pattern, "
         "24 h forecast) and write RUN_DIR/metrics.json, metrics.md and PNG plots.",
     )
     e.add_argument("run_dir", help="a training run folder (holds best.pt)")
     e.add_argument("--data", help="data root holding beijing-multisite/")
     e.add_argument("--stations", nargs="+", help="stations to score (default: all)")
-    e.add_argument("--max-windows", type=int, help="at most this many test windows per station")
+    e.add_argument("--max-windows", type=_positive_int, help="at most this many test windows per station")
     e.add_argument("--stride", type=int, default=24, help="steps between test window starts (default 24)")
     e.add_argument("--seed", type=int, default=0, help="seed of the scenario masks")
     e.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default best.pt)")
@@ -50,8 +53,86 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_evaluate, log_info=True)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+#: What a run folder holds from an earlier run: ``--overwrite`` deletes these (the plots are evaluate's PNGs).
+RUN_FILES = ("best.pt", "last.pt", "history.jsonl", "metrics.json", "metrics.md")
+
+
+def prepare_run_dir(
+    out: str | os.PathLike,
+    *,
+    resume: bool,
+    overwrite: bool,
+    rank: int = 0,
+    init_from: str | os.PathLike | None = None,
+) -> list[str]:
+    """Refuse to train into a folder that already holds a run, unless asked to continue it or start over.
+
+    Args:
+        out: the run folder (``--out``); it need not exist.
+        resume: ``--resume``: the run is continued, nothing is checked or deleted.
+        overwrite: ``--overwrite``: the earlier run's :data:`RUN_FILES` and ``plot_*.png`` are deleted (rank 0 only;
+            the other ranks of a torchrun launch leave the folder to it).
+        rank: this process's rank (``$RANK``).
+        init_from: ``--init-from``: with ``overwrite``, it must not be one of the files about to be deleted.
+
+    Returns:
+        The names of the files deleted (sorted).
+
+    Raises:
+        TrainError: ``out`` holds ``best.pt`` or ``last.pt`` and neither ``resume`` nor ``overwrite`` is set,
+            ``out`` is a file, or ``overwrite`` would delete the ``init_from`` checkpoint.
+    """
+    from pathlib import Path
+
+    from gapcast.train import TrainError
+
+    run = Path(out)
+    if resume:
+        return []
+    if run.exists() and not run.is_dir():
+        msg = f"--out {run} is a file, not a run folder"
+        raise TrainError(msg)
+    if not overwrite:
+        if any((run / n).exists() for n in ("best.pt", "last.pt")):
+            msg = f"{run} already holds a run (best.pt/last.pt): pass --resume to continue it or --overwrite to start over"
+            raise TrainError(msg)
+        return []
+    if init_from is not None and run.is_dir():
+        src = Path(init_from).resolve()
+        if src.parent == run.resolve() and src.name in RUN_FILES:
+            msg = f"--init-from {init_from} is in {run}, which --overwrite clears: copy it out of the folder first"
+            raise TrainError(msg)
+    if rank != 0 or not run.is_dir():
+        return []
+    old = [run / n for n in RUN_FILES if (run / n).is_file()] + sorted(run.glob("plot_*.png"))
+    for f in old:
+        f.unlink()
+    return sorted(f.name for f in old)
+
+
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
+
+    removed = prepare_run_dir(
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        rank=int(os.environ.get("RANK", "0") or 0),
+        init_from=args.init_from,
+    )
+    if removed:
+        print(f"--overwrite: deleted {', '.join(removed)} of the earlier run in {args.out}")
 
     import torch
 

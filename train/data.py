@@ -589,7 +589,8 @@ def fetch_beijing(dest: Path | None = None, *, url: str = BEIJING_URL, zip_path:
         The ``beijing-multisite`` folder.
 
     Raises:
-        DataError: download failure, checksum mismatch, or no station CSV in the archive.
+        DataError: download failure, a ``zip_path`` that is missing or unreadable, checksum mismatch, or no station
+            CSV in the archive.
     """
     import io
     import urllib.request
@@ -605,7 +606,14 @@ def fetch_beijing(dest: Path | None = None, *, url: str = BEIJING_URL, zip_path:
             msg = f"download of {url} failed: {exc}"
             raise DataError(msg) from exc
     else:
-        blob = Path(zip_path).read_bytes()
+        try:
+            blob = Path(zip_path).read_bytes()
+        except FileNotFoundError as exc:
+            msg = f"zip not found: {zip_path}"
+            raise DataError(msg) from exc
+        except OSError as exc:  # a folder, no permission
+            msg = f"cannot read the zip {zip_path}: {exc}"
+            raise DataError(msg) from exc
     if sha256 is not None:
         got = hashlib.sha256(blob).hexdigest()
         if got != sha256:

@@ -60,6 +60,7 @@ __all__ = [
     "readings_topic",
     "register",
     "replay",
+    "topic_prefix_arg",
 ]
 
 log = logging.getLogger(__name__)
@@ -803,6 +804,23 @@ def replay(
 # --------------------------------------------------------------------------------------------------- CLI
 
 
+def topic_prefix_arg(text: str) -> str:
+    """argparse type for ``--prefix``: an MQTT topic prefix we can publish under.
+
+    The same rule as the gateway's ``mqtt.topic_prefix`` (:mod:`gapcast.edge.config`): not empty, no leading or
+    trailing ``/``, no wildcard (``+``, ``#``, MQTT 3.1.1 section 4.7.1) and no NUL.
+
+    Raises:
+        argparse.ArgumentTypeError: the prefix breaks one of those rules (argparse prints it as a usage error).
+    """
+    if not text:
+        raise argparse.ArgumentTypeError(f"must not be empty (default {DEFAULT_PREFIX!r})")
+    if text.startswith("/") or text.endswith("/") or any(c in text for c in "+#\0"):
+        msg = f"{text!r} is not a topic prefix: no leading or trailing '/', no wildcard '+' or '#', no NUL"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``gapcast replay`` to the top-level CLI."""
     p = subparsers.add_parser(
@@ -849,7 +867,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="P",
         help="share of readings published right after the station's next reading (default 0)",
     )
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
+    p.add_argument("--prefix", type=topic_prefix_arg, default=DEFAULT_PREFIX,
+                   help=f"topic prefix (default {DEFAULT_PREFIX})")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="QoS of the readings (default 1)")
     p.add_argument("--mqtt", choices=("5", "3.1.1"), default="5", help="MQTT protocol version (default 5)")
     p.add_argument("--ts-format", choices=("rfc3339", "epoch"), default="rfc3339", help="form of the 'ts' field (default rfc3339)")

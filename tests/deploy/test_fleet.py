@@ -326,3 +326,113 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
         assert versions == [1] * switch + [2] + [1] * (hours - 2 - switch)  # rolled back after one step
         assert stages == ["received", "verified", "staged", "active", "rolled_back"]
         assert "non-finite" in got["model"][-1]["reason"]
+
+
+def _plain_agent(broker, tmp_path, bundle, pub, gateway: str, fleet: str):
+    """The real agent (core + MQTT shell) with fleet updates OFF (no ``[update]``): the common gateway."""
+    from gapcast.edge.agent import AgentCore
+    from gapcast.edge.bundle import verify_bundle
+    from gapcast.edge.config import parse_config
+    from gapcast.edge.mqtt import MqttAgent, make_outbox
+
+    cfg = parse_config(
+        {
+            "gateway": {"id": gateway, "fleet": fleet},
+            "mqtt": {"host": broker.host, "port": broker.port},
+            "stations": {"names": ["s1"]},
+            "model": {"bundle": str(bundle), "trusted_keys": [str(pub)]},
+            "agent": {"tick_interval_s": 0.05, "status_interval_s": 0.3, "state_dir": str(tmp_path / gateway)},
+            "outbox": {"kind": "memory"},
+        },
+        base=tmp_path,
+    )
+    assert not cfg.update.enabled
+    core = AgentCore.from_config(cfg, verify_bundle(bundle, [pub]).card)  # no backend: the interpolation fallback
+    return MqttAgent(cfg, core, make_outbox(cfg), snapshot_path="")
+
+
+def _status_until(broker, fleet, done, timeout_s=20.0):
+    with FleetClient(broker.url, timeout_s=10) as client:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = fleet_status(client, PREFIX, fleet)
+            if done(rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+def test_status_lists_gateways_without_updates_and_keeps_stopped_and_lost_ones(broker, tmp_path, fleet_setup, capsys):
+    """Fleet membership comes from the agent's own status, Last Will and shutdown status (``gateway.fleet``)."""
+    _, pub, v1, _ = fleet_setup
+    agents = {g: _plain_agent(broker, tmp_path, v1, pub, g, f)
+              for g, f in [("gw-on", FLEET), ("gw-stop", FLEET), ("gw-lost", FLEET), ("gw-other", "other")]}  # fmt: skip
+    stops = {g: threading.Event() for g in ("gw-on", "gw-stop", "gw-other")}
+    runners = {g: threading.Thread(target=agents[g].run, args=(stops[g],), daemon=True) for g in stops}
+    lost = agents["gw-lost"]
+    try:
+        for t in runners.values():
+            t.start()
+        lost.start()  # connected (Last Will registered), never publishes: its network then dies
+        assert lost.connected.wait(10)
+        lost.client.loop_stop()
+        lost.client.socket().close()  # no DISCONNECT: the broker publishes the Last Will
+        rows = _status_until(broker, FLEET, lambda rs: [(r.gateway, r.online) for r in rs] == [
+            ("gw-lost", False), ("gw-on", True), ("gw-stop", True)])  # fmt: skip
+        assert [(r.gateway, r.online) for r in rows] == [("gw-lost", False), ("gw-on", True), ("gw-stop", True)]
+        on = rows[1]
+        assert (on.model_version, on.backend, on.status["fleet"]) == (1, "interpolation", FLEET)
+        assert rows[0].status == {"gateway": "gw-lost", "state": "offline", "reason": "connection lost",
+                                  "fleet": FLEET}  # fmt: skip
+        stops["gw-stop"].set()  # clean shutdown: the retained status turns "offline", still naming the fleet
+        runners["gw-stop"].join(15)
+        rows = _status_until(broker, FLEET, lambda rs: len(rs) == 3 and rs[2].online is False)
+        assert [(r.gateway, r.online) for r in rows] == [("gw-lost", False), ("gw-on", True), ("gw-stop", False)]
+        assert rows[2].status == {"gateway": "gw-stop", "state": "offline", "reason": "shutdown", "fleet": FLEET}
+        other = _status_until(broker, "other", lambda rs: len(rs) == 1)
+        assert [(r.gateway, r.online, r.model_version) for r in other] == [("gw-other", True, 1)]
+        capsys.readouterr()
+        assert _cli(broker, "status") == 0
+        table = capsys.readouterr().out.splitlines()
+    finally:
+        for s in stops.values():
+            s.set()
+        for t in runners.values():
+            if t.is_alive():
+                t.join(15)
+        lost.outbox.close()
+    assert [line.split()[:4] for line in table] == [
+        ["gateway", "online", "model", "backend"],
+        ["gw-lost", "no", "-", "-"],
+        ["gw-on", "yes", "v1", "interpolation"],
+        ["gw-stop", "no", "-", "-"],
+    ]
+
+
+def test_fleet_commands_turn_bad_names_and_chunk_sizes_into_clean_errors(broker, tmp_path, fleet_setup, capsys):
+    priv, _, v1, _ = fleet_setup
+    for argv in (["status"], ["promote", "--sign-key", str(priv)], ["rollback", "--to", "1", "--sign-key", str(priv)],
+                 ["publish", str(v1), "--sign-key", str(priv)]):  # fmt: skip
+        assert main(["fleet", *argv, "--fleet", "a/b", "--broker", broker.url]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gapcast: error: fleet name 'a/b' must be one non-empty topic level"), (argv, err)
+    for bad in ("0", "-5", "8388609"):  # 0 used to mean "the default" silently; 8 MiB is the gateway's cap
+        with pytest.raises(SystemExit) as exc:
+            _cli(broker, "publish", str(v1), "--sign-key", str(priv), "--chunk-bytes", bad)
+        assert exc.value.code == 2
+        assert "argument --chunk-bytes: must be within 1..8388608 bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(broker, "status", "--prefix", "gapcast/#")
+    assert "argument --prefix:" in capsys.readouterr().err
+    # Above 1 MiB: published (the private broker has no size limit) with a warning about the production broker.
+    assert _cli(broker, "publish", str(v1), "--sign-key", str(priv), "--chunk-bytes", "2000000") == 0
+    cap = capsys.readouterr()
+    assert "--chunk-bytes 2000000 is above 1 MiB" in cap.err and "message_size_limit 1048576" in cap.err
+    assert "published release v1" in cap.out
+    from gapcast.deploy.fleet import load_private_key
+    from gapcast.edge.updater import open_envelope
+
+    topics = FleetTopics(PREFIX, FLEET)
+    with FleetClient(broker.url) as client:
+        got = client.retained([topics.manifest], probe_base=topics.base)
+    m = open_envelope(got[topics.manifest], [load_private_key(priv).public_key()])
+    assert m.raw["artifact"]["chunk_bytes"] == 2_000_000 and len(m.chunk_sha256) == 1

@@ -140,3 +140,83 @@ def test_check_prints_what_the_agent_would_do(tmp_path, tiny_bundle, signing_key
     other.write_text(cfg.read_text().replace(str(signing_key.public), "ab" * 32))
     assert gapcast_main(["edge", "check", "--config", str(other)]) == 1
     assert "does not verify" in capsys.readouterr().err
+
+
+def test_a_non_utf8_config_is_a_config_error_naming_the_file(tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[gateway]\nid = \"gw\xff\xfe\"\n")
+    with pytest.raises(ConfigError, match=r"binary\.toml is not UTF-8 text \(byte 18: invalid start byte\)"):
+        load_config(binary)
+    assert gapcast_main(["edge", "check", "--config", str(binary)]) == 1
+
+
+def test_state_dir_that_is_a_file_is_rejected(tmp_path):
+    f = tmp_path / "state"
+    f.write_text("not a folder")
+    with pytest.raises(ConfigError, match=rf"agent\.state_dir: {f} exists and is not a directory"):
+        parse_config(cfg_with(agent={"state_dir": "state"}), base=tmp_path)
+    (tmp_path / "ok").mkdir()
+    assert parse_config(cfg_with(agent={"state_dir": "ok"}), base=tmp_path).agent.state_dir == tmp_path / "ok"
+
+
+@pytest.mark.parametrize(
+    ("section", "why"),
+    [
+        ({"mqtt": {"host": ""}}, "mqtt.host: must not be empty"),
+        ({"mqtt": {"host": "  "}}, "mqtt.host: must not be empty"),
+        ({"mqtt": {"topic_prefix": ""}}, "mqtt.topic_prefix: must not be empty"),
+        ({"mqtt": {"topic_prefix": "site/+/gapcast"}}, "must not start/end with '/' nor hold + #"),
+        ({"mqtt": {"topic_prefix": "gapcast/#"}}, "must not start/end with '/' nor hold + #"),
+        ({"mqtt": {"topic_prefix": "/gapcast"}}, "must not start/end with '/'"),
+        ({"mqtt": {"topic_prefix": "gapcast/"}}, "must not start/end with '/'"),
+        ({"outbox": {"drop_order": ["forecast", "filled"]}}, "must not hold 'filled' or 'revision'"),
+        ({"outbox": {"drop_order": ["revision"]}}, "must not hold 'filled' or 'revision'"),
+        ({"outbox": {"drop_order": ["forcast"]}}, "unknown kind(s) ['forcast']"),
+        ({"outbox": {"drop_order": ["status", "status"]}}, "outbox.drop_order: holds duplicates"),
+    ],
+)
+def test_values_that_used_to_be_accepted_are_rejected(section, why):
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg_with(**section))
+    assert why in str(err.value)
+
+
+def test_valid_prefix_and_drop_order_are_kept():
+    cfg = parse_config(cfg_with(mqtt={"topic_prefix": "site-3/gapcast", "host": "broker.lan"},
+                                outbox={"drop_order": ["status", "forecast"]}))
+    assert (cfg.topic_prefix, cfg.broker.host, cfg.outbox.drop_order) == (
+        "site-3/gapcast", "broker.lan", ("status", "forecast"))
+
+
+def test_preferred_backend_warning_says_why():
+    from types import SimpleNamespace
+
+    from gapcast.edge.cli import preferred_backend_warning
+
+    ort = SimpleNamespace(name="onnxruntime", selection=[("tensorrt", "TensorRT is not installed")])
+    assert preferred_backend_warning("tensorrt", ort) == (
+        "preferred backend tensorrt is unavailable (TensorRT is not installed); running on onnxruntime instead"
+    )
+    assert preferred_backend_warning("auto", ort) is None
+    assert preferred_backend_warning("onnxruntime", ort) is None
+
+
+def test_check_warns_when_tensorrt_is_preferred_but_unavailable(tmp_path, tiny_bundle, signing_key, capsys,
+                                                                monkeypatch):
+    from gapcast.edge import BackendError, trt
+
+    def no_trt(*a, **k):
+        raise BackendError("TensorRT is not installed (import tensorrt failed)")
+
+    monkeypatch.setattr(trt, "load_cached_engine", no_trt)
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "gw-01"\n[stations]\nnames = ["Aotizhongxin"]\n'
+        f'[model]\nbundle = "{tiny_bundle}"\ntrusted_keys = ["{signing_key.public}"]\nbackend = "tensorrt"\n'
+        f'threads = 1\n'
+    )
+    assert gapcast_main(["edge", "check", "--config", str(cfg)]) == 0  # a warning, not a failure
+    out = capsys.readouterr().out
+    assert "backend: onnxruntime (preferred: tensorrt)" in out
+    assert ("WARNING: preferred backend tensorrt is unavailable (TensorRT is not installed (import tensorrt failed)); "
+            "running on onnxruntime instead") in out

@@ -110,6 +110,7 @@ def test_valid_reading_with_every_missing_kind():
         ('{"ts": 1483228800, "values": {"PM2.5": Infinity}}', "non_finite", "Infinity"),
         ('{"ts": 1483228800, "values": {"PM2.5": -Infinity}}', "non_finite", "Infinity"),
         ('{"ts": NaN, "values": {}}', "non_finite", "NaN"),
+        ('{"ts": 1e400, "values": {}}', "non_finite", "ts is not finite"),
         ('{"ts": 1483228800, "values": {"PM25": 1}}', "unknown_channel", "'PM25'"),
         ('{"ts": "2017-01-01T00:00:00", "values": {}}', "bad_timestamp", "offset"),
     ],
@@ -191,6 +192,8 @@ def test_forecast_status_deadletter_payloads_and_ids():
     s = status_message(TOPICS, {"backend": "fake"}, T0, 3)
     assert s.retain and json.loads(s.payload)["state"] == "online"
     assert json.loads(offline_payload("gw-01")) == {"gateway": "gw-01", "state": "offline", "reason": "connection lost"}
+    assert json.loads(offline_payload("gw-01", "shutdown", fleet="city")) == {
+        "gateway": "gw-01", "state": "offline", "reason": "shutdown", "fleet": "city"}
     bad = b"\x00" * 1000
     d = deadletter_message(TOPICS, "x/y", bad, Rejection("bad_topic", "why"), T0)
     db = json.loads(d.payload)

@@ -305,7 +305,7 @@ def test_last_will_when_the_agent_is_killed(broker, tmp_path, tiny_bundle, signi
         proc.wait(10)
         assert col.wait(lambda: any(x.get("state") == "offline" for x in col.of("/status")), 30)
         (off,) = [x for x in col.of("/status") if x.get("state") == "offline"]
-        assert off == {"gateway": "gw-test", "state": "offline", "reason": "connection lost"}
+        assert off == {"gateway": "gw-test", "state": "offline", "reason": "connection lost", "fleet": "default"}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -391,3 +391,44 @@ def test_event_clock_ignores_wall_clock_jumps():
     assert clock.now(160.0) == 1_483_228_860.0  # ...event time advances by the monotonic 60 s only
     wall[0] -= 7200  # ...and back 2 h
     assert clock.now(220.0) == 1_483_228_920.0
+
+
+def test_connect_failure_log_warns_once_per_back_off_step(caplog):
+    from gapcast.edge.mqtt import ConnectFailureLog
+
+    flog = ConnectFailureLog("broker.lan", 8883)
+    with caplog.at_level("WARNING", logger="gapcast.edge.mqtt"):
+        logged = [flog.failed(ConnectionRefusedError(111, "Connection refused")) for _ in range(9)]
+    assert logged == [True, True, False, True, False, False, False, True, False]  # attempts 1, 2, 4, 8
+    assert len(caplog.records) == 4 and all(r.levelname == "WARNING" for r in caplog.records)
+    assert "cannot connect to the broker broker.lan:8883: [Errno 111] Connection refused (8 failed" in caplog.text
+    assert flog.failed(OSError("No route to host")) is True  # a new reason is always told
+    flog.connected()
+    assert flog.failures == 0 and flog.failed(OSError("No route to host")) is True
+
+
+def test_unreachable_broker_gives_a_warning_with_host_port_and_reason(make_core, caplog):
+    from gapcast.deploy.localbroker import free_port
+    from gapcast.edge.config import parse_config
+    from gapcast.edge.mqtt import MqttAgent
+    from gapcast.edge.outbox_memory import MemoryOutbox
+
+    port = free_port()  # nobody listens there: every attempt is refused
+    cfg = parse_config(
+        {"gateway": {"id": "gw"}, "stations": {"names": ["s1"]},
+         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 1, "reconnect_max_s": 1}}
+    )
+    agent = MqttAgent(cfg, make_core(), MemoryOutbox(), snapshot_path="")
+    with caplog.at_level("DEBUG"):
+        agent.start()
+        try:
+            deadline = time.monotonic() + 10.0
+            while agent._connect_failures.failures < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            agent.client.loop_stop()
+    assert agent._connect_failures.failures >= 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gapcast.edge.mqtt" and r.levelname == "WARNING"]
+    assert warnings and warnings[0].startswith(f"cannot connect to the broker 127.0.0.1:{port}: ")
+    assert "refused" in warnings[0].lower()
+    assert not [r for r in caplog.records if r.name == "gapcast.edge.paho" and "not connected" in r.getMessage()]

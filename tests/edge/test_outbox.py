@@ -315,3 +315,21 @@ def test_journal_and_outputs_commit_together(tmp_path, monkeypatch):
     assert box.journal_entries() == [] and box.next_batch(10) == []
     assert box.stats()["depth"] == 0 and box.stats()["bytes"] == 0 and box.stats()["put"] == {}
     box.close()
+
+
+def test_late_ack_of_a_message_dropped_in_flight_keeps_the_depth_right(tmp_path):
+    # Room is made from in-flight rows when nothing else is left; their PUBACK arrives after the row is gone.
+    # Counting that ack again drove len() to -1 and crashed the shutdown drain ("__len__() should return >= 0").
+    box = SQLiteOutbox(OutboxConfig(path=tmp_path / "o.db", max_bytes=13 * 2, max_age_s=0))
+    a, b = box.put(msg(0, "forecast")), box.put(msg(1, "forecast"))
+    assert [i for i, _ in box.next_batch(2)] == [a, b]  # both in flight
+    c = box.put(msg(2, "forecast"))  # no room: the oldest in-flight row (a) is dropped
+    assert box.stats()["dropped"] == {"forecast": 1}
+    assert len(box) == 2
+    box.ack(a)  # late PUBACK of the dropped row: must not count
+    box.ack(b)
+    assert len(box) == 1
+    assert [i for i, _ in box.next_batch(5)] == [c]
+    box.ack(c)
+    assert len(box) == 0 and box.stats()["depth"] == 0
+    box.close()

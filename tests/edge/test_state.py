@@ -258,3 +258,18 @@ def test_agent_core_state_round_trip_with_journal(tmp_path, card, make_core):
         assert r_meta == meta
         for k in arrays:
             np.testing.assert_array_equal(r_arrays[k], arrays[k])
+
+
+def test_second_agent_on_the_same_state_dir_is_refused(tmp_path):
+    from gapcast.edge import ConfigError
+    from gapcast.edge.state import lock_state_dir
+
+    state = tmp_path / "state"
+    first = lock_state_dir(state)  # creates the folder
+    assert (state / "agent.lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(ConfigError) as err:
+        lock_state_dir(state)  # flock locks are per open file: a second open in the same process conflicts too
+    assert str(err.value).startswith(f"another gapcast agent is running with state_dir {state} (pid {os.getpid()})")
+    first.release()
+    again = lock_state_dir(state)  # free after release (and after the holder exits, whatever the lock file says)
+    again.release()

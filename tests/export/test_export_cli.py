@@ -75,3 +75,12 @@ def test_keys_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "public key (hex):" in out and (tmp_path / "k" / "gapcast-signing.pub").is_file()
     assert main(["keys", "generate", "--out", str(tmp_path / "k")]) == 1
+
+
+def test_export_of_a_missing_run_folder_says_so_first(tmp_path, capsys):
+    missing = tmp_path / "norun"
+    assert main(["export", str(missing), "--out", str(tmp_path / "bundle")]) == 1
+    err = capsys.readouterr().err
+    # One line, no unsigned-bundle warning before it: nothing was going to be exported.
+    assert err == f"gapcast: error: run folder {missing} does not exist (train one with `gapcast train --out {missing}`)\n"
+    assert not (tmp_path / "bundle").exists()

@@ -180,3 +180,14 @@ def test_fetch_from_local_zip(tmp_path, data_root):
     assert (out / src.name).read_bytes() == src.read_bytes()
     with pytest.raises(DataError, match="checksum mismatch"):
         fetch_beijing(tmp_path / "cache2", zip_path=outer, sha256="0" * 64)
+
+
+def test_fetch_with_a_missing_zip_is_a_clean_error(tmp_path, capsys):
+    from gapcast.cli import main
+
+    missing = tmp_path / "nope.zip"
+    with pytest.raises(DataError, match=r"^zip not found: .*nope\.zip$"):
+        fetch_beijing(tmp_path / "cache", zip_path=missing)
+    assert main(["data", "fetch", "beijing", "--zip", str(missing), "--dest", str(tmp_path / "cache")]) == 1
+    assert capsys.readouterr().err.strip() == f"gapcast: error: zip not found: {missing}"
+    assert not (tmp_path / "cache" / "beijing-multisite").exists()

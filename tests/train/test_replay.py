@@ -332,3 +332,26 @@ def test_replay_unreachable_broker_raises():
     plan = plan_replay({"A": _series("A", 3)})
     with pytest.raises(ReplayError, match="no answer from the broker"):
         replay(plan, f"mqtt://127.0.0.1:{free_port()}", ReplayOptions(connect_timeout_s=1.0), progress=False)
+
+
+@pytest.mark.parametrize("prefix", ["a/#", "site/+/x", "", "/site", "site/"])
+def test_replay_cli_refuses_a_prefix_it_cannot_publish_under(prefix, capsys):
+    from gapcast.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # a usage error, before any data is read or broker reached
+        main(["replay", "--broker", "mqtt://127.0.0.1:1", "--dry-run", "--prefix", prefix])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --prefix:" in err and "Traceback" not in err
+
+
+def test_topic_prefix_arg_keeps_a_good_prefix():
+    import argparse
+
+    from gapcast.train.replay import topic_prefix_arg
+
+    assert topic_prefix_arg("site1/gapcast/v1") == "site1/gapcast/v1"
+    with pytest.raises(argparse.ArgumentTypeError, match="no wildcard"):
+        topic_prefix_arg("a/#")
+    with pytest.raises(argparse.ArgumentTypeError, match="must not be empty"):
+        topic_prefix_arg("")
