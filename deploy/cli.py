@@ -17,10 +17,14 @@ PRODUCTION_MESSAGE_LIMIT_BYTES = 1024 * 1024
 
 
 def _prefix(text: str) -> str:
-    """argparse type for ``--prefix`` (the rule of ``gapcast replay --prefix``)."""
-    from gapcast.train.replay import topic_prefix_arg
+    """argparse type for ``--prefix``: the gateway's topic-prefix rule (:func:`gapcast.edge.messages.topic_prefix_problem`)."""
+    import argparse
 
-    return topic_prefix_arg(text)
+    from gapcast.edge.messages import topic_prefix_problem
+
+    if why := topic_prefix_problem(text):
+        raise argparse.ArgumentTypeError(why)
+    return text
 
 
 def _chunk_bytes(text: str) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gapcast.edge import ConfigError
+from gapcast.edge.messages import topic_prefix_problem
 
 __all__ = [
     "BACKENDS",
@@ -399,10 +400,8 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
 
     m = top.table("mqtt")
     prefix = m.str_("topic_prefix", DEFAULT_PREFIX)
-    if not prefix:
-        raise ConfigError(f"mqtt.topic_prefix: must not be empty (default {DEFAULT_PREFIX!r})")
-    if prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
-        raise ConfigError(f"mqtt.topic_prefix: {prefix!r} must not start/end with '/' nor hold + # or NUL")
+    if why := topic_prefix_problem(prefix):
+        raise ConfigError(f"mqtt.topic_prefix: {why} (default {DEFAULT_PREFIX!r})")
     password = m.str_("password", None)
     pw_file = m.path("password_file", None)
     if password is not None and pw_file is not None:

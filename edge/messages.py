@@ -48,6 +48,7 @@ __all__ = [
     "parse_timestamp",
     "revision_message",
     "status_message",
+    "topic_prefix_problem",
 ]
 
 #: Kinds of missing value counted per channel value (plus ``missing_step``: a step with no reading at all).
@@ -84,6 +85,20 @@ _TS_MAX = 4_102_444_800.0
 def iso(epoch_s: float) -> str:
     """RFC 3339 UTC text (``2017-01-01T00:00:00Z``) of an epoch time; whole seconds. Pure formatting."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+def topic_prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot be gapcast's MQTT topic prefix, or None when it can.
+
+    A prefix is published under, so it must be non-empty, hold no wildcard (``+``, ``#``; MQTT 3.1.1 section 4.7.1)
+    and no NUL, and neither start nor end with ``/`` (topics are ``{prefix}/stations/...``). The one rule for the
+    gateway's ``mqtt.topic_prefix``, ``gapcast replay --prefix`` and ``gapcast fleet --prefix``.
+    """
+    if not prefix:
+        return "must not be empty"
+    if prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
+        return f"{prefix!r} must not start/end with '/' nor hold + # or NUL"
+    return None
 
 
 @dataclass(frozen=True)

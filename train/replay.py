@@ -813,11 +813,10 @@ def topic_prefix_arg(text: str) -> str:
     Raises:
         argparse.ArgumentTypeError: the prefix breaks one of those rules (argparse prints it as a usage error).
     """
-    if not text:
-        raise argparse.ArgumentTypeError(f"must not be empty (default {DEFAULT_PREFIX!r})")
-    if text.startswith("/") or text.endswith("/") or any(c in text for c in "+#\0"):
-        msg = f"{text!r} is not a topic prefix: no leading or trailing '/', no wildcard '+' or '#', no NUL"
-        raise argparse.ArgumentTypeError(msg)
+    from gapcast.edge.messages import topic_prefix_problem
+
+    if why := topic_prefix_problem(text):
+        raise argparse.ArgumentTypeError(why)
     return text
 
 
