@@ -82,6 +82,29 @@ def test_float_path_nodes_on_the_fp32_graph(tiny_bundle):
     assert not any("q_proj" in name or "ffn" in name for name in reasons)
 
 
+def test_gap_interpolator_matrices_stay_float(tmp_path):
+    """The interpolator's fixed count/selection matrices must never be quantized (they select exactly)."""
+    import dataclasses
+
+    import torch
+
+    from gapcast.export.onnx_export import export_onnx
+    from gapcast.export.testing import tiny_config
+    from gapcast.train.model import ConFill
+
+    cfg = dataclasses.replace(tiny_config(), interp_source=True)
+    torch.manual_seed(0)
+    path = tmp_path / "interp.onnx"
+    export_onnx(ConFill(cfg).eval(), path, lookback=cfg.lookback, horizon=cfg.horizon, n_channels=cfg.n_channels,
+                n_calendar=cfg.n_calendar, opset=17)
+    model = onnx.load(str(path))
+    interp_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("/interp/")]
+    assert len(interp_matmuls) == 4  # left count, right count, nearest position on each side
+    reasons = float_path_nodes(model)
+    assert all(name in reasons for name in interp_matmuls), sorted(set(interp_matmuls) - set(reasons))
+    assert reasons["/interp/MatMul"] == "fixed parameter-free matrix (DFT basis or gap interpolation)"
+
+
 def test_cpu_variants_quantize_weight_layers_and_stay_close_to_fp32(tiny_bundle, tmp_path):
     from gapcast.edge.bundle import verify_bundle
     from gapcast.export.onnx_export import graph_ops, make_session, run_session
