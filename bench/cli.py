@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["format_table", "register"]
 
 DEFAULT_OUT = "bench-out"
-DEFAULT_BUNDLE = "/work/bundles/beijing"
+DEFAULT_BUNDLE = "demo-out/bundle"  # the bundle `make demo` exports
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
