@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,9 @@ def _accuracy(args: argparse.Namespace) -> int:
     text = "\n".join(md)
     print(text)
     _save(Path(args.out), "accuracy", res, text, _command("accuracy", args))
+    if errors:  # a method that was asked for and could not run fails the command (the tables are still saved)
+        print(f"gapcast bench accuracy: {len(errors)} method(s) not run: {', '.join(errors)}", file=sys.stderr)
+        return 1
     return 0
 
 
