@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from gapcast import GapcastError
+from gapcast.brokerurl import BrokerURL
+from gapcast.brokerurl import parse_broker_url as _parse_broker_url
 from gapcast.edge import BundleError, UpdateRejected
 from gapcast.edge.bundle import CARD_NAME, SIG_NAME, Bundle, verify_bundle
 from gapcast.edge.updater import (
@@ -228,38 +229,16 @@ def sign_manifest(manifest: dict[str, Any], private_key) -> bytes:
 # --------------------------------------------------------------------------------------------- MQTT
 
 
-@dataclass(frozen=True)
-class BrokerURL:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS, port 8883 by default)."""
-
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-
-
 def parse_broker_url(url: str) -> BrokerURL:
-    """Parse a broker URL.
+    """Parse a broker URL (:func:`gapcast.brokerurl.parse_broker_url`).
 
     Raises:
-        FleetError: a scheme other than mqtt/mqtts/tcp/ssl, or no host.
+        FleetError: another scheme, no host, or a bad port.
     """
-    u = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        msg = f"broker URL {url!r}: scheme must be mqtt:// or mqtts://"
-        raise FleetError(msg)
-    if not u.hostname:
-        msg = f"broker URL {url!r} has no host"
-        raise FleetError(msg)
-    tls = u.scheme in ("mqtts", "ssl")
-    return BrokerURL(
-        host=u.hostname,
-        port=u.port or (8883 if tls else 1883),
-        tls=tls,
-        username=unquote(u.username) if u.username else None,
-        password=unquote(u.password) if u.password else None,
-    )
+    try:
+        return _parse_broker_url(url)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from exc
 
 
 class FleetClient:

@@ -133,3 +133,14 @@ def test_gateway_code_compiles_on_python_310():
     files = [str(p) for d in ("edge", "gapcast") for p in sorted((root / d).glob("*.py"))]
     out = subprocess.run([py310, "-m", "py_compile", *files], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_broker_url_parsing():
+    from gapcast.brokerurl import parse_broker_url
+
+    b = parse_broker_url("mqtts://gw%2D1:p%40ss@broker.example")
+    assert (b.host, b.port, b.tls, b.username, b.password) == ("broker.example", 8883, True, "gw-1", "p@ss")
+    assert parse_broker_url("10.0.0.5:1999").port == 1999 and not parse_broker_url("10.0.0.5").tls
+    for bad in ("http://x", "mqtt://", "mqtt://h:99999"):
+        with pytest.raises(ValueError, match="broker URL"):
+            parse_broker_url(bad)

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from gapcast import GapcastError
+from gapcast.brokerurl import BrokerURL
+from gapcast.brokerurl import parse_broker_url as _parse_broker_url
 
 if TYPE_CHECKING:
     from gapcast.train.data import StationSeries
@@ -443,50 +444,16 @@ def plan_replay(
 # --------------------------------------------------------------------------------------------------- publishing
 
 
-@dataclass(frozen=True)
-class BrokerURL:
-    """Where the broker is.
-
-    Attributes:
-        host: host name or address.
-        port: TCP port.
-        tls: connect with TLS (``mqtts://``).
-        username, password: credentials from the URL's user info, if any.
-    """
-
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-
-
 def parse_broker_url(url: str) -> BrokerURL:
-    """Parse ``mqtt://[user[:password]@]host[:port]`` (default port 1883) or ``mqtts://...`` (default 8883).
+    """Parse a broker URL (:func:`gapcast.brokerurl.parse_broker_url`).
 
     Raises:
-        ReplayError: another scheme or no host.
+        ReplayError: another scheme, no host, or a bad port.
     """
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        msg = f"broker URL {url!r}: the scheme must be mqtt:// or mqtts://"
-        raise ReplayError(msg)
-    tls = parts.scheme in ("mqtts", "ssl")
-    if not parts.hostname:
-        msg = f"broker URL {url!r} has no host"
-        raise ReplayError(msg)
     try:
-        port = parts.port or (8883 if tls else 1883)
+        return _parse_broker_url(url)
     except ValueError as exc:
-        msg = f"broker URL {url!r}: bad port"
-        raise ReplayError(msg) from exc
-    return BrokerURL(
-        host=parts.hostname,
-        port=port,
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
+        raise ReplayError(str(exc)) from exc
 
 
 def readings_topic(prefix: str, station: str) -> str:
