@@ -288,18 +288,24 @@ def check_qdq_for_tensorrt(model) -> None:
             raise ExportError(msg)
 
 
+def _prepare_for_quantization(fp32_path: Path) -> dict[str, str]:
+    """Name every node (the quantizer excludes by name) and return the nodes that stay float, with the reason."""
+    import onnx
+
+    _ensure_node_names(fp32_path)
+    return float_path_nodes(onnx.load(str(fp32_path)))
+
+
 def quantize_cpu_dynamic(fp32_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     """Write a dynamically quantized CPU variant (MatMulInteger; weights int8 per tensor).
 
     Raises:
         ExportError: quantization failed.
     """
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32_path = Path(fp32_path)
-    _ensure_node_names(fp32_path)
-    excluded = float_path_nodes(onnx.load(str(fp32_path)))
+    excluded = _prepare_for_quantization(fp32_path)
     try:
         quantize_dynamic(
             str(fp32_path),
@@ -330,12 +336,10 @@ def quantize_cpu_static(
     Raises:
         ExportError: quantization failed.
     """
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fp32_path = Path(fp32_path)
-    _ensure_node_names(fp32_path)
-    excluded = float_path_nodes(onnx.load(str(fp32_path)))
+    excluded = _prepare_for_quantization(fp32_path)
     try:
         quantize_static(
             str(fp32_path),

@@ -131,11 +131,12 @@ def make_password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
+@pytest.mark.skipif(
+    shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed (the fallback writer is used instead)"
+)
 def test_password_line_format_matches_mosquitto_passwd(tmp_path):
     """The fallback writer above produces exactly what mosquitto_passwd writes (same salt, same hash)."""
     tool = shutil.which("mosquitto_passwd")
-    if tool is None:
-        pytest.skip("mosquitto_passwd is not installed (the fallback writer is used instead)")
     p = tmp_path / "pw"
     p.write_text("")
     subprocess.run([tool, "-b", str(p), "alice", "s3cret"], check=True, capture_output=True)
