@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,edge,dev
+EXTRAS ?= train,edge,tools,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gapcast-installed
 SHARED_DATA := $(abspath ../shared/data)

@@ -1,6 +1,6 @@
 """``gapcast bench accuracy``: ConFill against what a user would pick instead, on the same hidden values.
 
-The protocol is DESIGN.md's, built by :func:`gapcast.train.evaluate.build_scenarios` (Beijing test months; point-10%,
+The protocol is the README's, built by :func:`gapcast.train.evaluate.build_scenarios` (Beijing test months; point-10%,
 block 6 h / 24 h / 72 h over all pollutants of a station, real pattern; forecast H = 24 from L = 96) and scored by
 :func:`gapcast.train.evaluate.score_imputer` (MAE / RMSE / MRE on normalised values and per channel in original
 units), so every method sees exactly the same windows and masks in one run.

@@ -1,9 +1,9 @@
 """``gapcast bench agent``: how fast the gateway agent ingests, how soon it forecasts, how much memory it holds.
 
-Everything runs on this machine through a private Mosquitto on loopback (:class:`gapcast.deploy.localbroker.
+Everything runs on this machine through a private Mosquitto on loopback (:class:`gapcast.tools.localbroker.
 LocalBroker`). For each station count N (100, 1,000 and 5,000 by default) the stations are real Beijing test-month
 histories (the 10 stations, each reused with a different time offset and a new name), published by the replayer
-(:func:`gapcast.train.replay.replay`, QoS 1, as fast as the broker acknowledges):
+(:func:`gapcast.tools.replay.replay`, QoS 1, as fast as the broker acknowledges):
 
 1. raw ceiling: a bare paho-mqtt subscriber (MQTT 5, QoS 1) counts the stream of ``ingest`` readings; rate = readings
    / (last one received - publishing start);
@@ -229,7 +229,7 @@ def _wait(cond, timeout_s: float, poll_s: float = 0.01) -> bool:
 
 
 def _publish_step(client, readings, sent: dict[str, float]) -> None:
-    from gapcast.train.replay import format_ts, readings_topic
+    from gapcast.tools.replay import format_ts, readings_topic
 
     for r in readings:
         payload = json.dumps({"ts": format_ts(r.ts), "values": r.values}, separators=(",", ":")).encode()
@@ -241,9 +241,9 @@ def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenc
                progress: bool) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
 
-    from gapcast.deploy.demo import Collector
-    from gapcast.deploy.localbroker import LocalBroker
-    from gapcast.train.replay import ReplayOptions, plan_replay, replay
+    from gapcast.tools.demo import Collector
+    from gapcast.tools.localbroker import LocalBroker
+    from gapcast.tools.replay import ReplayOptions, plan_replay, replay
 
     ingest_steps = max(2, math.ceil(opts.ingest_messages / n))
     total_steps = ingest_steps + opts.latency_steps + 1
@@ -378,7 +378,7 @@ def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenc
 
 
 def _origin(body: dict) -> int:
-    from gapcast.train.replay import parse_time
+    from gapcast.tools.replay import parse_time
 
     return int(parse_time(body["origin"]))
 

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from gapcast.timefmt import now_rfc3339
 
 __all__ = ["format_table", "register"]
 
@@ -50,7 +51,7 @@ def _targets_table(targets: list[dict[str, Any]]) -> str:
 
 def _save(out: Path, name: str, result: dict[str, Any], markdown: str, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result = {**result, "command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {**result, "command": command, "finished": now_rfc3339()}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=_json_default))
     (out / f"{name}.md").write_text(f"<!-- {command} -->\n\n" + markdown + "\n")
     print(f"\nsaved {out / (name + '.json')} and {out / (name + '.md')}")
@@ -220,12 +221,12 @@ def _bundle_or_tiny(args: argparse.Namespace, out: Path) -> tuple[Path, str | No
     if args.bundle and Path(args.bundle).exists():
         return Path(args.bundle), args.pubkey, f"bundle {args.bundle}"
     from gapcast.export.keys import generate_keypair
-    from gapcast.export.testing import build_tiny_bundle
+    from gapcast.tools.tinybundle import build_tiny_bundle
 
     where = out / "tiny-bundle"
     kp = generate_keypair(out / "tiny-keys", overwrite=True)
     build_tiny_bundle(where, sign_key=kp.private, data_root=args.data, overwrite=True)
-    note = (f"no bundle at {args.bundle}: a TINY untrained bundle (export/testing.py, d_model 16) was built at "
+    note = (f"no bundle at {args.bundle}: a TINY untrained bundle (tools/tinybundle.py, d_model 16) was built at "
             f"{where}; its figures do not describe the real model")
     print("note: " + note)
     return where, kp.public_hex, note

@@ -38,7 +38,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ from gapcast.edge.updater import (
     key_id,
     open_envelope,
 )
+from gapcast.timefmt import format_rfc3339
 
 __all__ = [
     "BrokerURL",
@@ -166,8 +166,7 @@ def chunk_artifact(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[
     return [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
 
 
-def _rfc3339(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+_rfc3339 = format_rfc3339
 
 
 def build_manifest(

@@ -1,4 +1,4 @@
-"""Inference backends on the gateway: one interface over TensorRT and onnxruntime (DESIGN.md, "Runtime backends").
+"""Inference backends on the gateway: one interface over TensorRT and onnxruntime (docs/ARCHITECTURE.md, "Contracts").
 
 Every backend takes a batch of B station windows and returns float32 numpy arrays::
 

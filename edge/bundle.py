@@ -1,4 +1,4 @@
-"""The bundle contract: ``card.json`` schema, Ed25519 signature and file hashes (DESIGN.md, "The bundle").
+"""The bundle contract: ``card.json`` schema, Ed25519 signature and file hashes (docs/ARCHITECTURE.md, "Contracts").
 
 A bundle is a directory (or a ``.tar`` of one) holding ``model.onnx`` and its precision variants, golden
 inputs/outputs, ``card.json`` and ``card.sig``. The card pins every other file by sha256, so one Ed25519

@@ -1,6 +1,6 @@
 """MQTT payloads: parsing and validating readings, building the agent's outputs. Pure: no I/O, no clock reads.
 
-Topics (DESIGN.md, "MQTT contract"; ``prefix`` defaults to ``gapcast/v1``)::
+Topics (docs/ARCHITECTURE.md, "Contracts"; ``prefix`` defaults to ``gapcast/v1``)::
 
     {prefix}/stations/{station}/readings    in   {"ts": "2017-01-01T00:00:00Z" | 1483228800, "values": {...}}
     {prefix}/stations/{station}/filled      out  one closed step, every channel filled; or a revision of a gap
@@ -25,10 +25,11 @@ import hashlib
 import json
 import math
 import re
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from gapcast.timefmt import format_rfc3339
 
 __all__ = [
     "MISSING_KINDS",
@@ -82,9 +83,7 @@ _TS_MIN = 946_684_800.0
 _TS_MAX = 4_102_444_800.0
 
 
-def iso(epoch_s: float) -> str:
-    """RFC 3339 UTC text (``2017-01-01T00:00:00Z``) of an epoch time; whole seconds. Pure formatting."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+iso = format_rfc3339  # RFC 3339 UTC text of an epoch time (gapcast.timefmt: the one formatter)
 
 
 def topic_prefix_problem(prefix: str) -> str | None:

@@ -1,6 +1,6 @@
 """The MQTT shell around the pure agent core: paho-mqtt 2.x, VERSION2 callbacks, QoS 1 in and out.
 
-What it does (issue 5, DESIGN.md "MQTT contract"):
+What it does (issue 5, docs/ARCHITECTURE.md "Contracts"):
 
 - connects with MQTT 5 by default (3.1.1 selectable), a stable client id and a persistent session
   (MQTT 5: ``clean_start = False`` + Session Expiry Interval; 3.1.1: ``clean_session = False``), so QoS 1

@@ -109,7 +109,7 @@ _SLOT_RE = re.compile(r"^v(\d+)-([0-9a-f]{12})$")
 
 @dataclass(frozen=True)
 class FleetTopics:
-    """The fleet's MQTT topics (DESIGN.md, "MQTT contract").
+    """The fleet's MQTT topics (docs/ARCHITECTURE.md, "Contracts").
 
     Attributes:
         prefix: topic prefix, e.g. ``gapcast/v1``.

@@ -4,7 +4,7 @@ Step ``k`` covers ``[k * cadence_s, (k + 1) * cadence_s)`` seconds since the epo
 A reading belongs to the step its own timestamp falls in. The window keeps the last ``lookback + max_pending`` steps
 in preallocated numpy ring buffers, so merging a reading is O(C) and allocation-free.
 
-Rules (DESIGN.md, "MQTT contract", time):
+Rules (docs/ARCHITECTURE.md, "Contracts", time):
 
 - partial readings (any subset of channels) merge into their step; within a step the value with the newest
   timestamp wins per channel, and an equal timestamp replaces (so a duplicate is idempotent);
@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from gapcast.timefmt import format_rfc3339
 
 __all__ = ["MergeResult", "StationWindow", "WindowSpec"]
 
@@ -361,8 +363,4 @@ class StationWindow:
         return w
 
 
-def _iso(epoch_s: float) -> str:
-    """RFC 3339 UTC text of an epoch time (pure formatting, no clock read)."""
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+_iso = format_rfc3339

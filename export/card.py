@@ -11,12 +11,12 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from gapcast.edge.bundle import CARD_NAME, SCHEMA_VERSION, SIG_NAME, Card, sha256_file
 from gapcast.export import ExportError
+from gapcast.timefmt import now_rfc3339
 
 __all__ = [
     "card_bytes",
@@ -31,9 +31,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def rfc3339_now() -> str:
-    """Current UTC time as RFC 3339 with a ``Z`` suffix, second precision."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+rfc3339_now = now_rfc3339  # current UTC time, RFC 3339 with a Z suffix (gapcast.timefmt)
 
 
 def _finite(obj: Any) -> Any:

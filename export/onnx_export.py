@@ -148,7 +148,7 @@ def check_ops(model, target: ExportTarget, *, what: str = "model") -> set[str]:
     if bad:
         msg = (
             f"{what} uses {', '.join(bad)}, which gapcast never deploys (the DFT must be a MatMul with a fixed "
-            "cos/sin basis, DESIGN.md)"
+            "cos/sin basis)"
         )
         raise ExportError(msg)
     missing = sorted(ops - target.supported)

@@ -1,4 +1,4 @@
-"""``gapcast export``: a trained run -> a verified, signed bundle (DESIGN.md, "The bundle").
+"""``gapcast export``: a trained run -> a verified, signed bundle (docs/ARCHITECTURE.md, "Contracts").
 
 Steps, each one a check that stops the export with a clear :class:`ExportError` when it fails:
 
@@ -592,7 +592,7 @@ def load_run_windows(
     """Real Beijing windows for a run: training months (calibration) and validation months (parity, gate, golden).
 
     Uses the run's stations (``[data] stations`` in its config, empty = all), the checkpoint's normaliser,
-    DESIGN.md's 28/10/10-month split, windows every ``stride`` steps whose past is at least half observed.
+    the 28/10/10-month split, windows every ``stride`` steps whose past is at least half observed.
 
     Raises:
         ExportError: the data cannot be loaded or yields no windows.

@@ -22,9 +22,9 @@ _PARTS = (
     "gapcast.train.cli",  # train, evaluate
     "gapcast.export.cli",  # export, keys
     "gapcast.edge.cli",  # edge run | check | build-engine
-    "gapcast.train.replay",  # replay
+    "gapcast.tools.replay",  # replay
     "gapcast.deploy.cli",  # fleet publish | status | promote | rollback
-    "gapcast.deploy.demo",  # demo
+    "gapcast.tools.demo",  # demo
     "gapcast.bench.cli",  # bench accuracy | ett | runtime | agent
 )
 
@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _PARTS:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a part that is not built yet or not installed
-            if exc.name and exc.name.startswith("gapcast"):
-                continue
-            raise
+        except Exception as exc:  # a broken part is an error with the reason, never a silent omission
+            raise GapcastError(
+                f"the sub-commands of {name} could not be loaded: {type(exc).__name__}: {exc}"
+                " (a part's cli module imports nothing optional at module level; this is a packaging bug)"
+            ) from exc
         module.register(sub)
     return parser
 
@@ -62,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The process exit code: 0 on success, 1 on a gapcast error, 2 on a usage error, 130 on Ctrl-C.
     """
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except GapcastError as exc:
+        print(f"gapcast: error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     if getattr(args, "log_info", False):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gapcast.deploy.localbroker import LocalBroker
+from gapcast.tools.localbroker import LocalBroker
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -78,7 +78,7 @@ def tiny_bundle(tmp_path_factory, signing_key, data_root) -> Path:
 
     Verify it with ``verify_bundle(tiny_bundle, [signing_key.public])``. Do not modify it: copy it first.
     """
-    from gapcast.export.testing import build_tiny_bundle
+    from gapcast.tools.tinybundle import build_tiny_bundle
 
     out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
     return build_tiny_bundle(out, sign_key=signing_key.private, data_root=data_root).path

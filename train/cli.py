@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = subparsers.add_parser(
         "evaluate",
         help="score a run on the test months against LOCF, linear interpolation and seasonal naive",
-        description="Run the DESIGN.md protocol on the test months (point-10%, block 6/24/72 h, real pattern, "
+        description="Run the evaluation protocol on the test months (point-10%, block 6/24/72 h, real pattern, "
         "24 h forecast) and write RUN_DIR/metrics.json, metrics.md and PNG plots.",
     )
     e.add_argument("run_dir", help="a training run folder (holds best.pt)")

@@ -317,7 +317,7 @@ def time_split(
 ) -> Split:
     """Split a series by calendar months (local time): first ``train_months`` train, then validation, then test.
 
-    DESIGN.md's protocol for Beijing: 28 / 10 / 10 months (2013-03..2015-06, 2015-07..2016-04, 2016-05..2017-02).
+    The evaluation protocol for Beijing: 28 / 10 / 10 months (2013-03..2015-06, 2015-07..2016-04, 2016-05..2017-02).
 
     Args:
         epoch_s: [T] int64 step start times (UTC seconds), increasing.

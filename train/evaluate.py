@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md on the Beijing test months, reusable with any imputer.
+"""The evaluation protocol on the Beijing test months, reusable with any imputer.
 
 Two steps, kept apart so benchmarks can score other imputers on exactly the same hidden values:
 
@@ -133,7 +133,7 @@ def eval_windows(
     max_windows: int | None = None,
     min_observed: float = 0.5,
 ) -> EvalWindows:
-    """Windows over the test months of each station (DESIGN.md split: the last 10 of 48 months).
+    """Windows over the test months of each station (the split: the last 10 of 48 months).
 
     Args:
         series: station name -> series.
@@ -213,7 +213,7 @@ def build_scenarios(
     seed: int = 0,
     pollutants: tuple[int, ...] = BEIJING_POLLUTANTS,
 ) -> ScenarioSet:
-    """Test windows and the fixed masks of every scenario (DESIGN.md, "The evaluation protocol").
+    """Test windows and the fixed masks of every scenario (README, "Measured figures").
 
     * point-10%: each observed value of the past window is hidden with probability 0.1 (all channels);
     * block-6h / 24h / 72h: one block over all pollutant channels at once, uniformly placed inside the past window

@@ -1,4 +1,4 @@
-"""Loss terms of ConFill training (DESIGN.md, "The model", 5); each is weighted in the config.
+"""Loss terms of ConFill training (docs/ARCHITECTURE.md, "The model"); each is weighted in the config.
 
 All regression terms are masked mean absolute errors on normalised values (MAE is also the headline metric); the
 contrastive term is InfoNCE (van den Oord et al., 2018, "Representation Learning with Contrastive Predictive

@@ -1,6 +1,6 @@
 """Artificial outages for masked-imputation training, and the contrastive sampler (anchor / positive / negative).
 
-Outages imitate what stations really do (DESIGN.md, "The model", 5): scattered lost readings, and contiguous blocks
+Outages imitate what stations really do (docs/ARCHITECTURE.md, "The model"): scattered lost readings, and contiguous blocks
 where one sensor, several sensors, every pollutant analyser, or the whole station goes silent for an hour up to
 several days. Blocks are drawn with a bias toward long ones, because long gaps are where interpolation fails and
 what the evaluation measures.

@@ -4,7 +4,7 @@ Source: "Long-Term Air Quality Data Filling Based on Contrastive Learning", Info
 (DOI 10.3390/info17020121), section 2.3 (data embedding, encoder, decoder). The file reads top to bottom: the
 attention primitive, the embedding, the encoder blocks, the decoder block, then the config and the model.
 
-Export constraints shape the code (the bundle runs on TensorRT and onnxruntime, see DESIGN.md):
+Export constraints shape the code (the bundle runs on TensorRT and onnxruntime, see docs/ARCHITECTURE.md):
 
 * attention is written with explicit MatMul/Softmax and an additive ``-1e4`` mask (``-inf`` turns a fully masked
   row into NaN and fp16 engines disagree on it); the softmax weights are then multiplied by the 0/1 mask, so a query
@@ -449,8 +449,8 @@ class ConFillConfig:
 class ConFill(nn.Module):
     """ConFill: frequency-aware embedding, adaptive hierarchical encoder, non-autoregressive decoder, two heads.
 
-    ``forward(values, observed, calendar) -> (imputed, forecast)`` is the exported contract (DESIGN.md, "The
-    bundle"); :meth:`compute` also returns the raw reconstruction and the encoder memory for training.
+    ``forward(values, observed, calendar) -> (imputed, forecast)`` is the exported contract (docs/ARCHITECTURE.md,
+    "Contracts"); :meth:`compute` also returns the raw reconstruction and the encoder memory for training.
     """
 
     def __init__(self, cfg: ConFillConfig) -> None:

@@ -217,7 +217,7 @@ class PreparedData:
 
 
 def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig) -> PreparedData:
-    """Normalise the stations and index training / validation windows (DESIGN.md split: 28 / 10 / 10 months).
+    """Normalise the stations and index training / validation windows (the split: 28 / 10 / 10 months).
 
     Args:
         series: station name -> series (``load_beijing``).

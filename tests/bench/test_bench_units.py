@@ -167,7 +167,7 @@ def test_format_table():
 
 def test_bench_runtime_smoke_writes_positive_figures(tmp_path, data_root):
     from gapcast.cli import main
-    from gapcast.export.testing import build_tiny_bundle, tiny_options
+    from gapcast.tools.tinybundle import build_tiny_bundle, tiny_options
 
     bundle = tmp_path / "bundle"
     build_tiny_bundle(bundle, data_root=data_root, options=tiny_options(int8=False, cpu_variant="none"))

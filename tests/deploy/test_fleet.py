@@ -1,7 +1,7 @@
 """`gapcast fleet ...` against a private Mosquitto: releases reach the right gateways, retained, and switch cleanly.
 
 The gateways here are the real :class:`~gapcast.edge.updater.Updater` and :class:`GuardedBackend` behind a small
-paho client (the same wiring the agent's MQTT shell does), with the numpy fake backends of ``_fleet_fakes``.
+paho client (the same wiring the agent's MQTT shell does), with the numpy fake backends of ``support.fleet_fakes``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from _fleet_fakes import FLEET, PREFIX, MqttGateway, committed, make_bundle, new_key, step_until
+from support.fleet_fakes import FLEET, PREFIX, MqttGateway, committed, make_bundle, new_key, step_until
 
 from gapcast.cli import main
 from gapcast.deploy.fleet import FleetClient, FleetError, fleet_status, pack_bundle, rollback
@@ -190,7 +190,7 @@ def test_gateway_killed_between_staging_and_switching_comes_back_on_one_bundle(b
 import sys, time
 sys.path.insert(0, {str(tests_dir)!r})
 from pathlib import Path
-from _fleet_fakes import MqttGateway
+from support.fleet_fakes import MqttGateway
 class B:
     host, port = {broker.host!r}, {broker.port}
 gw = MqttGateway(B, Path({str(tmp_path)!r}), {str(pub)!r}, {str(v1)!r}, "gw-k", slow={{2: 120.0}}).connect()
@@ -237,7 +237,7 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
     import math
 
     import paho.mqtt.client as mqtt
-    from _fleet_fakes import fake_factory
+    from support.fleet_fakes import fake_factory
 
     from gapcast.edge.agent import AgentCore
     from gapcast.edge.config import parse_config

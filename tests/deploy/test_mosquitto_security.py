@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gapcast.deploy.localbroker import LocalBroker
+from gapcast.tools.localbroker import LocalBroker
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

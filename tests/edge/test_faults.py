@@ -20,9 +20,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from _edge_replay import PREFIX, readings_stream
+from support.edge_replay import PREFIX, readings_stream
 
-from gapcast.deploy.localbroker import LocalBroker, free_port
+from gapcast.tools.localbroker import LocalBroker, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
@@ -412,8 +412,8 @@ def start_inprocess(cfg_path: Path, clock: FastClock, outbox=None):
 def paced_publisher(port: int, clock: FastClock, series: dict, plan: list[tuple[str, int]], delay_s: float = 120.0):
     """A thread that publishes each planned (station, row) reading when event time reaches its step + delay_s."""
     import paho.mqtt.client as mqtt
-    from _edge_replay import reading_payload
     from paho.mqtt.enums import CallbackAPIVersion
+    from support.edge_replay import reading_payload
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="paced-publisher", protocol=mqtt.MQTTv5)
     c.max_queued_messages_set(0)

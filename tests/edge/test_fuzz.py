@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from _edge_replay import PREFIX, beijing_card_dict, readings_stream
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support.edge_replay import PREFIX, beijing_card_dict, readings_stream
 
 from gapcast.edge.agent import AgentCore, CoreSettings
 from gapcast.edge.bundle import Card

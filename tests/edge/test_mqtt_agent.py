@@ -408,10 +408,10 @@ def test_connect_failure_log_warns_once_per_back_off_step(caplog):
 
 
 def test_unreachable_broker_gives_a_warning_with_host_port_and_reason(make_core, caplog):
-    from gapcast.deploy.localbroker import free_port
     from gapcast.edge.config import parse_config
     from gapcast.edge.mqtt import MqttAgent
     from gapcast.edge.outbox_memory import MemoryOutbox
+    from gapcast.tools.localbroker import free_port
 
     port = free_port()  # nobody listens there: every attempt is refused
     cfg = parse_config(

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from _fleet_fakes import fake_factory, golden_inputs, make_bundle, new_key
+from support.fleet_fakes import fake_factory, golden_inputs, make_bundle, new_key
 
 from gapcast.deploy.fleet import build_manifest, chunk_artifact, pack_bundle, sign_manifest
 from gapcast.edge import UpdateRejected
@@ -323,7 +323,7 @@ def test_real_onnx_bundles_switch_through_onnxruntime(tmp_path, tiny_bundle, sig
     backend: the golden check, the shadow run and the switch work on real models, not only on fakes."""
     from gapcast.edge.backends import select_backend
     from gapcast.edge.trt import compare_golden, golden_tolerance
-    from gapcast.export.testing import build_tiny_bundle, tiny_options
+    from gapcast.tools.tinybundle import build_tiny_bundle, tiny_options
 
     v2 = build_tiny_bundle(
         tmp_path / "v2", sign_key=signing_key.private, seed=1, options=tiny_options(model_version=2)

@@ -11,7 +11,7 @@ from gapcast.cli import main
 from gapcast.edge import BundleError
 from gapcast.edge.bundle import CARD_NAME, SIG_NAME, verify_bundle
 from gapcast.export.card import sign_bundle
-from gapcast.export.testing import TINY_STATION, tiny_config
+from gapcast.tools.tinybundle import TINY_STATION, tiny_config
 from gapcast.train.checkpoint import build_meta, save_checkpoint
 from gapcast.train.data import BEIJING_CHANNELS, BEIJING_UTC_OFFSET_S, Normalizer, load_beijing, time_split
 from gapcast.train.model import ConFill

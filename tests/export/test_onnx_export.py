@@ -18,7 +18,7 @@ from gapcast.export.onnx_export import (
     load_target,
     parity_check,
 )
-from gapcast.export.testing import tiny_config
+from gapcast.tools.tinybundle import tiny_config
 from gapcast.train.model import ConFill
 
 DIMS = {"lookback": 96, "horizon": 24, "n_channels": 13, "n_calendar": 6}

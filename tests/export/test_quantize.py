@@ -89,7 +89,7 @@ def test_gap_interpolator_matrices_stay_float(tmp_path):
     import torch
 
     from gapcast.export.onnx_export import export_onnx
-    from gapcast.export.testing import tiny_config
+    from gapcast.tools.tinybundle import tiny_config
     from gapcast.train.model import ConFill
 
     cfg = dataclasses.replace(tiny_config(), interp_source=True)

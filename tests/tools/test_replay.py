@@ -9,8 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from gapcast.train.data import BEIJING_CHANNELS, BEIJING_POLLUTANTS, StationSeries
-from gapcast.train.replay import (
+from gapcast.tools.replay import (
     Outage,
     ReplayError,
     ReplayOptions,
@@ -21,6 +20,7 @@ from gapcast.train.replay import (
     readings_topic,
     replay,
 )
+from gapcast.train.data import BEIJING_CHANNELS, BEIJING_POLLUTANTS, StationSeries
 
 NAMES = [c.name for c in BEIJING_CHANNELS]
 POLLUTANTS = [NAMES[i] for i in BEIJING_POLLUTANTS]
@@ -327,7 +327,7 @@ def test_replay_stop_event_interrupts(broker):
 
 
 def test_replay_unreachable_broker_raises():
-    from gapcast.deploy.localbroker import free_port
+    from gapcast.tools.localbroker import free_port
 
     plan = plan_replay({"A": _series("A", 3)})
     with pytest.raises(ReplayError, match="no answer from the broker"):
@@ -348,7 +348,7 @@ def test_replay_cli_refuses_a_prefix_it_cannot_publish_under(prefix, capsys):
 def test_topic_prefix_arg_keeps_a_good_prefix():
     import argparse
 
-    from gapcast.train.replay import topic_prefix_arg
+    from gapcast.tools.replay import topic_prefix_arg
 
     assert topic_prefix_arg("site1/gapcast/v1") == "site1/gapcast/v1"
     with pytest.raises(argparse.ArgumentTypeError, match=r"nor hold \+ #"):

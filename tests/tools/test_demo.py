@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from gapcast.deploy.demo import POLLUTANTS, STAGES, DemoError, injected_outages, score_run
+from gapcast.tools.demo import POLLUTANTS, STAGES, DemoError, injected_outages, score_run
+from gapcast.tools.replay import Outage, plan_replay
 from gapcast.train.data import BEIJING_CHANNELS, StationSeries
-from gapcast.train.replay import Outage, plan_replay
 
 T0 = 1_464_739_200  # 2016-06-01T00:00:00Z
 NAMES = [c.name for c in BEIJING_CHANNELS]
@@ -91,7 +91,7 @@ def test_score_run_hand_computed():
 @pytest.mark.broker
 def test_demo_end_to_end_short(tmp_path, data_root):
     """The whole pipeline with a tiny training budget: every stage passes and the summary holds real numbers."""
-    from gapcast.deploy.demo import DemoOptions, run_demo
+    from gapcast.tools.demo import DemoOptions, run_demo
 
     out = tmp_path / "demo"
     opts = DemoOptions(
@@ -138,8 +138,8 @@ def _tiny_config():
 @pytest.mark.broker
 def test_demo_failed_stage_exits_nonzero_and_starts_nothing_after(tmp_path, tiny_bundle, data_root):
     """A bundle signed by another key: verify fails, nothing later runs, the summary says so, exit code 1."""
-    from gapcast.deploy.demo import DemoOptions, run_demo
     from gapcast.export.keys import generate_keypair
+    from gapcast.tools.demo import DemoOptions, run_demo
 
     stranger = generate_keypair(tmp_path / "other-key")
     out = tmp_path / "demo"

@@ -7,7 +7,7 @@ Stages, each a real ``gapcast`` sub-command run as a subprocess (so the demo exe
 3. ``keys``      an Ed25519 signing key pair;
 4. ``export``    the signed bundle (fp32 + int8);
 5. ``verify``    the bundle's signature and hashes (:func:`gapcast.edge.bundle.verify_bundle`), fp32 + int8 present;
-6. ``broker``    a private Mosquitto on a free port (:class:`gapcast.deploy.localbroker.LocalBroker`);
+6. ``broker``    a private Mosquitto on a free port (:class:`gapcast.tools.localbroker.LocalBroker`);
 7. ``agent``     ``gapcast edge check`` on a generated ``edge.toml``, then ``gapcast edge run`` with the bundle and
                  the best backend available (it must be a model backend, not the interpolation fallback);
 8. ``replay``    ``gapcast replay`` of a slice of the test months of the demo stations, with their real outages
@@ -366,7 +366,7 @@ def score_run(
     """Score what the agent published against the replayed truth.
 
     Args:
-        plan: the :class:`gapcast.train.replay.ReplayPlan` that was published (truth, what was sent, hidden masks).
+        plan: the :class:`gapcast.tools.replay.ReplayPlan` that was published (truth, what was sent, hidden masks).
         collector: the messages the agent published.
         journal: the replay journal (one dict per published reading, ``sent_mono`` in CLOCK_MONOTONIC seconds).
         channel_std: channel -> training std (the card's normalisation) for the overall normalised MAE.
@@ -796,7 +796,7 @@ class _Demo:
                 toml = self.out / "edge.toml"
                 r.detail = f"signature ok, variants {', '.join(sorted(card.variants))}"
             with self.stage("broker") as r:
-                from gapcast.deploy.localbroker import LocalBroker
+                from gapcast.tools.localbroker import LocalBroker
 
                 (self.out / "broker").mkdir(exist_ok=True)
                 self.broker = LocalBroker(workdir=self.out / "broker").start()
@@ -928,8 +928,8 @@ class _Demo:
         raise DemoError(msg)
 
     def _plan(self, stations: list[str]):
+        from gapcast.tools.replay import Outage, parse_time, plan_replay
         from gapcast.train.data import load_beijing, time_split
-        from gapcast.train.replay import Outage, parse_time, plan_replay
 
         series = load_beijing(self.o.data, stations)
         first = series[stations[0]]
@@ -949,7 +949,7 @@ class _Demo:
         return plan, outs
 
     def _replay(self, r: StageResult, stations: list[str], agent: _Proc) -> None:
-        from gapcast.train.replay import format_ts
+        from gapcast.tools.replay import format_ts
 
         plan, outs = self._plan(stations)
         self.plan, self.outs = plan, outs

@@ -2,8 +2,8 @@
 
 It is the tool to try a broker and a gateway before real stations exist, and the load generator of the demo and the
 benchmarks. Each station's history (Beijing Multi-Site by default: the test months) becomes readings on the contract
-topic ``{prefix}/stations/{station}/readings`` with the payload ``{"ts": ..., "values": {...}}`` (DESIGN.md, "MQTT
-contract"). What the data lacks stays lacking: a real ``NA`` is an absent channel, never a sentinel; a step with no
+topic ``{prefix}/stations/{station}/readings`` with the payload ``{"ts": ..., "values": {...}}`` (docs/ARCHITECTURE.md,
+"Contracts"). What the data lacks stays lacking: a real ``NA`` is an absent channel, never a sentinel; a step with no
 channel at all sends no message (the station was silent). On top of the real outages it can inject:
 
 - outages: no message for a whole station, or the listed channels dropped from its readings, for a time range;
@@ -40,6 +40,7 @@ import numpy as np
 from gapcast import GapcastError
 from gapcast.brokerurl import BrokerURL
 from gapcast.brokerurl import parse_broker_url as _parse_broker_url
+from gapcast.timefmt import format_rfc3339
 
 if TYPE_CHECKING:
     from gapcast.train.data import StationSeries
@@ -127,9 +128,7 @@ def parse_time(text: str, *, relative_to: int | None = None) -> int:
     return int(dt.timestamp())
 
 
-def format_ts(epoch_s: int) -> str:
-    """Epoch seconds -> RFC 3339 UTC (``2016-05-01T00:00:00Z``)."""
-    return datetime.fromtimestamp(int(epoch_s), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+format_ts = format_rfc3339  # epoch seconds -> RFC 3339 UTC (gapcast.timefmt)
 
 
 # --------------------------------------------------------------------------------------------------- outages
