@@ -28,3 +28,19 @@ def test_a_part_that_fails_to_import_is_an_error(monkeypatch, capsys):
     assert cli.main(["--help"]) == 1
     err = capsys.readouterr().err
     assert "gapcast.no_such_part" in err and "could not be loaded" in err
+
+
+def test_durations_hand_computed():
+    from gapcast.duration import DurationError, format_duration, parse_duration, steps_of
+
+    assert parse_duration("96h") == 345600 and parse_duration("30min") == 1800 and parse_duration("1.5h") == 5400
+    assert steps_of("72h", 600) == 432 and steps_of("4d", 3600) == 96 and steps_of("1d", 86400) == 1
+    assert format_duration(86400) == "1d" and format_duration(5400) == "90min" and format_duration(600) == "10min"
+    for bad, cadence in (("7min", 600), ("30min", 3600)):
+        with pytest.raises(DurationError, match="not a multiple of the cadence"):
+            steps_of(bad, cadence, key="block")
+    for bad in ("96", "3 parsecs", "-1h", "0h"):
+        with pytest.raises(DurationError):
+            parse_duration(bad)
+    with pytest.raises(DurationError, match="its unit"):
+        parse_duration(96)  # type: ignore[arg-type]
