@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gapcast.tools.collector import Recorder, wait_until
 from gapcast.train.data import BEIJING_CHANNELS
 
 pytestmark = pytest.mark.timeout(180)
@@ -61,44 +62,17 @@ state_dir = "{path.parent / 'state'}"
     return path
 
 
-class Collector:
-    """A subscriber on ``gapcast/v1/#`` (QoS 1) that keeps every message, parsed."""
+class Collector(Recorder):
+    """The shared recorder on ``gapcast/v1/#`` with the two verbs these tests use (``of``, ``wait``)."""
 
     def __init__(self, broker, topic=f"{PREFIX}/#"):
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.msgs: list[tuple[str, dict, bool]] = []
-        self.lock = threading.Lock()
-        self.subscribed = threading.Event()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.c.on_message = self._on_message
-        self.c.on_subscribe = lambda *a: self.subscribed.set()
-        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.c.connect(broker.host, broker.port)
-        self.c.loop_start()
-        assert self.subscribed.wait(10), "collector did not subscribe"
-
-    def _on_message(self, client, userdata, msg):
-        """Runs on the collector's paho network thread."""
-        with self.lock:
-            self.msgs.append((msg.topic, json.loads(msg.payload), bool(msg.retain)))
+        super().__init__(broker.host, broker.port, topic)
 
     def of(self, suffix):
-        with self.lock:
-            return [b for t, b, _ in self.msgs if t.endswith(suffix)]
+        return [b for b in self.bodies(suffix)]
 
     def wait(self, cond, timeout=90.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            time.sleep(0.05)
-        return False
-
-    def close(self):
-        self.c.disconnect()
-        self.c.loop_stop()
+        return wait_until(cond, timeout)
 
 
 def publisher(broker):

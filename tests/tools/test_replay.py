@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from gapcast.tools.collector import Recorder, wait_until
 from gapcast.tools.replay import (
     Outage,
     ReplayError,
@@ -214,37 +214,16 @@ def test_plan_real_station_keeps_every_real_na(beijing):
 # ------------------------------------------------------------------------------------------------- broker
 
 
-class _Collector:
-    """Subscribes to the readings topics and keeps (topic, payload) in arrival order."""
+class _Collector(Recorder):
+    """The shared recorder on the readings topics, returning (topic, payload) in arrival order."""
 
     def __init__(self, broker, prefix: str = "gapcast/v1") -> None:
-        import paho.mqtt.client as mqtt
-
-        self.messages: list[tuple[str, dict]] = []
-        self._ready = threading.Event()
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{prefix}/stations/+/readings", qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._ready.wait(10), "subscription not acknowledged"
-
-    def _on_message(self, client, userdata, msg):  # paho network thread
-        with self._lock:
-            self.messages.append((msg.topic, json.loads(msg.payload)))
+        super().__init__(broker.host, broker.port, f"{prefix}/stations/+/readings")
 
     def wait_for(self, n: int, timeout_s: float = 20.0) -> list[tuple[str, dict]]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.messages) >= n:
-                    break
-            time.sleep(0.02)
-        self.client.disconnect()
-        self.client.loop_stop()
-        return list(self.messages)
+        wait_until(lambda: self.count() >= n, timeout_s)
+        self.close()
+        return [(m.topic, m.body) for m in self.messages()]
 
 
 @pytest.mark.broker
