@@ -1,0 +1,311 @@
+"""Online forecast skill and drift: is the model still beating a naive guess on live data? Pure: no I/O, no clock.
+
+For every forecast the agent issues, :meth:`SkillTracker.issue` keeps the model's H steps and what persistence
+(the last observed value of each channel at the forecast origin, LOCF) would have said. When the real reading of a
+step arrives (:meth:`SkillTracker.observe`), every pending forecast that covered that step is scored: the absolute
+error of the model, of persistence and of seasonal naive (the observed value one season earlier, from the same
+window) on the channels where all three have a value and the truth was observed — the same steps for every method.
+
+Errors are divided by each channel's scale (the card's normalisation std), so channels add up, and summed per
+station x horizon bucket x channel x method into time bins of the rolling span (default 7 days in ``n_bins`` bins
+of event time). Memory: the sums are O(stations x buckets x channels x bins); pending forecasts are at most H per
+station (float16, H x C each).
+
+Drift: a station's skill ratio is model MAE / min(persistence MAE, seasonal MAE) over the span and all buckets;
+when it stays above 1 (worse than the better naive method) for longer than ``drift_after_s`` with at least
+``min_count`` scored values, the station is in drift until the ratio comes back under 1.
+
+Skill scores as in forecast verification practice (Murphy 1988, "Skill scores based on the mean square error"):
+a skill score of 1 - MAE_model / MAE_reference, reference = the better naive method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gapcast.duration import format_duration
+
+__all__ = ["METHODS", "SkillSettings", "SkillTracker", "horizon_buckets"]
+
+METHODS = ("model", "persistence", "seasonal_naive")
+
+
+def horizon_buckets(horizon: int, cadence_s: float) -> list[tuple[str, int, int]]:
+    """Horizon buckets as ``(label, first_step, last_step)`` (1-based, inclusive), labelled with durations.
+
+    For an hourly 24-step horizon: ``[("1h-6h", 1, 6), ("7h-24h", 7, 24)]``; the first bucket covers the first
+    quarter of the horizon (at least one step), the second the rest.
+
+    Args:
+        horizon: H, steps (>= 1).
+        cadence_s: seconds per step.
+    """
+    cut = max(1, horizon // 4)
+    out = [(_span_label(cadence_s, cut * cadence_s), 1, cut)]
+    if horizon > cut:
+        out.append((_span_label((cut + 1) * cadence_s, horizon * cadence_s), cut + 1, horizon))
+    return out
+
+
+def _span_label(lo_s: float, hi_s: float) -> str:
+    """``"7h-24h"``: both ends in the largest unit that divides both (days only beyond 48 h)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if (unit != "d" or hi_s > 48 * 3600) and lo_s % size == 0 and hi_s % size == 0:
+            return f"{int(lo_s // size)}{unit}-{int(hi_s // size)}{unit}"
+    return f"{format_duration(lo_s)}-{format_duration(hi_s)}"
+
+
+@dataclass(frozen=True)
+class SkillSettings:
+    """Attributes:
+        span_s: the rolling span, seconds of event time (default 7 days).
+        n_bins: time bins in the span (the span rolls one bin at a time).
+        drift_after_s: how long a station must stay worse than the better naive method before drift is raised.
+        min_count: scored values a station needs in the span before its ratio counts.
+        season_steps: seasonal naive's season in steps (0 = no seasonal naive: persistence is the reference).
+    """
+
+    span_s: float = 7 * 86400.0
+    n_bins: int = 7
+    drift_after_s: float = 86400.0
+    min_count: int = 200
+    season_steps: int = 0
+
+
+class _Station:
+    __slots__ = ("bin_ids", "counts", "pending", "sums", "worse_since_s")
+
+    def __init__(self, n_bins: int, n_buckets: int, channels: int) -> None:
+        self.sums = np.zeros((n_bins, n_buckets, channels, len(METHODS)), dtype=np.float64)
+        self.counts = np.zeros((n_bins, n_buckets, channels), dtype=np.int64)
+        self.bin_ids = np.full(n_bins, -1, dtype=np.int64)
+        # origin step -> (model forecast [H, C] float16, persistence [C] float16 with NaN where never observed)
+        self.pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.worse_since_s: float | None = None
+
+
+class SkillTracker:
+    """Rolling forecast skill per station against persistence and seasonal naive, and drift detection.
+
+    Args:
+        channels: channel names (C).
+        scale: [C] float, positive: what an error is divided by (the card's std).
+        horizon: H, steps.
+        cadence_s: seconds per step.
+        settings: :class:`SkillSettings`.
+
+    Raises:
+        ValueError: scale not positive or of the wrong length.
+    """
+
+    def __init__(
+        self, channels: list[str] | tuple[str, ...], scale: np.ndarray, horizon: int, cadence_s: float,
+        settings: SkillSettings | None = None,
+    ) -> None:
+        self.channels = tuple(channels)
+        self.scale = np.asarray(scale, dtype=np.float64)
+        if self.scale.shape != (len(self.channels),) or not (self.scale > 0).all():
+            msg = f"scale must be {len(self.channels)} positive values, got {self.scale!r}"
+            raise ValueError(msg)
+        self.H, self.cadence_s = int(horizon), float(cadence_s)
+        self.settings = settings or SkillSettings()
+        self.buckets = horizon_buckets(self.H, self.cadence_s)
+        self._bucket_of = np.zeros(self.H + 1, dtype=np.int64)
+        for k, (_, lo, hi) in enumerate(self.buckets):
+            self._bucket_of[lo : hi + 1] = k
+        self.bin_s = self.settings.span_s / self.settings.n_bins
+        self.stations: dict[str, _Station] = {}
+
+    def _station(self, name: str) -> _Station:
+        st = self.stations.get(name)
+        if st is None:
+            st = self.stations[name] = _Station(self.settings.n_bins, len(self.buckets), len(self.channels))
+        return st
+
+    # -- the two verbs -----------------------------------------------------------------------------------------
+
+    def issue(self, station: str, origin_step: int, forecast: np.ndarray, last_value: np.ndarray) -> None:
+        """Remember a forecast issued at ``origin_step`` for steps origin+1 .. origin+H.
+
+        Args:
+            station: station name.
+            origin_step: the step index (epoch seconds / cadence) of the newest step in the window.
+            forecast: [H, C] float, physical units.
+            last_value: [C] float, the last observed value of each channel in the window (NaN = never observed).
+        """
+        st = self._station(station)
+        st.pending[int(origin_step)] = (
+            np.asarray(forecast, dtype=np.float16), np.asarray(last_value, dtype=np.float16),
+        )
+        for o in [o for o in st.pending if o <= origin_step - self.H]:
+            del st.pending[o]
+
+    def observe(
+        self, station: str, step: int, truth: np.ndarray, observed: np.ndarray, seasonal: np.ndarray | None = None,
+        seasonal_observed: np.ndarray | None = None,
+    ) -> int:
+        """Score every pending forecast that covered ``step`` against the reading of that step.
+
+        Args:
+            station: station name.
+            step: the step index of the closed step.
+            truth: [C] float, physical units.
+            observed: [C] bool, which channels were really observed at ``step``.
+            seasonal: [C] float, the value one season earlier (seasonal naive's prediction); None = not available.
+            seasonal_observed: [C] bool for ``seasonal``.
+
+        Returns:
+            How many (forecast, channel) values were scored.
+        """
+        st = self.stations.get(station)
+        if st is None or not st.pending:
+            return 0
+        truth = np.asarray(truth, dtype=np.float64)
+        ok_truth = np.asarray(observed, dtype=bool) & np.isfinite(truth)
+        if self.settings.season_steps and seasonal is not None and seasonal_observed is not None:
+            seas = np.asarray(seasonal, dtype=np.float64)
+            ok_seas = np.asarray(seasonal_observed, dtype=bool) & np.isfinite(seas)
+        else:
+            seas, ok_seas = None, np.ones_like(ok_truth)
+        row = self._bin_row(st, step)
+        n = 0
+        for origin, (fc, last) in st.pending.items():
+            h = step - origin
+            if not 1 <= h <= self.H:
+                continue
+            model = fc[h - 1].astype(np.float64)
+            pers = last.astype(np.float64)
+            ok = ok_truth & ok_seas & np.isfinite(pers) & np.isfinite(model)
+            if not ok.any():
+                continue
+            k = self._bucket_of[h]
+            err = np.stack(
+                [np.abs(model - truth), np.abs(pers - truth), np.abs((seas if seas is not None else pers) - truth)],
+                axis=-1,
+            ) / self.scale[:, None]
+            st.sums[row, k][ok] += err[ok]
+            st.counts[row, k][ok] += 1
+            n += int(ok.sum())
+        return n
+
+    def _bin_row(self, st: _Station, step: int) -> int:
+        bin_id = int(math.floor(step * self.cadence_s / self.bin_s))
+        row = bin_id % self.settings.n_bins
+        if st.bin_ids[row] != bin_id:
+            if st.bin_ids[row] > bin_id:  # an older bin than the one held: out of the span, counted nowhere
+                return row
+            st.sums[row] = 0.0
+            st.counts[row] = 0
+            st.bin_ids[row] = bin_id
+        return row
+
+    # -- reading the figures ---------------------------------------------------------------------------------
+
+    def _live_rows(self, st: _Station) -> np.ndarray:
+        newest = int(st.bin_ids.max())
+        return (st.bin_ids >= 0) & (st.bin_ids > newest - self.settings.n_bins)
+
+    def station_mae(self, station: str) -> dict[str, Any]:
+        """Rolling MAE (normalised units) per bucket and method for one station, and the counts.
+
+        Returns:
+            ``{"buckets": {label: {"model": .., "persistence": .., "seasonal_naive": .., "n": ..}}, "ratio": ..,
+            "n": ..}``; a method with no scored value is None; ``ratio`` = model / better naive (None if no data).
+        """
+        st = self.stations.get(station)
+        out: dict[str, Any] = {"buckets": {}, "ratio": None, "n": 0}
+        if st is None:
+            return out
+        live = self._live_rows(st)
+        sums = st.sums[live].sum(axis=(0, 2))  # [buckets, methods]
+        counts = st.counts[live].sum(axis=(0, 2))  # [buckets]
+        for k, (label, _, _) in enumerate(self.buckets):
+            c = int(counts[k])
+            out["buckets"][label] = {m: (float(sums[k, i] / c) if c else None) for i, m in enumerate(METHODS)}
+            out["buckets"][label]["n"] = c
+        total = int(counts.sum())
+        out["n"] = total
+        if total:
+            tot = sums.sum(axis=0)
+            ref = tot[1] if not self.settings.season_steps else min(tot[1], tot[2])
+            out["ratio"] = float(tot[0] / ref) if ref > 0 else None
+        return out
+
+    def check_drift(self, station: str, now_event_s: float) -> dict[str, Any] | None:
+        """Update and return the station's drift state at event time ``now_event_s`` (seconds).
+
+        Returns:
+            None when the station is not in drift; else the evidence: ``{"station", "ratio", "n", "since_s",
+            "for_s", "buckets"}``.
+        """
+        st = self.stations.get(station)
+        if st is None:
+            return None
+        figs = self.station_mae(station)
+        ratio = figs["ratio"]
+        if ratio is None or figs["n"] < self.settings.min_count or ratio <= 1.0:
+            st.worse_since_s = None
+            return None
+        if st.worse_since_s is None:
+            st.worse_since_s = float(now_event_s)
+        held = float(now_event_s) - st.worse_since_s
+        if held < self.settings.drift_after_s:
+            return None
+        return {"station": station, "ratio": ratio, "n": figs["n"], "since_s": st.worse_since_s, "for_s": held,
+                "buckets": figs["buckets"]}
+
+    def summary(self) -> dict[str, Any]:
+        """Gateway-wide rolling MAE per bucket and method (all stations pooled), for status and metrics."""
+        sums = np.zeros((len(self.buckets), len(METHODS)))
+        counts = np.zeros(len(self.buckets), dtype=np.int64)
+        for st in self.stations.values():
+            if (st.bin_ids < 0).all():
+                continue
+            live = self._live_rows(st)
+            sums += st.sums[live].sum(axis=(0, 2))
+            counts += st.counts[live].sum(axis=(0, 2))
+        out: dict[str, Any] = {"span": format_duration(self.settings.span_s), "buckets": {}}
+        for k, (label, _, _) in enumerate(self.buckets):
+            c = int(counts[k])
+            out["buckets"][label] = {m: (float(sums[k, i] / c) if c else None) for i, m in enumerate(METHODS)}
+            out["buckets"][label]["n"] = c
+        return out
+
+    # -- snapshots ---------------------------------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every station's sums, counts, bins and pending forecasts as plain arrays (for the window snapshot)."""
+        out = {}
+        for name, st in self.stations.items():
+            origins = np.array(sorted(st.pending), dtype=np.int64)
+            out[name] = {
+                "sums": st.sums, "counts": st.counts, "bin_ids": st.bin_ids,
+                "origins": origins,
+                "fc": np.stack([st.pending[o][0] for o in origins]) if len(origins) else
+                np.zeros((0, self.H, len(self.channels)), np.float16),
+                "last": np.stack([st.pending[o][1] for o in origins]) if len(origins) else
+                np.zeros((0, len(self.channels)), np.float16),
+                "worse_since_s": np.array([np.nan if st.worse_since_s is None else st.worse_since_s]),
+            }
+        return out
+
+    def restore_state(self, state: dict[str, dict[str, np.ndarray]]) -> int:
+        """Restore what :meth:`export_state` wrote; a station whose shapes do not fit is skipped. Returns the count."""
+        n = 0
+        for name, a in state.items():
+            st = _Station(self.settings.n_bins, len(self.buckets), len(self.channels))
+            if a["sums"].shape != st.sums.shape or a["fc"].shape[1:] != (self.H, len(self.channels)):
+                continue
+            st.sums[...] = a["sums"]
+            st.counts[...] = a["counts"]
+            st.bin_ids[...] = a["bin_ids"]
+            st.pending = {int(o): (a["fc"][i], a["last"][i]) for i, o in enumerate(a["origins"])}
+            ws = float(a["worse_since_s"][0])
+            st.worse_since_s = None if math.isnan(ws) else ws
+            self.stations[name] = st
+            n += 1
+        return n
