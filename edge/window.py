@@ -6,8 +6,10 @@ in preallocated numpy ring buffers, so merging a reading is O(C) and allocation-
 
 Rules (docs/ARCHITECTURE.md, "Contracts", time):
 
-- partial readings (any subset of channels) merge into their step; within a step the value with the newest
-  timestamp wins per channel, and an equal timestamp replaces (so a duplicate is idempotent);
+- partial readings (any subset of channels) merge into their step; several readings of one channel inside one
+  step are combined by the channel's rule (``WindowSpec.aggregate``): ``last`` (the newest timestamp wins; the
+  default of a bare spec), ``mean`` or ``sum`` over the readings' distinct timestamps. In every rule a reading
+  with the same timestamp as one already merged replaces it, so a QoS 1 redelivery is idempotent;
 - a reading for a newer step opens it; every step before it becomes due for closing;
 - a reading for a step that is already closed is accepted while ``step end + lateness_s`` is still ahead of the
   station's reference time (its newest reading, or the clock that closed a silent step): the step is updated and
@@ -41,6 +43,11 @@ class WindowSpec:
         lateness_s: grace for late readings and for closing a silent station's step, seconds.
         max_pending: steps that may be open (not yet closed) at once beyond the lookback; a reading further ahead
             makes the agent close the older steps first. The ring holds ``lookback + max_pending`` steps.
+        aggregate: [C] rule per channel for several readings inside one step: ``last``, ``mean`` or ``sum``
+            (empty: ``last`` for every channel).
+        max_readings_per_step: most distinct reading times of one channel inside one step under ``mean`` /
+            ``sum`` (each is remembered while the step can still change, to make redeliveries idempotent); a
+            reading beyond it is rejected as ``too_many_readings``.
     """
 
     cadence_s: int
@@ -48,6 +55,8 @@ class WindowSpec:
     channels: int
     lateness_s: float = 300.0
     max_pending: int = 48
+    aggregate: tuple[str, ...] = ()
+    max_readings_per_step: int = 1440
 
     def __post_init__(self) -> None:
         if self.cadence_s <= 0 or self.lookback <= 0 or self.channels <= 0 or self.max_pending <= 0:
@@ -55,6 +64,14 @@ class WindowSpec:
             raise ValueError(msg)
         if self.lateness_s < 0:
             msg = f"lateness_s must be >= 0, got {self.lateness_s}"
+            raise ValueError(msg)
+        if self.aggregate and (
+            len(self.aggregate) != self.channels or any(a not in ("last", "mean", "sum") for a in self.aggregate)
+        ):
+            msg = f"aggregate needs one of last|mean|sum per channel ({self.channels}), got {self.aggregate}"
+            raise ValueError(msg)
+        if self.max_readings_per_step < 1:
+            msg = f"max_readings_per_step must be >= 1, got {self.max_readings_per_step}"
             raise ValueError(msg)
 
     @property
@@ -74,7 +91,8 @@ class MergeResult:
     Attributes:
         accepted: the reading was merged (False: rejected, see ``reason``).
         kind: ``new`` (opened a newer step), ``current`` (an open step), ``late`` (a closed step, revision queued),
-            ``duplicate`` (changed nothing), or the rejection kind ``too_old`` / ``too_late``.
+            ``duplicate`` (changed nothing), or the rejection kind ``too_old`` / ``too_late`` /
+            ``too_many_readings``.
         reason: human-readable rejection reason ("" when accepted).
         step: the reading's step index.
     """
@@ -113,6 +131,12 @@ class StationWindow:
         self.gap_start: int | None = None
         self.revise_lo: int | None = None
         self.revise_hi: int | None = None
+        # mean/sum channels: step -> channel -> {offset s: value} for every (step, channel) that got two or more
+        # distinct reading times, kept while the step can still change (open, or closed within lateness).
+        self._parts: dict[int, dict[int, dict[float, float]]] = {}
+        agg = spec.aggregate or ("last",) * C
+        self._combine = np.array([a != "last" for a in agg], dtype=bool)  # [C] True: mean or sum
+        self._sum = np.array([a == "sum" for a in agg], dtype=bool)
 
     # -- ring bookkeeping ------------------------------------------------------------------------------------
 
@@ -123,6 +147,8 @@ class StationWindow:
         first = max(self.head + 1, k - R + 1)
         for j in range(first, k + 1):
             s = j % R
+            if self._parts:
+                self._parts.pop(int(self.step_at[s]), None)
             self.values[s] = np.nan
             self.observed[s] = False
             self.offset[s] = -1.0
@@ -202,9 +228,23 @@ class StationWindow:
         s = k % spec.capacity
         off = np.float32(ts_s - k * spec.cadence_s)
         row_off, row_val, row_obs = self.offset[s], self.values[s], self.observed[s]  # views into the ring
-        # Newest reading within the step wins per channel; an equal time replaces (idempotent duplicates).
+        combine = observed & self._combine
+        if combine.any():
+            changed = self._combine_into(k, s, float(off), values, combine)
+            if changed is None:
+                return MergeResult(
+                    False,
+                    "too_many_readings",
+                    f"step {_iso(k * spec.cadence_s)} already holds {spec.max_readings_per_step} readings of a "
+                    "mean/sum channel (max_readings_per_step)",
+                    k,
+                )
+            observed = observed & ~self._combine
+        else:
+            changed = False
+        # "last": the newest reading within the step wins per channel; an equal time replaces (idempotent).
         take = observed & (row_off <= off)
-        changed = bool((take & ((row_val != values) | ~row_obs | (row_off != off))).any())
+        changed = bool((take & ((row_val != values) | ~row_obs | (row_off != off))).any()) or changed
         np.copyto(row_val, values, where=take)
         row_obs |= take
         np.copyto(row_off, off, where=take)
@@ -219,6 +259,51 @@ class StationWindow:
         elif not changed and was_touched:
             return MergeResult(True, "duplicate", "", k)
         return MergeResult(True, kind, "", k)
+
+    def _combine_into(self, k: int, s: int, off: float, values: np.ndarray, which: np.ndarray) -> bool | None:
+        """Merge the ``which`` channels (mean/sum rules) of a reading at offset ``off`` into step ``k`` (slot ``s``).
+
+        Returns:
+            Whether the step changed; None when a channel is full (nothing merged, see ``max_readings_per_step``).
+        """
+        cap = self.spec.max_readings_per_step
+        step_parts = self._parts.get(k, {})
+        idx = np.flatnonzero(which)
+        for i in idx:  # check first: a rejected reading changes nothing
+            p = step_parts.get(int(i))
+            n = len(p) if p is not None else int(self.observed[s, i])
+            if n >= cap and (p is None or off not in p) and not (p is None and float(self.offset[s, i]) == off):
+                return None
+        changed = False
+        for i in idx:
+            i = int(i)
+            x = float(values[i])
+            p = step_parts.get(i)
+            if p is None:
+                if not self.observed[s, i] or float(self.offset[s, i]) == off:
+                    # The first reading time of this channel in the step (or the same one again): a plain value.
+                    changed |= not (self.observed[s, i] and self.values[s, i] == np.float32(x))
+                    self.values[s, i] = x
+                    self.observed[s, i] = True
+                    self.offset[s, i] = off
+                    continue
+                p = {float(self.offset[s, i]): float(self.values[s, i])}
+                step_parts = self._parts.setdefault(k, step_parts)
+                step_parts[i] = p
+            new_time = off not in p
+            p[off] = float(np.float32(x))
+            total = math.fsum(p.values())
+            agg = np.float32(total if self._sum[i] else total / len(p))
+            changed |= new_time or bool(agg != self.values[s, i])
+            self.values[s, i] = agg
+            self.offset[s, i] = max(float(self.offset[s, i]), off)
+        return changed
+
+    def _prune_parts(self) -> None:
+        """Forget the reading times of steps that can no longer change (closed, and end + lateness passed)."""
+        cad, late = self.spec.cadence_s, self.spec.lateness_s
+        for k in [k for k in self._parts if self.closed is not None and k <= self.closed and (k + 1) * cad + late <= self.ref_s]:
+            del self._parts[k]
 
     def needs_close_before(self, ts_s: float) -> int | None:
         """The step the agent must close through before merging a reading at ``ts_s`` (None: nothing to do)."""
@@ -297,6 +382,8 @@ class StationWindow:
         self.closed = k
         if clock_s is not None:
             self.ref_s = max(self.ref_s, float(clock_s))
+        if self._parts:
+            self._prune_parts()
         complete = bool(self.observed[k % self.spec.capacity].all()) and self.holds(k)
         if not complete:
             if self.gap_start is None:
@@ -337,6 +424,10 @@ class StationWindow:
             "revise_hi": self.revise_hi,
             "last_published_step_s": None if self.closed is None else self.closed * cad,
         }
+        if self._parts:  # mean/sum reading times of steps that can still change: [[step, channel, [[off, v]...]]]
+            meta["parts"] = [
+                [k, i, [[o, v] for o, v in sorted(p.items())]] for k, ch in sorted(self._parts.items()) for i, p in sorted(ch.items())
+            ]
         return arrays, meta
 
     @classmethod
@@ -360,6 +451,8 @@ class StationWindow:
         for k in ("gap_start", "revise_lo", "revise_hi"):
             v = meta.get(k)
             setattr(w, k, None if v is None else int(v))  # type: ignore[arg-type]
+        for k, i, parts in meta.get("parts") or ():  # type: ignore[union-attr]
+            w._parts.setdefault(int(k), {})[int(i)] = {float(o): float(v) for o, v in parts}
         return w
 
 
