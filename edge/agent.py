@@ -379,7 +379,7 @@ class AgentCore:
         for name in names:
             w = self.windows[name]
             d = w.due_through(clock)
-            if d is not None or w.revise_lo is not None:
+            if d is not None or w.has_revision:
                 targets[name] = d
         self._due.clear()
         if not targets:
@@ -400,41 +400,30 @@ class AgentCore:
         for name, through in remaining.items():
             w = self.windows[name]
             if through is not None and w.closed is not None and through - w.closed > self.settings.max_catchup_steps:
-                skip = through - w.closed - self.settings.max_catchup_steps
-                new_closed = w.closed + skip
+                first = w.closed + 1
+                skip = w.skip_to(through - self.settings.max_catchup_steps)
                 log.warning(
                     "station %s: %d steps (%s .. %s) are beyond max_catchup_steps; skipped, not published",
-                    name, skip, iso((w.closed + 1) * self.cadence_s), iso(new_closed * self.cadence_s),
+                    name, skip, iso(first * self.cadence_s), iso((first + skip - 1) * self.cadence_s),
                 )
                 self.counters["steps_skipped"] += skip
-                if new_closed >= (w.head or new_closed):
-                    w.start(new_closed + 1)
-                else:  # pragma: no cover - head - closed <= max_pending < skip makes this unreachable
-                    w.closed = new_closed
-                w.gap_start = None
         while remaining:
             rows: list[_Row] = []
             nxt: dict[str, int | None] = {}
             for name, through in remaining.items():
                 w = self.windows[name]
-                assert w.closed is not None and w.head is not None
-                head_before = w.head
-                last = w.closed
-                if through is not None and through > w.closed:
-                    last = min(through, w.closed + P)
-                    w.advance_to(last)
-                    for j in range(w.closed + 1, last + 1):
-                        if not w.step_touched(j):
-                            self.missing["missing_step"] += 1
-                        gap = w.mark_closed(j, clock if j >= head_before else None)
-                        row = _Row(name, j, fill=True)
-                        if gap is not None:
-                            row.revisions.append((gap[0], gap[1], "gap_end"))
-                        rows.append(row)
-                    if last < through:
-                        nxt[name] = through
-                        continue
-                late = w.take_revision()
+                closing = w.close_due(through, clock, P)
+                for st in closing.steps:
+                    if not st.touched:
+                        self.missing["missing_step"] += 1
+                    row = _Row(name, st.step, fill=True)
+                    if st.gap is not None:
+                        row.revisions.append((st.gap[0], st.gap[1], "gap_end"))
+                    rows.append(row)
+                if not closing.done:
+                    nxt[name] = through
+                    continue
+                late = closing.revision
                 if late is not None:
                     if rows and rows[-1].station == name and rows[-1].end == w.closed:
                         rows[-1].revisions.append((late[0], late[1], "late_reading"))

@@ -29,7 +29,7 @@ import numpy as np
 
 from gapcast.timefmt import format_rfc3339
 
-__all__ = ["MergeResult", "StationWindow", "WindowSpec"]
+__all__ = ["ClosedStep", "Closing", "MergeResult", "StationWindow", "WindowSpec"]
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,53 @@ class MergeResult:
     step: int
 
 
+@dataclass(frozen=True)
+class ClosedStep:
+    """One step :meth:`StationWindow.close_due` closed.
+
+    Attributes:
+        step: its index.
+        touched: a reading (even an all-missing one) arrived for it (False: a missing step).
+        gap: ``(first, last)`` of the run of incomplete steps this complete step ended, or None.
+    """
+
+    step: int
+    touched: bool
+    gap: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class Closing:
+    """What :meth:`StationWindow.close_due` did.
+
+    Attributes:
+        steps: the steps closed, oldest first.
+        revision: ``(first, last)`` closed steps updated by late readings, to be revised (None: none, or not
+            caught up yet).
+        done: caught up with ``through`` (False: call again for the rest).
+    """
+
+    steps: tuple[ClosedStep, ...]
+    revision: tuple[int, int] | None
+    done: bool
+
+
 class StationWindow:
     """A station's ring of the most recent ``lookback + max_pending`` steps.
 
     Args:
         spec: the shared :class:`WindowSpec`.
 
+    The agent uses four verbs: :meth:`merge` (a reading), :meth:`close_due` (close steps, with the gaps they end and
+    the late-reading revision), :meth:`skip_to` (drop a backlog unpublished) and :meth:`view` (the L steps a model
+    reads). The cursors below are read-only: only the window moves them.
+
     Attributes:
         head: newest opened step index (None before the first reading).
         closed: newest closed step index (None before the first reading).
         ref_s: lateness reference, seconds: the newest reading time or clock time that closed a step.
         gap_start: first step of the current run of closed steps with an unobserved channel (None: no gap open).
-        revise_lo, revise_hi: closed steps updated by late readings and waiting for a revision (None: none).
+        has_revision: closed steps were updated by late readings and wait for a revision.
     """
 
     def __init__(self, spec: WindowSpec) -> None:
@@ -125,12 +160,12 @@ class StationWindow:
         self.offset = np.full((R, C), -1.0, dtype=np.float32)  # reading time within the step, s; -1 = none
         self.touched = np.zeros(R, dtype=bool)  # any reading (even all-missing) arrived for the step
         self.step_at = np.full(R, np.iinfo(np.int64).min, dtype=np.int64)  # which step a slot holds
-        self.head: int | None = None
-        self.closed: int | None = None
-        self.ref_s: float = -math.inf
-        self.gap_start: int | None = None
-        self.revise_lo: int | None = None
-        self.revise_hi: int | None = None
+        self._head: int | None = None
+        self._closed: int | None = None
+        self._ref_s: float = -math.inf
+        self._gap_start: int | None = None
+        self._revise_lo: int | None = None
+        self._revise_hi: int | None = None
         # mean/sum channels: step -> channel -> {offset s: value} for every (step, channel) that got two or more
         # distinct reading times, kept while the step can still change (open, or closed within lateness).
         self._parts: dict[int, dict[int, dict[float, float]]] = {}
@@ -138,13 +173,33 @@ class StationWindow:
         self._combine = np.array([a != "last" for a in agg], dtype=bool)  # [C] True: mean or sum
         self._sum = np.array([a == "sum" for a in agg], dtype=bool)
 
+    @property
+    def head(self) -> int | None:
+        return self._head
+
+    @property
+    def closed(self) -> int | None:
+        return self._closed
+
+    @property
+    def ref_s(self) -> float:
+        return self._ref_s
+
+    @property
+    def gap_start(self) -> int | None:
+        return self._gap_start
+
+    @property
+    def has_revision(self) -> bool:
+        return self._revise_lo is not None
+
     # -- ring bookkeeping ------------------------------------------------------------------------------------
 
     def _open_through(self, k: int) -> None:
         """Open steps head+1..k as empty (clearing their slots)."""
         R = self.spec.capacity
-        assert self.head is not None
-        first = max(self.head + 1, k - R + 1)
+        assert self._head is not None
+        first = max(self._head + 1, k - R + 1)
         for j in range(first, k + 1):
             s = j % R
             if self._parts:
@@ -154,12 +209,12 @@ class StationWindow:
             self.offset[s] = -1.0
             self.touched[s] = False
             self.step_at[s] = j
-        self.head = max(self.head, k)
+        self._head = max(self._head, k)
 
     def start(self, k: int) -> None:
         """Initialise an empty window whose first open step is ``k`` (steps before it are closed and empty)."""
-        self.head = k - 1
-        self.closed = k - 1
+        self._head = k - 1
+        self._closed = k - 1
         self._open_through(k)
 
     def holds(self, k: int) -> bool:
@@ -169,9 +224,9 @@ class StationWindow:
     @property
     def pending(self) -> int:
         """Open steps not yet closed (head - closed)."""
-        if self.head is None or self.closed is None:
+        if self._head is None or self._closed is None:
             return 0
-        return self.head - self.closed
+        return self._head - self._closed
 
     # -- readings --------------------------------------------------------------------------------------------
 
@@ -192,34 +247,34 @@ class StationWindow:
         """
         spec = self.spec
         k = spec.step_of(ts_s)
-        first = self.head is None
+        first = self._head is None
         if first:
             self.start(k)
-        assert self.head is not None and self.closed is not None
-        if k > self.head:
-            if k - self.closed > spec.max_pending:
-                msg = f"step {k} is {k - self.closed} steps past the last closed one; close older steps first"
+        assert self._head is not None and self._closed is not None
+        if k > self._head:
+            if k - self._closed > spec.max_pending:
+                msg = f"step {k} is {k - self._closed} steps past the last closed one; close older steps first"
                 raise ValueError(msg)
             self._open_through(k)
             kind = "new"
         elif first:
             kind = "new"
-        elif not self.holds(k) or k <= self.head - spec.capacity:
+        elif not self.holds(k) or k <= self._head - spec.capacity:
             return MergeResult(
                 False,
                 "too_old",
                 f"step {_iso(k * spec.cadence_s)} is older than the window (oldest held "
-                f"{_iso((self.head - spec.capacity + 1) * spec.cadence_s)})",
+                f"{_iso((self._head - spec.capacity + 1) * spec.cadence_s)})",
                 k,
             )
-        elif k <= self.closed:
+        elif k <= self._closed:
             end = (k + 1) * spec.cadence_s
-            if end + spec.lateness_s <= self.ref_s:
+            if end + spec.lateness_s <= self._ref_s:
                 return MergeResult(
                     False,
                     "too_late",
                     f"step {_iso(k * spec.cadence_s)} closed; its end + lateness {spec.lateness_s:g} s "
-                    f"passed {self.ref_s - end - spec.lateness_s:g} s ago",
+                    f"passed {self._ref_s - end - spec.lateness_s:g} s ago",
                     k,
                 )
             kind = "late"
@@ -250,12 +305,12 @@ class StationWindow:
         np.copyto(row_off, off, where=take)
         was_touched = bool(self.touched[s])
         self.touched[s] = True
-        self.ref_s = max(self.ref_s, float(ts_s))
+        self._ref_s = max(self._ref_s, float(ts_s))
         if kind == "late":
             if not changed:
                 return MergeResult(True, "duplicate", "", k)
-            self.revise_lo = k if self.revise_lo is None else min(self.revise_lo, k)
-            self.revise_hi = k if self.revise_hi is None else max(self.revise_hi, k)
+            self._revise_lo = k if self._revise_lo is None else min(self._revise_lo, k)
+            self._revise_hi = k if self._revise_hi is None else max(self._revise_hi, k)
         elif not changed and was_touched:
             return MergeResult(True, "duplicate", "", k)
         return MergeResult(True, kind, "", k)
@@ -302,15 +357,15 @@ class StationWindow:
     def _prune_parts(self) -> None:
         """Forget the reading times of steps that can no longer change (closed, and end + lateness passed)."""
         cad, late = self.spec.cadence_s, self.spec.lateness_s
-        for k in [k for k in self._parts if self.closed is not None and k <= self.closed and (k + 1) * cad + late <= self.ref_s]:
+        for k in [k for k in self._parts if self._closed is not None and k <= self._closed and (k + 1) * cad + late <= self._ref_s]:
             del self._parts[k]
 
     def needs_close_before(self, ts_s: float) -> int | None:
         """The step the agent must close through before merging a reading at ``ts_s`` (None: nothing to do)."""
-        if self.closed is None:
+        if self._closed is None:
             return None
         k = self.spec.step_of(ts_s)
-        if k - self.closed > self.spec.max_pending:
+        if k - self._closed > self.spec.max_pending:
             return k - 1
         return None
 
@@ -326,17 +381,17 @@ class StationWindow:
         Returns:
             The step index to close through, or None when nothing is due.
         """
-        if self.head is None or self.closed is None:
+        if self._head is None or self._closed is None:
             return None
-        due = self.head - 1
+        due = self._head - 1
         if clock_s is not None:
             due = max(due, int(math.floor((clock_s - self.spec.lateness_s) / self.spec.cadence_s)) - 1)
-        return due if due > self.closed else None
+        return due if due > self._closed else None
 
     def advance_to(self, k: int) -> None:
         """Make sure step ``k`` is open (a silent station's steps are opened empty as the clock passes them)."""
-        assert self.head is not None
-        if k > self.head:
+        assert self._head is not None
+        if k > self._head:
             self._open_through(k)
 
     def view(self, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -378,29 +433,75 @@ class StationWindow:
             ``(first, last)`` of a gap that this complete step ended (the run of incomplete steps just before it),
             or None.
         """
-        assert self.closed is not None and k == self.closed + 1, (k, self.closed)
-        self.closed = k
+        assert self._closed is not None and k == self._closed + 1, (k, self._closed)
+        self._closed = k
         if clock_s is not None:
-            self.ref_s = max(self.ref_s, float(clock_s))
+            self._ref_s = max(self._ref_s, float(clock_s))
         if self._parts:
             self._prune_parts()
         complete = bool(self.observed[k % self.spec.capacity].all()) and self.holds(k)
         if not complete:
-            if self.gap_start is None:
-                self.gap_start = k
+            if self._gap_start is None:
+                self._gap_start = k
             return None
-        if self.gap_start is not None:
-            gap = (self.gap_start, k - 1)
-            self.gap_start = None
+        if self._gap_start is not None:
+            gap = (self._gap_start, k - 1)
+            self._gap_start = None
             return gap
         return None
 
+    def close_due(self, through: int | None, clock_s: float | None, max_steps: int) -> Closing:
+        """Close the steps after :attr:`closed` through ``through``, at most ``max_steps`` of them (so every window
+        a model reads is still in the ring); silent steps are opened empty. Once caught up, the range of closed
+        steps that late readings updated is taken too.
+
+        Args:
+            through: the last step to close (None: none, only a pending revision).
+            clock_s: the clock that made the steps due, seconds (it becomes the lateness reference for the steps
+                no reading had opened); None when readings closed them.
+            max_steps: most steps closed in this call.
+
+        Returns:
+            A :class:`Closing`.
+        """
+        assert self._closed is not None and self._head is not None
+        steps: list[ClosedStep] = []
+        if through is not None and through > self._closed:
+            head_before = self._head
+            last = min(through, self._closed + max_steps)
+            self.advance_to(last)
+            for j in range(self._closed + 1, last + 1):
+                touched = self.step_touched(j)
+                gap = self.mark_closed(j, clock_s if j >= head_before else None)
+                steps.append(ClosedStep(j, touched, gap))
+            if last < through:
+                return Closing(tuple(steps), None, False)
+        return Closing(tuple(steps), self.take_revision(), True)
+
+    def skip_to(self, k: int) -> int:
+        """Mark every step through ``k`` closed without publishing it (a backlog too old to catch up on); an open
+        gap is forgotten (its revision would need the skipped steps).
+
+        Returns:
+            How many steps were skipped (0 when ``k`` is not after :attr:`closed`).
+        """
+        assert self._closed is not None
+        skip = k - self._closed
+        if skip <= 0:
+            return 0
+        if k >= (self._head if self._head is not None else k):
+            self.start(k + 1)
+        else:  # pragma: no cover - the agent skips only beyond head (head - closed <= max_pending < skip)
+            self._closed = k
+        self._gap_start = None
+        return skip
+
     def take_revision(self) -> tuple[int, int] | None:
         """Pop the range of closed steps updated by late readings (None: none)."""
-        if self.revise_lo is None or self.revise_hi is None:
+        if self._revise_lo is None or self._revise_hi is None:
             return None
-        r = (self.revise_lo, self.revise_hi)
-        self.revise_lo = self.revise_hi = None
+        r = (self._revise_lo, self._revise_hi)
+        self._revise_lo = self._revise_hi = None
         return r
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -416,13 +517,13 @@ class StationWindow:
         }
         cad = self.spec.cadence_s
         meta: dict[str, object] = {
-            "head": self.head,
-            "closed": self.closed,
-            "ref_s": self.ref_s if math.isfinite(self.ref_s) else None,
-            "gap_start": self.gap_start,
-            "revise_lo": self.revise_lo,
-            "revise_hi": self.revise_hi,
-            "last_published_step_s": None if self.closed is None else self.closed * cad,
+            "head": self._head,
+            "closed": self._closed,
+            "ref_s": self._ref_s if math.isfinite(self._ref_s) else None,
+            "gap_start": self._gap_start,
+            "revise_lo": self._revise_lo,
+            "revise_hi": self._revise_hi,
+            "last_published_step_s": None if self._closed is None else self._closed * cad,
         }
         if self._parts:  # mean/sum reading times of steps that can still change: [[step, channel, [[off, v]...]]]
             meta["parts"] = [
@@ -445,12 +546,12 @@ class StationWindow:
                 msg = f"snapshot array {name} has shape {a.shape}, this window needs {cur.shape}"
                 raise ValueError(msg)
             cur[...] = a
-        w.head = None if meta.get("head") is None else int(meta["head"])  # type: ignore[arg-type]
-        w.closed = None if meta.get("closed") is None else int(meta["closed"])  # type: ignore[arg-type]
-        w.ref_s = -math.inf if meta.get("ref_s") is None else float(meta["ref_s"])  # type: ignore[arg-type]
+        w._head = None if meta.get("head") is None else int(meta["head"])  # type: ignore[arg-type]
+        w._closed = None if meta.get("closed") is None else int(meta["closed"])  # type: ignore[arg-type]
+        w._ref_s = -math.inf if meta.get("ref_s") is None else float(meta["ref_s"])  # type: ignore[arg-type]
         for k in ("gap_start", "revise_lo", "revise_hi"):
             v = meta.get(k)
-            setattr(w, k, None if v is None else int(v))  # type: ignore[arg-type]
+            setattr(w, "_" + k, None if v is None else int(v))  # type: ignore[arg-type]
         for k, i, parts in meta.get("parts") or ():  # type: ignore[union-attr]
             w._parts.setdefault(int(k), {})[int(i)] = {float(o): float(v) for o, v in parts}
         return w
