@@ -10,11 +10,14 @@ What it does (issue 5, docs/ARCHITECTURE.md "Contracts"):
   messages at subscribe"), so a reading a station published with the retain flag is never delivered to the agent
   from the broker's retained store: it is neither ingested nor dead-lettered (only readings published while the
   agent is subscribed, or queued in its persistent session, arrive). Under 3.1.1 retained readings are delivered and
-  the core decides about them;
+  the core dead-letters them, each (topic, payload) once per run: the broker's re-sends after every reconnect are
+  only counted (``retained_repeats``; :class:`~gapcast.edge.messages.RetainedFilter`, bounded memory);
+- subscribes to the filter derived from ``input.topic`` (``Topics.readings_filter``) when a template is set;
 - keeps a retained status on ``{prefix}/gateways/{gateway}/status`` with a Last Will that turns it ``offline``;
 - reconnects with exponential back-off (``reconnect_min_s`` .. ``reconnect_max_s``), TLS with verification on by
   default, username/password; a failed connection attempt is logged as ONE warning naming ``host:port`` and the OS
-  error, on attempts 1, 2, 4, 8... (:class:`ConnectFailureLog`), and paho's own per-loop "Client is not connected"
+  error, on attempts 1, 2, 4, 8... (:class:`ConnectFailureLog`; an attempt that TCP accepts but that never gets a
+  CONNACK, a half-open link, counts as a failed attempt too), and paho's own per-loop "Client is not connected"
   error line is filtered out of the ``gapcast.edge.paho`` logger;
 - every outgoing message goes through an outbox and leaves it only on the broker's PUBACK (``on_publish``);
 - ticks run on ``time.monotonic()``, mapped once to event time (:class:`EventClock`), so a wall-clock jump neither
