@@ -33,6 +33,7 @@ from gapcast.calendar import calendar_features
 from gapcast.edge.bundle import Card
 from gapcast.edge.config import EdgeConfig
 from gapcast.edge.messages import (
+    AGGREGATES,
     OutMessage,
     Reading,
     ReadingSchema,
@@ -48,9 +49,12 @@ from gapcast.edge.messages import (
 )
 from gapcast.edge.window import StationWindow, WindowSpec
 
-__all__ = ["AgentCore", "Backend", "CoreSettings", "InterpolationBackend", "interpolate_batch"]
+__all__ = ["AgentCore", "Backend", "CoreSettings", "InterpolationBackend", "aggregate_rules", "interpolate_batch"]
 
 log = logging.getLogger(__name__)
+
+#: Unknown channel names counted one by one in the status; further names are counted under "(other)".
+_MAX_IGNORED_NAMES = 100
 
 
 class Backend(Protocol):
@@ -137,6 +141,8 @@ class CoreSettings:
         max_catchup_steps: at most this many steps of one station are closed in one go; an older backlog (a
             gateway that was off for weeks) is skipped, counted and logged.
         fleet: the gateway's fleet (``gateway.fleet``), named in its status so ``gapcast fleet status`` finds it.
+        aggregate: [C] rule per channel for several readings inside one step (``mean``, ``last``, ``sum``;
+            empty: ``last``); :meth:`AgentCore.from_config` resolves it from ``edge.toml`` and the card.
     """
 
     stations: tuple[str, ...] = ()
@@ -150,6 +156,7 @@ class CoreSettings:
     max_pending: int = 48
     max_catchup_steps: int = 24 * 31
     fleet: str = "default"
+    aggregate: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig) -> CoreSettings:
@@ -216,6 +223,7 @@ class AgentCore:
             channels=self.C,
             lateness_s=settings.lateness_s,
             max_pending=settings.max_pending,
+            aggregate=settings.aggregate,
         )
         day = 86_400
         season = day // self.cadence_s if day % self.cadence_s == 0 and day // self.cadence_s <= self.L else 0
@@ -227,6 +235,7 @@ class AgentCore:
         self.counters: Counter = Counter()
         self.rejected: Counter = Counter()
         self.missing: Counter = Counter()
+        self.ignored: Counter = Counter()  # unknown channel names ignored, per name (at most _MAX_IGNORED_NAMES)
         self.no_forecast: dict[str, str] = {}
         self._due: set[str] = set()
         self._last_clock_due: int | None = None  # the clock's newest due step at the last full scan
@@ -239,10 +248,8 @@ class AgentCore:
         log.debug("rejected %s from %s: %s", rej.kind, topic[:120], rej.reason)
         return [deadletter_message(self.topics, topic, payload, rej, now_s)]
 
-    def _window(self, station: str) -> StationWindow | Rejection:
-        w = self.windows.get(station)
-        if w is not None:
-            return w
+    def _admission(self, station: str) -> Rejection | None:
+        """Why a station without a window may not get one (None: it may)."""
         s = self.settings
         if station not in self._listed and not s.auto_register:
             return Rejection("unknown_station", f"station {station!r} is not configured (stations.names)")
@@ -250,6 +257,15 @@ class AgentCore:
         reserved = 0 if station in self._listed else len(self._listed - self.windows.keys())
         if len(self.windows) + reserved >= s.max_stations:
             return Rejection("station_limit", f"station {station!r} exceeds stations.max_stations {s.max_stations}")
+        return None
+
+    def _window(self, station: str) -> StationWindow | Rejection:
+        w = self.windows.get(station)
+        if w is not None:
+            return w
+        s = self.settings
+        if (why := self._admission(station)) is not None:
+            return why
         w = StationWindow(self.spec)
         self.windows[station] = w
         log.info("station %s registered (%d of at most %d)", station, len(self.windows), s.max_stations)
@@ -271,14 +287,18 @@ class AgentCore:
             by :meth:`tick`).
         """
         self.counters["messages"] += 1
-        station = self.topics.station_of(topic)
-        if isinstance(station, Rejection):
-            return self._reject(topic, payload, station, now_s)
+        where = self.topics.parse_topic(topic)
+        if isinstance(where, Rejection):
+            return self._reject(topic, payload, where, now_s)
+        station, channel = where
         if retained:
             return self._reject(topic, payload, Rejection("retained", "readings must not be retained messages"), now_s)
-        reading = parse_reading(payload, self.schema)
+        reading = parse_reading(payload, self.schema, channel=channel, arrival_s=now_s)
         if isinstance(reading, Rejection):
             return self._reject(topic, payload, reading, now_s)
+        # The station first (issue 18): an unknown station is reported as such, not as too_old or future.
+        if station not in self.windows and (why := self._admission(station)) is not None:
+            return self._reject(topic, payload, why, now_s)
         if reading.ts_s > now_s + self.settings.max_future_s:
             rej = Rejection(
                 "future",
@@ -316,6 +336,9 @@ class AgentCore:
             self.missing[k] += n
         if reading.ignored:
             self.counters["ignored_channels"] += len(reading.ignored)
+            for name in reading.ignored:  # per name, bounded: a station may send any number of names
+                key = name if name in self.ignored or len(self.ignored) < _MAX_IGNORED_NAMES else "(other)"
+                self.ignored[key] += 1
         if self.watermark_s is None or reading.ts_s > self.watermark_s:
             self.watermark_s = reading.ts_s
         if res.kind in ("new", "late"):
@@ -356,7 +379,7 @@ class AgentCore:
         for name in names:
             w = self.windows[name]
             d = w.due_through(clock)
-            if d is not None or w.revise_lo is not None:
+            if d is not None or w.has_revision:
                 targets[name] = d
         self._due.clear()
         if not targets:
@@ -377,41 +400,30 @@ class AgentCore:
         for name, through in remaining.items():
             w = self.windows[name]
             if through is not None and w.closed is not None and through - w.closed > self.settings.max_catchup_steps:
-                skip = through - w.closed - self.settings.max_catchup_steps
-                new_closed = w.closed + skip
+                first = w.closed + 1
+                skip = w.skip_to(through - self.settings.max_catchup_steps)
                 log.warning(
                     "station %s: %d steps (%s .. %s) are beyond max_catchup_steps; skipped, not published",
-                    name, skip, iso((w.closed + 1) * self.cadence_s), iso(new_closed * self.cadence_s),
+                    name, skip, iso(first * self.cadence_s), iso((first + skip - 1) * self.cadence_s),
                 )
                 self.counters["steps_skipped"] += skip
-                if new_closed >= (w.head or new_closed):
-                    w.start(new_closed + 1)
-                else:  # pragma: no cover - head - closed <= max_pending < skip makes this unreachable
-                    w.closed = new_closed
-                w.gap_start = None
         while remaining:
             rows: list[_Row] = []
             nxt: dict[str, int | None] = {}
             for name, through in remaining.items():
                 w = self.windows[name]
-                assert w.closed is not None and w.head is not None
-                head_before = w.head
-                last = w.closed
-                if through is not None and through > w.closed:
-                    last = min(through, w.closed + P)
-                    w.advance_to(last)
-                    for j in range(w.closed + 1, last + 1):
-                        if not w.step_touched(j):
-                            self.missing["missing_step"] += 1
-                        gap = w.mark_closed(j, clock if j >= head_before else None)
-                        row = _Row(name, j, fill=True)
-                        if gap is not None:
-                            row.revisions.append((gap[0], gap[1], "gap_end"))
-                        rows.append(row)
-                    if last < through:
-                        nxt[name] = through
-                        continue
-                late = w.take_revision()
+                closing = w.close_due(through, clock, P)
+                for st in closing.steps:
+                    if not st.touched:
+                        self.missing["missing_step"] += 1
+                    row = _Row(name, st.step, fill=True)
+                    if st.gap is not None:
+                        row.revisions.append((st.gap[0], st.gap[1], "gap_end"))
+                    rows.append(row)
+                if not closing.done:
+                    nxt[name] = through
+                    continue
+                late = closing.revision
                 if late is not None:
                     if rows and rows[-1].station == name and rows[-1].end == w.closed:
                         rows[-1].revisions.append((late[0], late[1], "late_reading"))
@@ -549,6 +561,7 @@ class AgentCore:
             "counters": dict(sorted(self.counters.items())),
             "missing": dict(sorted(self.missing.items())),
             "rejected": dict(sorted(self.rejected.items())),
+            "ignored_channels": dict(sorted(self.ignored.items())),
             "no_forecast": reasons,
             "no_forecast_stations": len(self.no_forecast),
         }
@@ -598,20 +611,67 @@ class AgentCore:
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig, card: Card, backend: Backend | None = None) -> AgentCore:
-        """Build the core from the gateway config and the verified bundle's card."""
-        schema = ReadingSchema(
-            card.channel_names,
-            card.valid_min,
-            card.valid_max,
-            sentinels=cfg.input.sentinels,
-            max_payload_bytes=cfg.input.max_payload_bytes,
-            max_json_depth=cfg.input.max_json_depth,
-            unknown_channels=cfg.input.unknown_channels,
-        )
+        """Build the core from the gateway config and the verified bundle's card.
+
+        Raises:
+            ConfigError: ``input.aliases``, ``input.scale`` or ``input.channel_aggregate`` name a channel the card
+                does not have (the message names the key).
+        """
+        from dataclasses import replace
+
+        from gapcast.edge import ConfigError
+
+        inp = cfg.input
+        try:
+            schema = ReadingSchema(
+                card.channel_names,
+                card.valid_min,
+                card.valid_max,
+                sentinels=inp.sentinels,
+                max_payload_bytes=inp.max_payload_bytes,
+                max_json_depth=inp.max_json_depth,
+                unknown_channels=inp.unknown_channels,
+                aliases=inp.aliases,
+                scale=inp.scale,
+                epoch=inp.epoch,
+                max_keys=inp.max_keys,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"input.{exc}") from exc
+        settings = replace(CoreSettings.from_config(cfg), aggregate=aggregate_rules(card, inp.aggregate, inp.channel_aggregate))
         return cls(
             card,
-            Topics(cfg.topic_prefix, cfg.gateway_id),
-            CoreSettings.from_config(cfg),
+            Topics(cfg.topic_prefix, cfg.gateway_id, inp.topic),
+            settings,
             schema=schema,
             backend=backend,
         )
+
+
+def aggregate_rules(card: Card, default: str | None = None, per_channel: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The rule (``mean``, ``last``, ``sum``) for several readings of each card channel inside one step.
+
+    Precedence per channel: ``per_channel`` (``input.channel_aggregate``), then ``default`` (``input.aggregate``),
+    then the card's own rule for the channel (``channels[i].aggregate``), then the card's dataset rule
+    (``aggregate``, ``dataset.aggregate`` or ``dataset.source.aggregate``: the dataset spec's), then ``mean``.
+
+    Raises:
+        ConfigError: ``per_channel`` names a channel the card does not have.
+    """
+    from gapcast.edge import ConfigError
+
+    names = card.channel_names
+    for name in per_channel or {}:
+        if name not in names:
+            raise ConfigError(f"input.channel_aggregate.{name}: not a channel of the model ({', '.join(names)})")
+    raw = card.raw if isinstance(card.raw, dict) else {}
+    ds = raw.get("dataset") if isinstance(raw.get("dataset"), dict) else {}
+    src = ds.get("source") if isinstance(ds.get("source"), dict) else {}
+    card_default = next((r for r in (raw.get("aggregate"), ds.get("aggregate"), src.get("aggregate")) if r in AGGREGATES), None)
+    card_channels: dict[str, str] = {}
+    for spec in list(raw.get("channels") or []) + list(ds.get("channels") or []):
+        if isinstance(spec, dict) and spec.get("aggregate") in AGGREGATES and isinstance(spec.get("name"), str):
+            card_channels.setdefault(spec["name"], spec["aggregate"])
+    return tuple(
+        (per_channel or {}).get(n) or default or card_channels.get(n) or card_default or "mean" for n in names
+    )

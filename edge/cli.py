@@ -118,7 +118,7 @@ def _check(args) -> int:
     print(f"config {args.config}: OK")
     bundle, backend, note = load_runtime(cfg)
     card = bundle.card
-    t = Topics(cfg.topic_prefix, cfg.gateway_id)
+    t = Topics(cfg.topic_prefix, cfg.gateway_id, cfg.input.topic)
     b = cfg.broker
     s = CoreSettings.from_config(cfg)
     print(f"bundle {bundle.path}: signature and {len(card.files)} file hash(es) OK")

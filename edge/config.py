@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from gapcast.edge import ConfigError
-from gapcast.edge.messages import topic_prefix_problem
+from gapcast.edge.messages import (
+    AGGREGATES,
+    DEFAULT_READINGS_TOPIC,
+    topic_prefix_problem,
+    topic_template_problem,
+)
 
 __all__ = [
     "BACKENDS",
@@ -146,7 +151,18 @@ class InputSettings:
         sentinels: values that mean "missing" (e.g. -200, -9999), compared exactly.
         max_payload_bytes: larger payloads are rejected before parsing.
         max_json_depth: deeper JSON nesting is rejected.
-        unknown_channels: ``reject`` (the whole reading) or ``ignore`` (counted, the rest used).
+        unknown_channels: ``ignore`` (default: counted per channel in the status, the rest of the reading used; a
+            message with no known channel at all is dead-lettered) or ``reject`` (the whole reading).
+        topic: the readings topic template: ``{prefix}/stations/{station}/readings`` (one JSON reading per message)
+            or one with ``{channel}`` such as ``sensors/{station}/{channel}`` (one value per message: a bare number
+            or ``{"value": x, "ts": t}``; without ``ts`` the gateway's arrival time is the event time).
+        aliases: name a station sends -> the model channel it feeds (checked against the bundle's card).
+        scale: name as sent -> factor its values are multiplied by (unit conversion, e.g. mg/m3 -> ug/m3: 1000).
+        epoch: numeric timestamps: ``auto`` (by magnitude: epoch seconds or milliseconds), ``s`` or ``ms``.
+        max_keys: most keys one JSON object of a reading may hold.
+        aggregate: rule for several readings of one channel inside one step, ``mean``, ``last`` or ``sum``
+            (None: the bundle card's rule when it has one, else ``mean``).
+        channel_aggregate: model channel -> rule, overriding ``aggregate`` and the card for that channel.
     """
 
     lateness_s: float = 300.0
@@ -154,7 +170,14 @@ class InputSettings:
     sentinels: tuple[float, ...] = (-200.0, -9999.0)
     max_payload_bytes: int = 16384
     max_json_depth: int = 8
-    unknown_channels: str = "reject"
+    unknown_channels: str = "ignore"
+    topic: str = DEFAULT_READINGS_TOPIC
+    aliases: dict[str, str] = field(default_factory=dict)
+    scale: dict[str, float] = field(default_factory=dict)
+    epoch: str = "auto"
+    max_keys: int = 1024
+    aggregate: str | None = None
+    channel_aggregate: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -351,6 +374,36 @@ def _name(sec: _Section, k: str, value: str) -> str:
     return value
 
 
+def _readings_topic(sec: _Section, prefix: str, gateway: str) -> str:
+    t = sec.str_("topic", DEFAULT_READINGS_TOPIC) or DEFAULT_READINGS_TOPIC
+    if why := topic_template_problem(t, prefix, gateway):
+        raise ConfigError(f"{sec.key('topic')}: {why} (default {DEFAULT_READINGS_TOPIC!r})")
+    return t
+
+
+def _wire_name(sec: _Section, k: str, value: str | None) -> str:
+    """A channel name as stations send it, or as the model calls it: 1-64 characters, no '/', '+', '#' or NUL."""
+    for name, where in ((k, f"{sec.key(k)}: the name"), (value, sec.key(k))):
+        if name is None or not 1 <= len(name) <= 64 or any(c in name for c in "/+#\0"):
+            raise ConfigError(f"{where} {name!r} must be 1-64 characters without / + # or NUL")
+    return value  # type: ignore[return-value]
+
+
+def _scale_value(sec: _Section, k: str) -> float:
+    _wire_name(sec, k, k)
+    v = sec.float_(k, 1.0)
+    if v == 0.0:
+        raise ConfigError(f"{sec.key(k)}: must not be 0 (a factor the value as sent is multiplied by)")
+    return v
+
+
+def _name_map(sec: _Section, read) -> dict:
+    """Every key of a table read by ``read(section, key)``; the table's keys are names, so none is unknown."""
+    out = {k: read(sec, k) for k in list(sec.data)}
+    sec.done()
+    return out
+
+
 #: Outgoing message kinds ``outbox.drop_order`` may name. Filled values (``filled`` and their ``revision``) are not:
 #: they are dropped only last, when nothing else is left, never by policy.
 DROPPABLE_KINDS = ("forecast", "deadletter", "status")
@@ -501,7 +554,14 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         sentinels=tuple(float(x) for x in sentinels) if sentinels is not None else (-200.0, -9999.0),
         max_payload_bytes=i.int_("max_payload_bytes", 16384, 64, 16 * 1024 * 1024),
         max_json_depth=i.int_("max_json_depth", 8, 2, 256),
-        unknown_channels=i.str_("unknown_channels", "reject", choices=("reject", "ignore")) or "reject",
+        unknown_channels=i.str_("unknown_channels", "ignore", choices=("ignore", "reject")) or "ignore",
+        topic=_readings_topic(i, prefix, gateway_id),
+        aliases=_name_map(i.table("aliases"), lambda sec, k: _wire_name(sec, k, sec.str_(k, None))),
+        scale=_name_map(i.table("scale"), _scale_value),
+        epoch=i.str_("epoch", "auto", choices=("auto", "s", "ms")) or "auto",
+        max_keys=i.int_("max_keys", 1024, 2, 1_000_000),
+        aggregate=i.str_("aggregate", None, choices=AGGREGATES),
+        channel_aggregate=_name_map(i.table("channel_aggregate"), lambda sec, k: sec.str_(k, None, choices=AGGREGATES)),
     )
     i.done()
 

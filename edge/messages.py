@@ -3,6 +3,8 @@
 Topics (docs/ARCHITECTURE.md, "Contracts"; ``prefix`` defaults to ``gapcast/v1``)::
 
     {prefix}/stations/{station}/readings    in   {"ts": "2017-01-01T00:00:00Z" | 1483228800, "values": {...}}
+                                                 (or any ``input.topic`` template, e.g. ``sensors/{station}/{channel}``
+                                                 with a bare number or ``{"value": x, "ts": ...}`` per message)
     {prefix}/stations/{station}/filled      out  one closed step, every channel filled; or a revision of a gap
     {prefix}/stations/{station}/forecast    out  H steps per channel from a closed step
     {prefix}/gateways/{gateway}/status      out  retained; "offline" by Last Will
@@ -33,11 +35,14 @@ from gapcast.timefmt import format_rfc3339
 
 __all__ = [
     "MISSING_KINDS",
+    "AGGREGATES",
+    "DEFAULT_READINGS_TOPIC",
     "REJECTION_KINDS",
     "OutMessage",
     "Reading",
     "ReadingSchema",
     "Rejection",
+    "RetainedFilter",
     "Topics",
     "deadletter_message",
     "filled_message",
@@ -49,7 +54,9 @@ __all__ = [
     "parse_timestamp",
     "revision_message",
     "status_message",
+    "topic_matches",
     "topic_prefix_problem",
+    "topic_template_problem",
 ]
 
 #: Kinds of missing value counted per channel value (plus ``missing_step``: a step with no reading at all).
@@ -72,11 +79,17 @@ REJECTION_KINDS = (
     "future",
     "too_old",
     "too_late",
+    "too_many_readings",
 )
+#: Rules for several readings of one channel inside one step (``gapcast.edge.window``).
+AGGREGATES = ("mean", "last", "sum")
+#: The default readings topic template (``input.topic``).
+DEFAULT_READINGS_TOPIC = "{prefix}/stations/{station}/readings"
 
-_STATION_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# fullmatch, ASCII digits only: "$" would let a trailing newline through, "\d" every Unicode digit.
+_STATION_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 # Timestamps outside 2000-01-01 .. 2100-01-01 are not sensor readings (epoch milliseconds, zero clocks...).
 _TS_MIN = 946_684_800.0
@@ -100,6 +113,55 @@ def topic_prefix_problem(prefix: str) -> str | None:
     return None
 
 
+def topic_matches(filter_: str, topic: str) -> bool:
+    """Whether MQTT topic filter ``filter_`` (``+`` one level, ``#`` the rest) matches ``topic``.
+
+    Source: MQTT 3.1.1 section 4.7 (topic names and filters).
+    """
+    f, t = filter_.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def _template_levels(template: str, prefix: str) -> list[str]:
+    return template.replace("{prefix}", prefix).split("/")
+
+
+def topic_template_problem(template: str, prefix: str, gateway: str = "gw") -> str | None:
+    """Why ``template`` cannot be the readings topic template (``input.topic``), or None when it can.
+
+    A template is a topic whose levels are literals or exactly ``{station}`` (required, once), ``{channel}``
+    (optional, once: per-channel topics whose payload is one value) or ``{prefix}`` (the ``mqtt.topic_prefix``
+    levels). It must hold no wildcard or NUL, no empty level, and must not match a topic the gateway publishes
+    (its own outputs would come back in as readings).
+    """
+    if not template:
+        return "must not be empty"
+    if any(c in template for c in "+#\0"):
+        return f"{template!r} must not hold + # or NUL (the subscription filter is derived from it)"
+    levels = _template_levels(template, prefix)
+    if any(not lv for lv in levels):
+        return f"{template!r} has an empty level (leading, trailing or double '/')"
+    for lv in levels:
+        if ("{" in lv or "}" in lv) and lv not in ("{station}", "{channel}"):
+            return f"level {lv!r} of {template!r}: placeholders are {{prefix}}, {{station}}, {{channel}}, each a whole level"
+    if levels.count("{station}") != 1:
+        return f"{template!r} needs {{station}} exactly once"
+    if levels.count("{channel}") > 1:
+        return f"{template!r} holds {{channel}} more than once"
+    flt = "/".join("+" if lv in ("{station}", "{channel}") else lv for lv in levels)
+    t = Topics(prefix, gateway)
+    for own in (t.filled("X"), t.forecast("X"), f"{prefix}/stations/X/revisions", t.status,
+                f"{prefix}/gateways/{gateway}/model", t.deadletter, f"{prefix}/fleet/X/manifest"):
+        if topic_matches(flt, own):
+            return f"{template!r} also matches the gateway's own output topic {own!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class Topics:
     """The topic tree of one gateway.
@@ -107,25 +169,55 @@ class Topics:
     Args:
         prefix: topic prefix, e.g. ``gapcast/v1``.
         gateway: gateway id.
+        readings_template: where readings come in (``input.topic``; checked by :func:`topic_template_problem`):
+            ``{prefix}/stations/{station}/readings`` (default, one JSON reading per message) or a template with
+            ``{channel}`` (one channel's value per message).
     """
 
     prefix: str
     gateway: str
+    readings_template: str = DEFAULT_READINGS_TOPIC
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether readings come one channel per message (the template holds ``{channel}``)."""
+        return "{channel}" in self.readings_template
 
     @property
     def readings_filter(self) -> str:
-        """The subscription filter for every station's readings."""
-        return f"{self.prefix}/stations/+/readings"
+        """The subscription filter for every station's readings (``+`` for ``{station}`` and ``{channel}``)."""
+        if self.readings_template == DEFAULT_READINGS_TOPIC:
+            return f"{self.prefix}/stations/+/readings"
+        levels = _template_levels(self.readings_template, self.prefix)
+        return "/".join("+" if lv in ("{station}", "{channel}") else lv for lv in levels)
 
     def station_of(self, topic: str) -> str | Rejection:
         """The station name of a readings topic, or a ``bad_topic`` :class:`Rejection`."""
-        head = self.prefix + "/stations/"
-        if not topic.startswith(head) or not topic.endswith("/readings"):
-            return Rejection("bad_topic", f"topic {topic[:200]!r} is not {head}<station>/readings")
-        station = topic[len(head) : -len("/readings")]
-        if not _STATION_RE.match(station):
+        parsed = self.parse_topic(topic)
+        return parsed if isinstance(parsed, Rejection) else parsed[0]
+
+    def parse_topic(self, topic: str) -> tuple[str, str | None] | Rejection:
+        """``(station, channel)`` of a readings topic (channel None unless the template has ``{channel}``), or a
+        ``bad_topic`` :class:`Rejection`."""
+        if self.readings_template == DEFAULT_READINGS_TOPIC:
+            head = self.prefix + "/stations/"
+            if not topic.startswith(head) or not topic.endswith("/readings"):
+                return Rejection("bad_topic", f"topic {topic[:200]!r} is not {head}<station>/readings")
+            station, channel = topic[len(head) : -len("/readings")], None
+        else:
+            levels = _template_levels(self.readings_template, self.prefix)
+            got = topic.split("/")
+            if len(got) != len(levels) or any(
+                lv != g for lv, g in zip(levels, got) if lv not in ("{station}", "{channel}")
+            ):
+                return Rejection("bad_topic", f"topic {topic[:200]!r} does not match {self.readings_template!r}")
+            station = got[levels.index("{station}")]
+            channel = got[levels.index("{channel}")] if "{channel}" in levels else None
+            if channel is not None and not 1 <= len(channel) <= 64:
+                return Rejection("bad_topic", f"channel level {channel[:80]!r} must be 1-64 characters")
+        if not _STATION_RE.fullmatch(station):
             return Rejection("bad_topic", f"station name {station[:80]!r} must be 1-64 of A-Z a-z 0-9 _ . -")
-        return station
+        return station, channel
 
     def filled(self, station: str) -> str:
         return f"{self.prefix}/stations/{station}/filled"
@@ -176,13 +268,25 @@ class Reading:
 class ReadingSchema:
     """What a valid reading looks like for one model: channel names, valid ranges, sentinels and limits.
 
+    The keyword defaults are the strict rules of the pure parser; the gateway's own defaults come from ``edge.toml``
+    (``gapcast.edge.config.InputSettings``: unknown channels ignored, epoch seconds or milliseconds).
+
     Args:
         channels: channel names in model column order.
         valid_min, valid_max: [C] physical ranges; outside counts as missing (``out_of_range``).
-        sentinels: values that mean "missing", compared exactly.
+        sentinels: values that mean "missing", compared exactly with the value as sent (before ``scale``).
         max_payload_bytes: larger payloads are rejected unparsed.
         max_json_depth: deeper nesting is rejected.
         unknown_channels: ``reject`` or ``ignore``.
+        aliases: name a station sends -> the model channel it feeds (``{"pm25": "PM2.5"}``).
+        scale: name as sent (a channel or an alias) -> factor applied to its value, e.g. 1000 for mg/m3 -> ug/m3.
+        epoch: numeric ``ts``: ``s`` (epoch seconds), ``ms`` (epoch milliseconds) or ``auto`` (by magnitude, see
+            :func:`parse_timestamp`).
+        max_keys: most keys one JSON object of a payload may hold (a flood of keys costs time, not bytes).
+
+    Raises:
+        ValueError: an alias to a name that is not a channel, an alias that is itself a channel name, a scale for
+            an unknown name or a scale that is zero or not finite, an unknown ``epoch`` or ``unknown_channels``.
     """
 
     def __init__(
@@ -195,15 +299,46 @@ class ReadingSchema:
         max_payload_bytes: int = 16384,
         max_json_depth: int = 8,
         unknown_channels: str = "reject",
+        aliases: dict[str, str] | None = None,
+        scale: dict[str, float] | None = None,
+        epoch: str = "s",
+        max_keys: int = 1024,
     ) -> None:
         self.channels = tuple(channels)
         self.index = {name: i for i, name in enumerate(self.channels)}
+        for alias, target in (aliases or {}).items():
+            if target not in self.index:
+                msg = f"aliases.{alias}: {target!r} is not a channel of the model ({', '.join(self.channels)})"
+                raise ValueError(msg)
+            if alias in self.channels:
+                msg = f"aliases.{alias}: {alias!r} is a model channel itself; an alias must be another name"
+                raise ValueError(msg)
+            self.index[alias] = self.index[target]
+        self.scale: dict[str, float] = {}
+        for name, f in (scale or {}).items():
+            if name not in self.index:
+                msg = f"scale.{name}: {name!r} is neither a channel of the model nor an alias"
+                raise ValueError(msg)
+            if not (math.isfinite(float(f)) and float(f) != 0.0):
+                msg = f"scale.{name}: must be a finite, non-zero number, got {f!r}"
+                raise ValueError(msg)
+            if float(f) != 1.0:
+                self.scale[name] = float(f)
+        if epoch not in ("s", "ms", "auto"):
+            msg = f"epoch must be s, ms or auto, got {epoch!r}"
+            raise ValueError(msg)
+        if unknown_channels not in ("reject", "ignore"):
+            msg = f"unknown_channels must be reject or ignore, got {unknown_channels!r}"
+            raise ValueError(msg)
         self.valid_min = [float(x) for x in valid_min]
         self.valid_max = [float(x) for x in valid_max]
         self.sentinels = frozenset(float(s) for s in sentinels)
         self.max_payload_bytes = int(max_payload_bytes)
         self.max_json_depth = int(max_json_depth)
         self.unknown_channels = unknown_channels
+        self.epoch = epoch
+        self.max_keys = int(max_keys)
+        self.decoder = _decoder(self.max_keys)
 
 
 def _depth(obj: object, limit: int) -> int:
@@ -228,27 +363,65 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite literal {name}")
 
 
-# One decoder for every reading: building a JSONDecoder per call costs more than parsing a small payload.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+class _DuplicateKey(ValueError):
+    """A JSON object names a key twice (RFC 8259 section 4: names SHOULD be unique; we require it)."""
 
 
-def parse_timestamp(ts: object) -> float | Rejection:
-    """Parse a reading's ``ts``: RFC 3339 text with a UTC offset, or epoch seconds (int or float).
+class _TooManyKeys(ValueError):
+    """A JSON object holds more than ``max_keys`` keys."""
+
+
+def _decoder(max_keys: int) -> json.JSONDecoder:
+    """The reading decoder: NaN as a marker, Infinity refused, duplicate keys and key floods refused.
+
+    Built once per schema: building a JSONDecoder per call costs more than parsing a small payload.
+    """
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        if len(items) > max_keys:
+            raise _TooManyKeys(f"a JSON object holds {len(items)} keys > max_keys {max_keys}")
+        d = dict(items)
+        if len(d) != len(items):
+            seen: set[str] = set()
+            dup = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise _DuplicateKey(f"key {dup[:40]!r} appears more than once (the last one would silently win)")
+        return d
+
+    return json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=pairs)
+
+
+def parse_timestamp(ts: object, *, epoch: str = "s") -> float | Rejection:
+    """Parse a reading's ``ts``: RFC 3339 text with a UTC offset, or an epoch number (int or float).
+
+    Args:
+        ts: the JSON value.
+        epoch: how a number is read: ``s`` epoch seconds, ``ms`` epoch milliseconds, or ``auto`` by magnitude: a
+            number in 946,684,800 .. 4,102,444,800 (2000..2100 in seconds) is seconds, one in 946,684,800,000 ..
+            4,102,444,800,000 (the same span in milliseconds) is milliseconds. The two spans are three orders of
+            magnitude apart, so no sensor time is ambiguous; anything else is rejected.
 
     Returns:
         Seconds since the epoch, or a ``bad_timestamp`` / ``non_finite`` :class:`Rejection` (naive local times,
-        booleans, values outside 2000..2100 such as epoch milliseconds).
+        booleans, numbers beyond float range such as 10**400, times outside 2000..2100).
 
     Source: RFC 3339 section 5.6 (``Z`` or ``+hh:mm`` offsets required).
     """
     if isinstance(ts, bool):
         return Rejection("bad_timestamp", "ts must be RFC 3339 text or epoch seconds, got a boolean")
     if isinstance(ts, int | float):
-        t = float(ts)
+        try:
+            t = float(ts)
+        except OverflowError:  # an int beyond float range (10**400): JSON allows it, Python's float does not
+            return Rejection("bad_timestamp", f"ts is an integer of {int(ts).bit_length()} bits, beyond float range")
         if not math.isfinite(t):
             return Rejection("non_finite", "ts is NaN" if math.isnan(t) else f"ts is not finite ({t})")
+        if epoch == "ms" or (epoch == "auto" and not (_TS_MIN <= t < _TS_MAX) and _TS_MIN <= t / 1000 < _TS_MAX):
+            t /= 1000.0
+            if not (_TS_MIN <= t < _TS_MAX):
+                return Rejection("bad_timestamp", f"ts {t * 1000:.0f} ms is outside 2000..2100")
+            return t
     elif isinstance(ts, str):
-        m = _RFC3339.match(ts)
+        m = _RFC3339.fullmatch(ts)
         if not m:
             return Rejection("bad_timestamp", f"ts {ts[:64]!r} is not RFC 3339 with a UTC offset (e.g. ...Z)")
         y, mo, d, hh, mm, ss = (int(m.group(i)) for i in range(1, 7))
@@ -270,22 +443,13 @@ def parse_timestamp(ts: object) -> float | Rejection:
     else:
         return Rejection("bad_timestamp", f"ts must be RFC 3339 text or epoch seconds, got {type(ts).__name__}")
     if not (_TS_MIN <= t < _TS_MAX):
-        return Rejection("bad_timestamp", f"ts {t:.0f} s is outside 2000..2100 (epoch milliseconds?)")
+        hint = "as epoch seconds or milliseconds" if epoch == "auto" else "(epoch milliseconds?)"
+        return Rejection("bad_timestamp", f"ts {t:.0f} s is outside 2000..2100 {hint}")
     return t
 
 
-def parse_reading(payload: bytes, schema: ReadingSchema) -> Reading | Rejection:
-    """Parse and validate one reading payload.
-
-    Args:
-        payload: the raw MQTT payload, UTF-8 JSON ``{"ts": ..., "values": {"PM2.5": 12.0, ...}}``.
-        schema: the model's :class:`ReadingSchema`.
-
-    Returns:
-        A :class:`Reading` (missing values are unobserved and counted by kind), or a :class:`Rejection`: payload
-        too large, not UTF-8, not JSON, nested deeper than ``max_json_depth``, not an object, ``ts`` or ``values``
-        missing or mistyped, a string/boolean/container for a number, ``Infinity``, an unknown channel.
-    """
+def _decode(payload: bytes, schema: ReadingSchema) -> object | Rejection:
+    """Size, UTF-8 and JSON checks shared by both payload formats."""
     if len(payload) > schema.max_payload_bytes:
         return Rejection("payload_too_large", f"{len(payload)} bytes > max_payload_bytes {schema.max_payload_bytes}")
     try:
@@ -293,13 +457,111 @@ def parse_reading(payload: bytes, schema: ReadingSchema) -> Reading | Rejection:
     except UnicodeDecodeError as exc:
         return Rejection("bad_encoding", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
     try:
-        doc = _DECODER.decode(text)
+        return schema.decoder.decode(text)
     except RecursionError:
         return Rejection("too_deep", f"JSON nesting deeper than max_json_depth {schema.max_json_depth}")
-    except ValueError as exc:
+    except _TooManyKeys as exc:
+        return Rejection("bad_schema", str(exc))
+    except _DuplicateKey as exc:
+        return Rejection("bad_json", f"payload is not valid for us as JSON: {exc}")
+    except ValueError as exc:  # JSONDecodeError, the int digit limit (sys.get_int_max_str_digits), Infinity
         if "non-finite" in str(exc):
             return Rejection("non_finite", f"{exc} (JSON has no Infinity; send null for a missing value)")
         return Rejection("bad_json", f"payload is not JSON: {str(exc)[:120]}")
+
+
+class _Acc:
+    """Accumulates one payload's channel values (the shared part of both payload formats)."""
+
+    def __init__(self, schema: ReadingSchema) -> None:
+        C = len(schema.channels)
+        self.schema = schema
+        self.values = np.full(C, np.nan, dtype=np.float32)
+        self.observed = np.zeros(C, dtype=bool)
+        self.fed = np.zeros(C, dtype=bool)
+        self.by: dict[int, str] = {}
+        self.missing: dict[str, int] = {}
+        self.ignored: list[str] = []
+
+    def add(self, name: str, v: object) -> Rejection | None:
+        schema = self.schema
+        i = schema.index.get(name)
+        if i is None:
+            if schema.unknown_channels == "ignore":
+                self.ignored.append(name)
+                return None
+            return Rejection("unknown_channel", f"unknown channel {name[:40]!r} (this model reads {', '.join(schema.channels)})")
+        if self.fed[i]:
+            return Rejection(
+                "bad_schema", f"channels {self.by[i][:40]!r} and {name[:40]!r} both feed {schema.channels[i]!r}"
+            )
+        self.fed[i] = True
+        self.by[i] = name
+        if v is None:
+            self.missing["null"] = self.missing.get("null", 0) + 1
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            if isinstance(v, dict | list) and 2 + _depth(v, schema.max_json_depth) > schema.max_json_depth:
+                return Rejection("too_deep", f"channel {name[:40]!r} nests deeper than max_json_depth {schema.max_json_depth}")
+            return Rejection(
+                "bad_type", f"channel {name[:40]!r}: a number or null is required, got {type(v).__name__} {str(v)[:40]!r}"
+            )
+        try:
+            x = float(v)
+        except OverflowError:
+            self.missing["out_of_range"] = self.missing.get("out_of_range", 0) + 1
+            return None
+        if math.isnan(x):
+            self.missing["nan"] = self.missing.get("nan", 0) + 1
+            return None
+        if x in schema.sentinels:
+            self.missing["sentinel"] = self.missing.get("sentinel", 0) + 1
+            return None
+        x *= schema.scale.get(name, 1.0)
+        if not (schema.valid_min[i] <= x <= schema.valid_max[i]):
+            self.missing["out_of_range"] = self.missing.get("out_of_range", 0) + 1
+            return None
+        self.values[i] = x
+        self.observed[i] = True
+        return None
+
+    def reading(self, ts: float) -> Reading | Rejection:
+        if self.ignored and not self.fed.any():
+            # Nothing in it is a channel of the model: reported, not merged as an empty reading.
+            return Rejection(
+                "unknown_channel",
+                f"no channel of this model in the reading (unknown: {', '.join(n[:40] for n in self.ignored[:5])}; "
+                f"this model reads {', '.join(self.schema.channels)})",
+            )
+        return Reading(ts_s=ts, values=self.values, observed=self.observed, missing=self.missing, ignored=tuple(self.ignored))
+
+
+def parse_reading(
+    payload: bytes, schema: ReadingSchema, *, channel: str | None = None, arrival_s: float | None = None
+) -> Reading | Rejection:
+    """Parse and validate one reading payload.
+
+    Args:
+        payload: the raw MQTT payload. Without ``channel``: UTF-8 JSON ``{"ts": ..., "values": {"PM2.5": 12.0}}``.
+            With ``channel`` (a per-channel topic): a bare JSON number (``12.5``; ``null`` or ``NaN`` = missing),
+            or ``{"value": 12.5, "ts": ...}`` where ``ts`` is optional.
+        schema: the model's :class:`ReadingSchema`.
+        channel: the channel name from the topic (per-channel topics), or None.
+        arrival_s: the gateway time the message arrived, seconds since the epoch: the event time of a per-channel
+            value that carries no ``ts``.
+
+    Returns:
+        A :class:`Reading` (missing values are unobserved and counted by kind), or a :class:`Rejection`: payload
+        too large, not UTF-8, not JSON (duplicate keys included), nested deeper than ``max_json_depth``, an object
+        with more than ``max_keys`` keys, not an object, ``ts`` or ``values`` missing or mistyped, a
+        string/boolean/container for a number, ``Infinity``, an unknown channel (with ``unknown_channels =
+        "ignore"``: a reading none of whose channels is known), two names feeding the same channel.
+    """
+    doc = _decode(payload, schema)
+    if isinstance(doc, Rejection):
+        return doc
+    if channel is not None:
+        return _parse_value(doc, channel, schema, arrival_s)
     if not isinstance(doc, dict):
         return Rejection("bad_schema", f"payload must be a JSON object, got {type(doc).__name__}")
     if "ts" not in doc or "values" not in doc:
@@ -311,46 +573,82 @@ def parse_reading(payload: bytes, schema: ReadingSchema) -> Reading | Rejection:
     for k, v in doc.items():
         if k != "values" and isinstance(v, dict | list) and 1 + _depth(v, schema.max_json_depth) > schema.max_json_depth:
             return Rejection("too_deep", f"key {k[:40]!r} nests deeper than max_json_depth {schema.max_json_depth}")
-    ts = parse_timestamp(doc["ts"])
+    ts = parse_timestamp(doc["ts"], epoch=schema.epoch)
     if isinstance(ts, Rejection):
         return ts
-    C = len(schema.channels)
-    values = np.full(C, np.nan, dtype=np.float32)
-    observed = np.zeros(C, dtype=bool)
-    missing: dict[str, int] = {}
-    ignored: list[str] = []
-    index, sentinels = schema.index, schema.sentinels
+    acc = _Acc(schema)
     for name, v in vals.items():
-        i = index.get(name)
-        if i is None:
-            if schema.unknown_channels == "ignore":
-                ignored.append(name)
-                continue
-            return Rejection("unknown_channel", f"unknown channel {name[:40]!r} (this model reads {', '.join(schema.channels)})")
-        if v is None:
-            missing["null"] = missing.get("null", 0) + 1
-            continue
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            if isinstance(v, dict | list) and 2 + _depth(v, schema.max_json_depth) > schema.max_json_depth:
-                return Rejection("too_deep", f"channel {name!r} nests deeper than max_json_depth {schema.max_json_depth}")
-            return Rejection("bad_type", f"channel {name!r}: a number or null is required, got {type(v).__name__} {str(v)[:40]!r}")
-        try:
-            x = float(v)
-        except OverflowError:
-            missing["out_of_range"] = missing.get("out_of_range", 0) + 1
-            continue
-        if math.isnan(x):
-            missing["nan"] = missing.get("nan", 0) + 1
-            continue
-        if x in sentinels:
-            missing["sentinel"] = missing.get("sentinel", 0) + 1
-            continue
-        if not (schema.valid_min[i] <= x <= schema.valid_max[i]):
-            missing["out_of_range"] = missing.get("out_of_range", 0) + 1
-            continue
-        values[i] = x
-        observed[i] = True
-    return Reading(ts_s=ts, values=values, observed=observed, missing=missing, ignored=tuple(ignored))
+        rej = acc.add(name, v)
+        if rej is not None:
+            return rej
+    return acc.reading(ts)
+
+
+def _parse_value(doc: object, channel: str, schema: ReadingSchema, arrival_s: float | None) -> Reading | Rejection:
+    """One channel's value from a per-channel topic: a bare number / null, or ``{"value": x[, "ts": t]}``."""
+    ts: object = None
+    if isinstance(doc, dict):
+        extra = sorted(set(doc) - {"value", "ts"})
+        if "value" not in doc or extra:
+            why = f"unknown key(s) {', '.join(repr(k[:40]) for k in extra[:5])}" if extra else "no 'value'"
+            return Rejection("bad_schema", f"a per-channel payload is a number or {{\"value\": x, \"ts\": t}}; {why}")
+        if isinstance(doc["value"], dict | list) and 2 + _depth(doc["value"], schema.max_json_depth) > schema.max_json_depth:
+            return Rejection("too_deep", f"'value' nests deeper than max_json_depth {schema.max_json_depth}")
+        if isinstance(doc.get("ts"), dict | list) and 1 + _depth(doc["ts"], schema.max_json_depth) > schema.max_json_depth:
+            return Rejection("too_deep", f"'ts' nests deeper than max_json_depth {schema.max_json_depth}")
+        ts, value = doc.get("ts"), doc["value"]
+    elif isinstance(doc, list):
+        if 1 + _depth(doc, schema.max_json_depth) > schema.max_json_depth:
+            return Rejection("too_deep", f"JSON nesting deeper than max_json_depth {schema.max_json_depth}")
+        return Rejection("bad_schema", "a per-channel payload is a number or {\"value\": x, \"ts\": t}, got a list")
+    else:
+        value = doc
+    if ts is None:
+        if arrival_s is None:
+            return Rejection("bad_timestamp", "a per-channel value without 'ts' needs the arrival time")
+        t: float | Rejection = float(arrival_s)
+    else:
+        t = parse_timestamp(ts, epoch=schema.epoch)
+    if isinstance(t, Rejection):
+        return t
+    if isinstance(value, str):
+        return Rejection("bad_type", f"channel {channel[:40]!r}: a number or null is required, got str {value[:40]!r}")
+    acc = _Acc(schema)
+    rej = acc.add(channel, value)
+    if rej is not None:
+        return rej
+    return acc.reading(t)
+
+
+class RetainedFilter:
+    """Remembers retained readings already dead-lettered, so a broker that re-sends them on every reconnect (MQTT
+    3.1.1 has no "do not send retained" option) gets each dead-lettered once and the repeats only counted.
+
+    Memory is bounded: at most ``capacity`` (topic, payload) digests of 16 bytes (about 150 bytes each with the
+    dict); past that the oldest is forgotten (and would be dead-lettered again if it came back). Pure.
+
+    Args:
+        capacity: most digests remembered.
+    """
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = int(capacity)
+        self._seen: dict[bytes, None] = {}
+        self.repeats = 0
+
+    def first_time(self, topic: str, payload: bytes) -> bool:
+        """True the first time this (topic, payload) is seen (dead-letter it); False for a repeat (count it)."""
+        h = hashlib.sha256(topic.encode(errors="replace") + b"\0" + payload).digest()[:16]
+        if h in self._seen:
+            self.repeats += 1
+            return False
+        self._seen[h] = None
+        if len(self._seen) > self.capacity:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------

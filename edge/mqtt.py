@@ -10,11 +10,14 @@ What it does (issue 5, docs/ARCHITECTURE.md "Contracts"):
   messages at subscribe"), so a reading a station published with the retain flag is never delivered to the agent
   from the broker's retained store: it is neither ingested nor dead-lettered (only readings published while the
   agent is subscribed, or queued in its persistent session, arrive). Under 3.1.1 retained readings are delivered and
-  the core decides about them;
+  the core dead-letters them, each (topic, payload) once per run: the broker's re-sends after every reconnect are
+  only counted (``retained_repeats``; :class:`~gapcast.edge.messages.RetainedFilter`, bounded memory);
+- subscribes to the filter derived from ``input.topic`` (``Topics.readings_filter``) when a template is set;
 - keeps a retained status on ``{prefix}/gateways/{gateway}/status`` with a Last Will that turns it ``offline``;
 - reconnects with exponential back-off (``reconnect_min_s`` .. ``reconnect_max_s``), TLS with verification on by
   default, username/password; a failed connection attempt is logged as ONE warning naming ``host:port`` and the OS
-  error, on attempts 1, 2, 4, 8... (:class:`ConnectFailureLog`), and paho's own per-loop "Client is not connected"
+  error, on attempts 1, 2, 4, 8... (:class:`ConnectFailureLog`; an attempt that TCP accepts but that never gets a
+  CONNACK, a half-open link, counts as a failed attempt too), and paho's own per-loop "Client is not connected"
   error line is filtered out of the ``gapcast.edge.paho`` logger;
 - every outgoing message goes through an outbox and leaves it only on the broker's PUBACK (``on_publish``);
 - ticks run on ``time.monotonic()``, mapped once to event time (:class:`EventClock`), so a wall-clock jump neither
@@ -40,7 +43,7 @@ from typing import Any
 
 from gapcast.edge.agent import AgentCore
 from gapcast.edge.config import EdgeConfig
-from gapcast.edge.messages import offline_payload
+from gapcast.edge.messages import RetainedFilter, offline_payload
 
 __all__ = ["ConnectFailureLog", "EventClock", "MqttAgent", "make_outbox"]
 
@@ -190,6 +193,9 @@ class MqttAgent:
         self.connected = threading.Event()
         self.epoch = 0  # connection counter; written by the network thread, read by the main thread
         self.counters: Counter = Counter()
+        self._retained = RetainedFilter()  # 3.1.1 re-sends retained readings on every reconnect: dead-letter once
+        self._retained_logged_epoch = -1
+        self._connack = False  # the current connection got a CONNACK (network thread)
         self.client = self._build_client()
         self.snapshots = None
         # A durable outbox also journals the core's inputs (issue 6): replayed after a crash on top of the snapshot.
@@ -296,6 +302,7 @@ class MqttAgent:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.epoch += 1
+        self._connack = True
         self._connect_failures.connected()
         self.connected.set()
         present = bool(getattr(flags, "session_present", False))
@@ -327,7 +334,13 @@ class MqttAgent:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         """The connection dropped or was closed. Runs on paho's network thread; paho reconnects with back-off."""
         self.connected.clear()
-        log.warning("disconnected from the broker: %s (reconnecting with back-off)", reason_code)
+        if self._connack:
+            self._connack = False
+            log.warning("disconnected from the broker: %s (reconnecting with back-off)", reason_code)
+        else:  # a half-open link: TCP connected, no CONNACK within keepalive; rate-limited like a refused attempt
+            self._connect_failures.failed(
+                f"closed before an accepted CONNACK ({reason_code}; keepalive {self.cfg.broker.keepalive_s} s)"
+            )
         self._events.put("disconnected")
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -399,6 +412,12 @@ class MqttAgent:
         now = self.now()
         journal = []
         for it in items:
+            if it.retain and not self._retained.first_time(it.topic, it.payload):
+                self.counters["retained_repeats"] += 1  # dead-lettered once already; acked below, not ingested
+                if self._retained_logged_epoch != it.epoch:
+                    self._retained_logged_epoch = it.epoch
+                    log.info("the broker re-sent retained readings already dead-lettered: counted as retained_repeats")
+                continue
             try:
                 out += self.core.ingest(it.topic, it.payload, now, retained=it.retain)
             except Exception:  # a bug must not kill the gateway on one message: log it, count it, go on

@@ -96,7 +96,11 @@ def test_tls_insecure_is_explicit_and_logged(tmp_path, caplog):
 def test_example_file_parses_and_documents_every_option():
     cfg = load_config(EXAMPLE)
     assert cfg.gateway_id == "gw-01" and cfg.stations.names == ("Aotizhongxin", "Dongsi")
+    assert (cfg.input.unknown_channels, cfg.input.topic, cfg.input.aliases) == (
+        "ignore", "{prefix}/stations/{station}/readings", {})
     text = EXAMPLE.read_text()
+    for table in ("[input.aliases]", "[input.scale]", "[input.channel_aggregate]"):
+        assert table in text, table
     for key in ("host", "port", "version", "client_id", "keepalive_s", "session_expiry_s", "topic_prefix", "username",
                 "password", "password_file", "reconnect_min_s", "reconnect_max_s", "max_inflight", "enabled",
                 "ca_file", "cert_file", "key_file", "tls_insecure", "names", "auto_register", "max_stations",
@@ -104,7 +108,8 @@ def test_example_file_parses_and_documents_every_option():
                 "sentinels", "max_payload_bytes", "max_json_depth", "unknown_channels", "clock",
                 "max_missing_share", "tick_interval_s", "status_interval_s", "state_dir", "snapshot_interval_s",
                 "kind", "max_bytes", "max_age_s", "drop_order", "synchronous", "rate_per_s", "burst", "fleet",
-                "health_steps", "max_artifact_bytes", "max_attempts", "range_slack"):
+                "health_steps", "max_artifact_bytes", "max_attempts", "range_slack", "topic", "epoch", "max_keys",
+                "aggregate", "pm25", "RAIN"):
         assert f"{key} =" in text, key
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gapcast.edge.window import StationWindow, WindowSpec
+from gapcast.edge.window import Closing, StationWindow, WindowSpec
 
 CAD = 3600
 T0 = 1_483_228_800  # 2017-01-01T00:00:00Z; step index T0 // 3600 = 412_008
@@ -151,3 +151,49 @@ def test_state_round_trip():
     assert (w2.head, w2.closed, w2.ref_s) == (w.head, w.closed, w.ref_s)
     with pytest.raises(ValueError, match="shape"):
         StationWindow.from_state(spec(lookback=5), arrays, meta)
+
+
+def test_close_due_closes_reports_gaps_and_takes_the_revision_once_caught_up():
+    w = StationWindow(spec(lateness_s=600.0, max_pending=3))
+    w.merge(T0, *rd(a=1.0, b=1.0, c=1.0))
+    w.merge(T0 + CAD, *rd(a=1.0))  # step 1 incomplete
+    # The clock makes steps 1..4 due (step 2..4 silent); at most 2 per call.
+    first = w.close_due(K0 + 4, T0 + 6 * CAD, 2)
+    assert [(s.step, s.touched, s.gap) for s in first.steps] == [(K0, True, None), (K0 + 1, True, None)]
+    assert (first.done, first.revision, w.closed) == (False, None, K0 + 1)
+    rest = w.close_due(K0 + 4, T0 + 6 * CAD, 2)
+    assert [(s.step, s.touched) for s in rest.steps] == [(K0 + 2, False), (K0 + 3, False)] and not rest.done
+    last = w.close_due(K0 + 4, T0 + 6 * CAD, 2)
+    assert [s.step for s in last.steps] == [K0 + 4] and last.done and w.gap_start == K0 + 1
+    assert w.ref_s == T0 + 6 * CAD  # the clock closed silent steps: it is the lateness reference
+    w.merge(T0 + 5 * CAD, *rd(a=5.0, b=5.0, c=5.0))
+    w.merge(T0 + 6 * CAD + 1, *rd(a=6.0))
+    end = w.close_due(K0 + 5, None, 2)
+    assert [(s.step, s.gap) for s in end.steps] == [(K0 + 5, (K0 + 1, K0 + 4))]  # a complete step ends the gap
+    # A late reading for a closed step within lateness: only a revision, taken once.
+    assert w.merge(T0 + 5 * CAD + 10, *rd(b=7.0)).kind == "late"
+    assert w.close_due(None, None, 2) == Closing((), (K0 + 5, K0 + 5), True)
+    assert w.close_due(None, None, 2) == Closing((), None, True)
+
+
+def test_skip_to_drops_a_backlog_and_the_cursors_are_read_only():
+    w = StationWindow(spec())
+    w.merge(T0, *rd(a=1.0))
+    w.close_due(K0, None, 3)
+    assert w.gap_start == K0
+    assert w.skip_to(K0 + 50) == 50 and (w.closed, w.head, w.gap_start) == (K0 + 50, K0 + 51, None)
+    assert w.skip_to(K0 + 10) == 0
+    v, m = w.view(K0 + 51)
+    assert not m.any()  # the skipped steps are empty, never published
+    for cursor in ("head", "closed", "ref_s", "gap_start", "has_revision"):
+        with pytest.raises(AttributeError):
+            setattr(w, cursor, 0)
+
+
+def test_the_agent_moves_windows_only_through_their_verbs():
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[2] / "edge" / "agent.py").read_text()
+    assert not re.findall(r"\bw\.(_\w+|start|mark_closed|advance_to|step_touched|take_revision)\b", src)
+    assert not re.findall(r"\bw\.\w+\s*=[^=]", src)
