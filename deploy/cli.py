@@ -43,7 +43,8 @@ def _chunk_bytes(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser, *, key: bool) -> None:
     p.add_argument("--fleet", required=True, help="fleet name (one MQTT topic level)")
-    p.add_argument("--broker", required=True, help="broker URL, mqtt://[user:pass@]host[:port] or mqtts://...")
+    p.add_argument("--broker", required=True, help="broker URL, mqtt://[user@]host[:port] or mqtts://...")
+    add_password_argument(p)
     p.add_argument("--prefix", type=_prefix, default=_PREFIX, help=f"MQTT topic prefix (default {_PREFIX})")
     p.add_argument("--ca-file", default=None, help="CA bundle for mqtts:// (default: the system's)")
     p.add_argument("--timeout", type=float, default=15.0, help="broker acknowledgement timeout, seconds")
@@ -84,7 +85,14 @@ def register(subparsers) -> None:
 def _client(args):
     from gapcast.deploy.fleet import FleetClient
 
-    return FleetClient(args.broker, ca_file=args.ca_file, timeout_s=args.timeout)
+    from gapcast.brokerurl import resolve_broker_url
+    from gapcast.deploy.fleet import FleetError
+
+    try:
+        broker = resolve_broker_url(args.broker, password_file=args.password_file)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from exc
+    return FleetClient(broker, ca_file=args.ca_file, timeout_s=args.timeout)
 
 
 def _topics(args):
