@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from gapcast.brokerurl import add_password_argument
+
 __all__ = ["register"]
 
 _PREFIX = "gapcast/v1"
