@@ -50,6 +50,8 @@ def _common(p: argparse.ArgumentParser, *, key: bool) -> None:
     p.add_argument("--prefix", type=_prefix, default=_PREFIX, help=f"MQTT topic prefix (default {_PREFIX})")
     p.add_argument("--ca-file", default=None, help="CA bundle for mqtts:// (default: the system's)")
     p.add_argument("--timeout", type=float, default=15.0, help="broker acknowledgement timeout, seconds")
+    p.add_argument("--mqtt", choices=("5", "3.1.1"), default="5",
+                   help="MQTT protocol version (default 5; 3.1.1 for brokers without MQTT 5)")
     if key:
         p.add_argument("--sign-key", required=True, help="Ed25519 private key (PEM) that signs release manifests")
 
@@ -94,7 +96,7 @@ def _client(args):
         broker = resolve_broker_url(args.broker, password_file=args.password_file)
     except ValueError as exc:
         raise FleetError(str(exc)) from exc
-    return FleetClient(broker, ca_file=args.ca_file, timeout_s=args.timeout)
+    return FleetClient(broker, ca_file=args.ca_file, timeout_s=args.timeout, mqtt_version=args.mqtt)
 
 
 def _topics(args):
