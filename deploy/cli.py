@@ -87,10 +87,8 @@ def register(subparsers) -> None:
 
 
 def _client(args):
-    from gapcast.deploy.fleet import FleetClient
-
     from gapcast.brokerurl import resolve_broker_url
-    from gapcast.deploy.fleet import FleetError
+    from gapcast.deploy.fleet import FleetClient, FleetError
 
     try:
         broker = resolve_broker_url(args.broker, password_file=args.password_file)

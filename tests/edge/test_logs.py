@@ -103,10 +103,11 @@ def test_config_log_section():
 
 def _round(tmp_path, steps: bool, restore_root):
     """Two stations, two steps each closed in one round, through the real shell's round line."""
+    from support.small_agent import small_card
+
     from gapcast.edge.agent import AgentCore
     from gapcast.edge.mqtt import MqttAgent
     from gapcast.edge.outbox_memory import MemoryOutbox
-    from support.small_agent import small_card
 
     cfg = small_config("127.0.0.1", 1, tmp_path, stations={"names": ["s1", "s2"]})
     core = AgentCore.from_config(cfg, small_card(), HoldableBackend())

@@ -11,7 +11,15 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from support.small_agent import HoldableBackend, Publisher, RunningAgent, current_step, reading, small_config, wait_for
+from support.small_agent import (
+    HoldableBackend,
+    Publisher,
+    RunningAgent,
+    current_step,
+    reading,
+    small_config,
+    wait_for,
+)
 
 from gapcast.edge.metrics import Metrics, parse_listen
 from gapcast.tools.localbroker import free_port
