@@ -1,5 +1,6 @@
 # gapcast: the README's commands. Both set up .venv themselves; a second run installs nothing.
-#   make test   lint + the test suite (starts private Mosquitto brokers; installs Mosquitto when missing)
+#   make test   lint + the test suite (starts private Mosquitto brokers; installs Mosquitto when missing, and the
+#               servers the operations tests start: Prometheus and RabbitMQ with its MQTT plugin)
 # Real users on a GPU box can override the torch pin: make test TORCH_SPEC='torch>=2.2'
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ ifeq ($(origin GAPCAST_DATA), undefined)
   endif
 endif
 
-.PHONY: test lint venv mosquitto clean demo
+.PHONY: test lint venv mosquitto test-servers clean demo
 
 venv: $(STAMP)
 
@@ -38,10 +39,26 @@ mosquitto:
 		exit 1; \
 	fi
 
+# The other servers tests start privately (temporary configs, free ports): Prometheus scrapes the agent's metrics,
+# RabbitMQ is the second MQTT implementation. Debian/Ubuntu packages; nothing is started or enabled by installing.
+TEST_SERVERS := prometheus:prometheus rabbitmq-server:rabbitmq-server
+test-servers:
+	@missing=""; for pair in $(TEST_SERVERS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$bin >/dev/null 2>&1 || test -x /usr/sbin/$$bin || test -x /usr/bin/$$bin || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing with apt-get"; \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+		echo "missing test servers:$$missing and apt-get is not available: install them with your package manager" >&2; \
+		exit 1; \
+	fi
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv mosquitto lint
+test: venv mosquitto test-servers lint
 	$(VENV)/bin/pytest -q
 
 # The whole system on real data (train 5 min -> evaluate -> signed bundle -> broker + agent -> replay -> scores).

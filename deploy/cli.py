@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from gapcast.brokerurl import add_password_argument
+
 __all__ = ["register"]
 
 _PREFIX = "gapcast/v1"
@@ -43,10 +45,13 @@ def _chunk_bytes(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser, *, key: bool) -> None:
     p.add_argument("--fleet", required=True, help="fleet name (one MQTT topic level)")
-    p.add_argument("--broker", required=True, help="broker URL, mqtt://[user:pass@]host[:port] or mqtts://...")
+    p.add_argument("--broker", required=True, help="broker URL, mqtt://[user@]host[:port] or mqtts://...")
+    add_password_argument(p)
     p.add_argument("--prefix", type=_prefix, default=_PREFIX, help=f"MQTT topic prefix (default {_PREFIX})")
     p.add_argument("--ca-file", default=None, help="CA bundle for mqtts:// (default: the system's)")
     p.add_argument("--timeout", type=float, default=15.0, help="broker acknowledgement timeout, seconds")
+    p.add_argument("--mqtt", choices=("5", "3.1.1"), default="5",
+                   help="MQTT protocol version (default 5; 3.1.1 for brokers without MQTT 5)")
     if key:
         p.add_argument("--sign-key", required=True, help="Ed25519 private key (PEM) that signs release manifests")
 
@@ -82,9 +87,14 @@ def register(subparsers) -> None:
 
 
 def _client(args):
-    from gapcast.deploy.fleet import FleetClient
+    from gapcast.brokerurl import resolve_broker_url
+    from gapcast.deploy.fleet import FleetClient, FleetError
 
-    return FleetClient(args.broker, ca_file=args.ca_file, timeout_s=args.timeout)
+    try:
+        broker = resolve_broker_url(args.broker, password_file=args.password_file)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from exc
+    return FleetClient(broker, ca_file=args.ca_file, timeout_s=args.timeout, mqtt_version=args.mqtt)
 
 
 def _topics(args):

@@ -253,16 +253,23 @@ class FleetClient:
     """
 
     def __init__(
-        self, url: str, *, client_id: str | None = None, ca_file: str | None = None, timeout_s: float = 15.0
+        self,
+        url: str,
+        *,
+        client_id: str | None = None,
+        ca_file: str | None = None,
+        timeout_s: float = 15.0,
+        mqtt_version: str = "5",
     ) -> None:
         import paho.mqtt.client as mqtt
 
         self.url = parse_broker_url(url)
         self.timeout_s = timeout_s
+        self.v5 = mqtt_version == "5"  # "3.1.1" for brokers without MQTT 5 (RabbitMQ before 3.13)
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"gapcast-fleet-{uuid.uuid4().hex[:10]}",
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
         )
         if self.url.username:
             self._client.username_pw_set(self.url.username, self.url.password)
@@ -342,7 +349,7 @@ class FleetClient:
         with self._lock:
             self._sink, self._probe = {}, probe
             self._probe_seen.clear()
-        opts = mqtt.SubscribeOptions(qos=1)
+        opts = mqtt.SubscribeOptions(qos=1) if self.v5 else 1
         rc, _ = self._client.subscribe([(f, opts) for f in [*filters, probe]])
         if rc != 0:
             msg = f"subscribe failed (rc {rc})"

@@ -52,6 +52,9 @@ from gapcast.edge.window import StationWindow, WindowSpec
 __all__ = ["AgentCore", "Backend", "CoreSettings", "InterpolationBackend", "aggregate_rules", "interpolate_batch"]
 
 log = logging.getLogger(__name__)
+#: Per-station step and revision lines, at DEBUG (``gapcast.edge.logs.STEPS_LOGGER``); each round's summary is one
+#: INFO line of the shell (:meth:`AgentCore.take_round`).
+steps_log = logging.getLogger("gapcast.edge.steps")
 
 #: Unknown channel names counted one by one in the status; further names are counted under "(other)".
 _MAX_IGNORED_NAMES = 100
@@ -240,6 +243,8 @@ class AgentCore:
         self._due: set[str] = set()
         self._last_clock_due: int | None = None  # the clock's newest due step at the last full scan
         self._listed = frozenset(settings.stations)
+        self._round: Counter = Counter()  # figures since the last take_round(): steps, imputed, fallback, revisions
+        self._round_stations: set[str] = set()
 
     # -- ingest ----------------------------------------------------------------------------------------------
 
@@ -504,7 +509,8 @@ class AgentCore:
                     )
                 )
                 self.counters["revisions"] += 1
-                log.info(
+                self._round["revisions"] += 1
+                steps_log.debug(
                     "%s revision %s..%s (%d steps, %s, %s)",
                     r.station, iso(first * cad), iso(hi * cad), hi - first + 1, reason, used[b],
                 )
@@ -522,12 +528,16 @@ class AgentCore:
             self.counters["imputed_values"] += n_imp
             if not model:
                 self.counters["fallback_steps"] += 1
+                self._round["fallback"] += 1
+            self._round["steps"] += 1
+            self._round["imputed"] += n_imp
+            self._round_stations.add(r.station)
             share = 1.0 - float(obs[b].mean())
             if share > share_max:
                 reason = f"window {share:.0%} missing > max_missing_share {share_max:.0%} (step {iso(step_s)})"
                 self.no_forecast[r.station] = reason
                 self.counters["no_forecast"] += 1
-                log.info("%s step %s: %d/%d imputed (%s); no forecast: %s", r.station, iso(step_s), n_imp, self.C, used[b], reason)
+                steps_log.debug("%s step %s: %d/%d imputed (%s); no forecast: %s", r.station, iso(step_s), n_imp, self.C, used[b], reason)
                 continue
             self.no_forecast.pop(r.station, None)
             method = "model" if model else ("seasonal_naive" if self.fallback.season else "persistence")
@@ -535,10 +545,20 @@ class AgentCore:
                 forecast_message(self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s)
             )
             self.counters["forecasts"] += 1
-            log.info(
+            steps_log.debug(
                 "%s step %s: %d/%d imputed, window %.0f%% missing, forecast %d steps (%s)",
                 r.station, iso(step_s), n_imp, self.C, 100 * share, H, used[b],
             )
+        return out
+
+    def take_round(self) -> dict[str, int]:
+        """What was closed since the last call, and reset: ``steps`` (filled steps), ``stations`` (distinct),
+        ``imputed`` (channel values imputed), ``fallback`` (steps filled without the model), ``revisions``.
+        The shell logs it as the round's one INFO line."""
+        out = {k: int(self._round[k]) for k in ("steps", "imputed", "fallback", "revisions")}
+        out["stations"] = len(self._round_stations)
+        self._round.clear()
+        self._round_stations.clear()
         return out
 
     # -- status and state ------------------------------------------------------------------------------------

@@ -26,8 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", required=True, type=Path, help="edge.toml (see deploy/edge.example.toml)")
     run.set_defaults(func=_run, log_info=True)
 
-    check = esub.add_parser("check", help="validate the config and the bundle; print what the agent would do")
+    check = esub.add_parser(
+        "check",
+        help="validate the config and the bundle; print what the agent would do",
+        description="Validate edge.toml and the signed bundle; with --connect also try the broker: TCP, TLS, "
+        "CONNECT with the configured credentials, SUBSCRIBE to the readings filter, PUBLISH a (non-retained) status.",
+        epilog="examples:\n  gapcast edge check --config /etc/gapcast/edge.toml\n"
+        "  gapcast edge check --config /etc/gapcast/edge.toml --connect   # exit 1 and the reason when the broker says no",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     check.add_argument("--config", required=True, type=Path, help="edge.toml")
+    check.add_argument(
+        "--connect", action="store_true",
+        help="also connect to the broker; each failure is named: dns, refused, unreachable, tls, auth, protocol, acl",
+    )
+    check.add_argument("--timeout", type=float, default=10.0, help="--connect: seconds to wait per step (default 10)")
     check.set_defaults(func=_check)
 
     be = esub.add_parser("build-engine", help="compile a bundle to a TensorRT engine on this device")
@@ -149,6 +162,31 @@ def _check(args) -> int:
         f"{s.max_missing_share:.0%} missing"
     )
     print(f"state: {cfg.agent.state_dir} (outbox: {cfg.outbox.kind}, {cfg.outbox.max_bytes} bytes max)")
+    if cfg.metrics.listen:
+        try:
+            import prometheus_client  # noqa: F401
+
+            print(f"metrics: http://{cfg.metrics.listen}/metrics")
+        except ImportError:
+            print(f"WARNING: metrics.listen = {cfg.metrics.listen!r} but prometheus_client is not installed: metrics are off")
+    print(f"log: {cfg.log.format}, level {cfg.log.level}{', per-station step lines' if cfg.log.steps else ''}")
+    if getattr(args, "connect", False):
+        return _check_connect(cfg, args.timeout)
+    return 0
+
+
+def _check_connect(cfg, timeout_s: float) -> int:
+    from gapcast.edge.brokercheck import check_broker
+
+    res = check_broker(cfg, timeout_s=timeout_s)
+    for st in res.steps:
+        mark = "OK" if st.ok and st.kind != "warning" else ("WARNING" if st.ok else f"FAILED ({st.kind})")
+        print(f"connect {st.name}: {mark}: {st.detail}")
+    if not res.ok:
+        f = res.failure
+        print(f"broker check failed ({f.kind}): {f.detail}")
+        return 1
+    print("broker: OK")
     return 0
 
 
@@ -159,6 +197,13 @@ def _run(args) -> int:
     from gapcast.edge.state import lock_state_dir
 
     cfg = load_config(args.config)
+    from gapcast.edge.logs import configure_logging
+
+    # [log]: text or json, journald-friendly; -v/-vv on the command line can only lower the level.
+    level = getattr(logging, cfg.log.level.upper())
+    verbose = getattr(args, "verbose", 0)
+    level = logging.DEBUG if verbose >= 2 else min(level, logging.INFO) if verbose == 1 else level
+    configure_logging(cfg.log.format, level=level, steps=cfg.log.steps)
     # One agent per state folder: a second one would share the outbox and fight for the broker session.
     state_lock = lock_state_dir(cfg.agent.state_dir)
     update_link = None

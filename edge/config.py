@@ -39,6 +39,8 @@ __all__ = [
     "BrokerSettings",
     "EdgeConfig",
     "InputSettings",
+    "LogSettings",
+    "MetricsSettings",
     "ModelSettings",
     "OutboxSettings",
     "StationSettings",
@@ -247,6 +249,36 @@ class UpdateSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint (``gapcast.edge.metrics``).
+
+    Attributes:
+        listen: ``HOST:PORT`` to serve ``/metrics`` on (e.g. ``127.0.0.1:9108``); empty: off (the default).
+        station_labels: export per-station output counters (one series per registered station and kind).
+    """
+
+    listen: str = ""
+    station_labels: bool = True
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The agent's log output (``gapcast.edge.logs``).
+
+    Attributes:
+        format: ``text`` or ``json`` (one object per line); under journald without own timestamps, with ``<N>``
+            priority prefixes.
+        level: ``debug``, ``info``, ``warning`` or ``error``.
+        steps: show the per-station step lines (DEBUG) without turning on DEBUG for everything; by default each
+            round logs one INFO summary line.
+    """
+
+    format: str = "text"
+    level: str = "info"
+    steps: bool = False
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """The whole gateway configuration.
 
@@ -268,6 +300,8 @@ class EdgeConfig:
     agent: AgentSettings = field(default_factory=AgentSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     update: UpdateSettings = field(default_factory=UpdateSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     source: Path | None = None
 
     @property
@@ -605,6 +639,25 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         raise ConfigError(f"update.state_dir: {update.state_dir} exists and is not a directory")
     if update.enabled and not model.trusted_keys:
         raise ConfigError("update.enabled: needs model.trusted_keys (releases and bundles must be signed)")
+
+    mt = top.table("metrics")
+    metrics = MetricsSettings(listen=mt.str_("listen", "") or "", station_labels=mt.bool_("station_labels", True))
+    if metrics.listen:
+        from gapcast.edge.metrics import parse_listen
+
+        try:
+            parse_listen(metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.listen: {exc}") from exc
+    mt.done()
+
+    lg = top.table("log")
+    log_settings = LogSettings(
+        format=lg.str_("format", "text", choices=("text", "json")) or "text",
+        level=lg.str_("level", "info", choices=("debug", "info", "warning", "error")) or "info",
+        steps=lg.bool_("steps", False),
+    )
+    lg.done()
     top.done()
 
     cfg = EdgeConfig(
@@ -618,6 +671,8 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         agent=agent,
         outbox=outbox,
         update=update,
+        metrics=metrics,
+        log=log_settings,
         source=source,
     )
     if cfg.broker.tls.insecure:

@@ -165,6 +165,10 @@ class MqttAgent:
         mono: monotonic clock, seconds; injectable in tests.
         snapshot_path: where window snapshots go (None: ``state_dir/windows.npz``; "" disables them).
         update_link: fleet model updates (``gapcast.edge.updater.UpdateLink``), or None.
+        metrics: the Prometheus exporter (``gapcast.edge.metrics.Metrics``); None: built from ``[metrics]`` when
+            ``metrics.listen`` is set.
+        notifier: systemd notification (``gapcast.edge.sdnotify.Notifier``); None: from ``NOTIFY_SOCKET``, a no-op
+            without it. READY once the step loop runs, WATCHDOG from the step loop, STATUS on (dis)connects.
     """
 
     def __init__(
@@ -177,8 +181,23 @@ class MqttAgent:
         mono: Callable[[], float] = time.monotonic,
         snapshot_path: str | None = None,
         update_link: Any = None,
+        metrics: Any = None,
+        notifier: Any = None,
     ) -> None:
         self.cfg = cfg
+        if metrics is None and cfg.metrics.listen:
+            from gapcast.edge.metrics import Metrics
+
+            metrics = Metrics(
+                cfg.metrics.listen, gateway=cfg.gateway_id, fleet=cfg.fleet, station_labels=cfg.metrics.station_labels
+            )
+        self.metrics = metrics
+        if notifier is None:
+            from gapcast.edge.sdnotify import Notifier
+
+            notifier = Notifier()
+        self.notifier = notifier
+        self._round_s = 0.0  # seconds spent closing steps since the last round line (main thread)
         self.update_link = update_link
         self.core = core
         self.outbox = outbox
@@ -293,6 +312,8 @@ class MqttAgent:
             self.outbox.put_many(out, journal=journal)
         elif out:
             self.outbox.put_many(out)
+        if self.metrics is not None and out:
+            self.metrics.count_outputs(out)
 
     # -- paho callbacks (network thread) ---------------------------------------------------------------------
 
@@ -385,8 +406,13 @@ class MqttAgent:
             if ev == "connected":
                 self.counters["connects"] += 1
                 self.outbox.put(self._status())
+            b = self.cfg.broker
+            self.notifier.status(
+                f"{'connected to' if ev == 'connected' else 'disconnected from'} {b.host}:{b.port}; "
+                f"{len(self.core.windows)} stations; {self.core.counters['filled']:,} steps filled; backend {self.core.backend.name}"
+            )
 
-    def _status(self):
+    def _status_extra(self) -> dict[str, Any]:
         extra = {
             "connected": self.connected.is_set(),
             "uptime_s": round(self.mono() - self.started_mono, 1),
@@ -395,7 +421,30 @@ class MqttAgent:
         }
         if self.update_link is not None:
             extra["update"] = self.update_link.updater.status()
-        return self.core.status(self.now(), extra)
+        if self.metrics is not None:
+            extra["metrics"] = self.metrics.status()
+        return extra
+
+    def _status(self):
+        return self.core.status(self.now(), self._status_extra())
+
+    def _update_metrics(self) -> None:
+        """Hand the status figures to the Prometheus exporter (main thread; scrapes read only this copy)."""
+        if self.metrics is not None:
+            body = self.core.status_body()
+            body.update(self._status_extra())
+            self.metrics.update(body)
+
+    def _log_round(self) -> None:
+        """The round's one INFO line (the per-station lines are DEBUG on ``gapcast.edge.steps``)."""
+        r = self.core.take_round()
+        if r["steps"] or r["revisions"]:
+            rev = f", {r['revisions']:,} revision(s)" if r["revisions"] else ""
+            log.info(
+                "closed %s steps for %s stations in %.2f s, %s imputed, %s fallback%s",
+                f"{r['steps']:,}", f"{r['stations']:,}", self._round_s, f"{r['imputed']:,}", f"{r['fallback']:,}", rev,
+            )
+        self._round_s = 0.0
 
     def _drain(self, timeout_s: float, max_n: int = 5000) -> int:
         """Ingest up to ``max_n`` queued readings (waiting at most ``timeout_s`` for the first)."""
@@ -408,6 +457,7 @@ class MqttAgent:
             pass
         if not items:
             return 0
+        t0 = time.perf_counter()
         out = []
         now = self.now()
         journal = []
@@ -428,6 +478,7 @@ class MqttAgent:
         if self.core.has_due:
             out += self.core.tick(now)
             journal.append(("tick", now, "", b"", False))
+        self._round_s += time.perf_counter() - t0
         self._store(out, journal)
         # Inbound PUBACKs only after the outputs are stored: a crash before this re-delivers the readings.
         epoch = self.epoch
@@ -492,22 +543,33 @@ class MqttAgent:
             0.
         """
         a = self.cfg.agent
+        if self.metrics is not None:
+            self.metrics.start()
+            self.metrics.wrap_backend(self.core)
         self.start()
         next_tick = self.mono()
         next_status = self.mono() + a.status_interval_s
+        b = self.cfg.broker
+        self.notifier.ready(f"serving {len(self.core.windows)} stations; connecting to {b.host}:{b.port}")
         try:
             while not stop.is_set():
                 mono = self.mono()
+                # From the step loop only: a hung step (a stuck backend call) stops the pings and systemd restarts us.
+                self.notifier.watchdog(mono)
                 wait = min(max(next_tick - mono, 0.0), 0.05)
                 self._drain(wait)
                 self._handle_events()
                 mono = self.mono()
                 if mono >= next_tick:
                     now = self.clock.now(mono)
+                    t0 = time.perf_counter()
                     out = self.core.tick(now)
+                    self._round_s += time.perf_counter() - t0
                     if out:
                         self._store(out, [("tick", now, "", b"", False)])
                     next_tick = mono + a.tick_interval_s
+                    self._update_metrics()
+                self._log_round()
                 if mono >= next_status:
                     self.outbox.put(self._status())
                     next_status = mono + a.status_interval_s
@@ -522,6 +584,7 @@ class MqttAgent:
     def shutdown(self, drain_timeout_s: float = 5.0) -> None:
         """Flush what the broker will take within ``drain_timeout_s``, publish ``offline`` (retained), disconnect,
         snapshot the windows and close the outbox."""
+        self.notifier.stopping("stopping: flushing the outbox")
         deadline = self.mono() + drain_timeout_s
         while self.connected.is_set() and self.mono() < deadline and (len(self.outbox) or self._pending):
             self._process_acks()
@@ -541,4 +604,7 @@ class MqttAgent:
         if self.snapshots is not None:
             self.snapshots.save_now()
         self.outbox.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.notifier.close()
         log.info("stopped: %s", dict(self.core.counters))

@@ -794,8 +794,13 @@ class Updater:
         with self._lock:
             subs = [self.topics.manifest]
             if self._pending is not None and self._ready is None:
-                subs.append(self.topics.chunks_filter(self._pending.artifact_id))
+                subs.extend(self._chunk_topics(self._pending))
             return subs
+
+    def _chunk_topics(self, m: Manifest) -> list[str]:
+        """Each chunk's own topic, not ``artifacts/{id}/+``: some brokers (RabbitMQ) send retained messages only to
+        subscriptions without wildcards, and every broker sends them to exact ones."""
+        return [self.topics.chunk(m.artifact_id, i) for i in range(len(m.chunk_sha256))]
 
     @property
     def last_sequence_seen(self) -> int:
@@ -900,7 +905,8 @@ class Updater:
         pending = self._pending
         if pending is not None and m.sequence == pending.sequence and self._ready is None:
             # The same release again while its chunks are still coming: ask for the retained chunks once more.
-            self._subscribe(self.topics.chunks_filter(pending.artifact_id))
+            for t in self._chunk_topics(pending):
+                self._subscribe(t)
             return
         if m.sequence <= self._last_seen_sequence:
             log.debug("manifest sequence %d already handled (last %d)", m.sequence, self._last_seen_sequence)
@@ -933,7 +939,8 @@ class Updater:
         self._pending = m
         self._assembler = ArtifactAssembler(m, self.store.incoming / f"{m.artifact_id}.tar")
         self._ready = None
-        self._subscribe(self.topics.chunks_filter(m.artifact_id))
+        for t in self._chunk_topics(m):
+            self._subscribe(t)
 
     def _precheck(self, m: Manifest) -> str | None:
         j = self._journal
@@ -970,13 +977,15 @@ class Updater:
             self._reject(m, f"artifact refused: {exc}")
             return
         if asm.complete:
-            self._unsubscribe(self.topics.chunks_filter(m.artifact_id))
+            for t in self._chunk_topics(m):
+                self._unsubscribe(t)
             self._ready = m
             log.info("release v%d: artifact complete (%d chunks)", m.model_version, asm.n_chunks)
 
     def _abandon_download(self) -> None:
         if self._pending is not None:
-            self._unsubscribe(self.topics.chunks_filter(self._pending.artifact_id))
+            for t in self._chunk_topics(self._pending):
+                self._unsubscribe(t)
         self._pending = self._assembler = self._ready = None
         shutil.rmtree(self.store.incoming, ignore_errors=True)
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gapcast import GapcastError
-from gapcast.brokerurl import BrokerURL
+from gapcast.brokerurl import BrokerURL, add_password_argument, resolve_broker_url
 from gapcast.brokerurl import parse_broker_url as _parse_broker_url
 from gapcast.timefmt import format_rfc3339
 
@@ -798,7 +798,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--data", help="data root or beijing-multisite folder (default: $GAPCAST_DATA, then the cache)")
-    p.add_argument("--broker", required=True, help="broker URL: mqtt://host:port, mqtts://user:pass@host:8883")
+    p.add_argument("--broker", required=True, help="broker URL: mqtt://host:port, mqtts://user@host:8883")
+    add_password_argument(p)
     p.add_argument("--stations", nargs="+", metavar="NAME", help="stations to replay (default: all in the data)")
     p.add_argument("--start", help="first step, ISO 8601 (UTC unless an offset is given); default: the test months")
     end = p.add_mutually_exclusive_group()
@@ -845,6 +846,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="plan and print the summary, publish nothing")
     p.set_defaults(func=_cmd_replay)
+
+
+def _broker_with_password(args: argparse.Namespace) -> BrokerURL:
+    """``--broker`` with its password from ``--password-file`` or ``$GAPCAST_MQTT_PASSWORD``."""
+    try:
+        return resolve_broker_url(args.broker, password_file=args.password_file)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from exc
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -900,7 +909,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         stop = threading.Event()
         previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
         try:
-            summary = replay(plan, args.broker, options, progress=not args.no_progress, journal=args.journal, stop=stop)
+            summary = replay(plan, _broker_with_password(args), options, progress=not args.no_progress, journal=args.journal, stop=stop)
         finally:
             signal.signal(signal.SIGINT, previous)
         print(summary.format())

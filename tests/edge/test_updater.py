@@ -171,7 +171,9 @@ def test_update_switches_at_one_step_and_commits_after_the_health_window(tmp_pat
     env, chunks, m = _release(v2, key, sequence=10)
     versions = [gw.step()[0] for _ in range(3)]
     gw.deliver(env, chunks)
-    assert gw.subs == [f"gapcast/v1/fleet/{FLEET}/artifacts/{m.artifact_id}/+"]
+    # One exact topic per chunk (RabbitMQ sends retained messages only to wildcard-free subscriptions).
+    assert gw.subs == [f"gapcast/v1/fleet/{FLEET}/artifacts/{m.artifact_id}/{i}" for i in range(len(m.chunk_sha256))]
+    assert len(gw.subs) == len(chunks) > 1
     assert gw.updater.update_ready
     outs = []
     for _ in range(5):
