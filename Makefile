@@ -16,7 +16,7 @@ ifeq ($(origin GAPCAST_DATA), undefined)
   endif
 endif
 
-.PHONY: test lint venv mosquitto clean demo
+.PHONY: test lint venv mosquitto shellcheck clean demo
 
 venv: $(STAMP)
 
@@ -38,7 +38,23 @@ mosquitto:
 		exit 1; \
 	fi
 
-lint: venv
+# Tools of tests/deploy/test_shell_and_units.py: shellcheck (every shell script) and systemd-analyze (the unit),
+# from the Debian packages shellcheck and systemd, installed when missing.
+shellcheck:
+	@missing=""; \
+	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing with apt-get"; \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "missing:$$missing, and apt-get is not available: install them with your package manager" >&2; \
+		exit 1; \
+	fi
+
+lint: venv shellcheck
 	$(VENV)/bin/ruff check .
 
 test: venv mosquitto lint
