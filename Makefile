@@ -17,7 +17,7 @@ ifeq ($(origin GAPCAST_DATA), undefined)
   endif
 endif
 
-.PHONY: test lint venv mosquitto test-servers clean demo
+.PHONY: test lint venv mosquitto test-servers shellcheck clean demo
 
 venv: $(STAMP)
 
@@ -39,11 +39,12 @@ mosquitto:
 		exit 1; \
 	fi
 
-# The other servers tests start privately (temporary configs, free ports): Prometheus scrapes the agent's metrics,
-# RabbitMQ is the second MQTT implementation. Debian/Ubuntu packages; nothing is started or enabled by installing.
+# The other servers and tools the tests start or run privately (temporary configs, free ports): Prometheus scrapes
+# the agent's metrics, RabbitMQ is the second MQTT implementation, shellcheck / systemd-analyze check the deployment
+# files. Debian/Ubuntu packages, installed when missing; nothing is started or enabled by installing.
 TEST_SERVERS := prometheus:prometheus rabbitmq-server:rabbitmq-server
-test-servers:
-	@missing=""; for pair in $(TEST_SERVERS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
+LINT_TOOLS := shellcheck:shellcheck systemd-analyze:systemd
+APT_ENSURE = missing=""; for pair in $(1); do bin=$${pair%%:*}; pkg=$${pair\#\#*:}; \
 		command -v $$bin >/dev/null 2>&1 || test -x /usr/sbin/$$bin || test -x /usr/bin/$$bin || missing="$$missing $$pkg"; done; \
 	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
@@ -51,11 +52,17 @@ test-servers:
 		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-		echo "missing test servers:$$missing and apt-get is not available: install them with your package manager" >&2; \
+		echo "missing:$$missing, and apt-get is not available: install them with your package manager" >&2; \
 		exit 1; \
 	fi
 
-lint: venv
+test-servers:
+	@$(call APT_ENSURE,$(TEST_SERVERS))
+
+shellcheck:
+	@$(call APT_ENSURE,$(LINT_TOOLS))
+
+lint: venv shellcheck
 	$(VENV)/bin/ruff check .
 
 test: venv mosquitto test-servers lint

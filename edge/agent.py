@@ -47,6 +47,7 @@ from gapcast.edge.messages import (
     revision_message,
     status_message,
 )
+from gapcast.edge.variant import variant_status
 from gapcast.edge.window import StationWindow, WindowSpec
 
 __all__ = ["AgentCore", "Backend", "CoreSettings", "InterpolationBackend", "aggregate_rules", "interpolate_batch"]
@@ -576,6 +577,7 @@ class AgentCore:
                 "horizon": self.H,
             },
             "backend": self.backend.name,
+            "variant": variant_status(self.backend),  # the onnxruntime variant chosen on this gateway, and why
             "clock": self.settings.clock,
             "stations": len(self.windows),
             "counters": dict(sorted(self.counters.items())),

@@ -231,6 +231,8 @@ def select_backend(
     variant: str = "auto",
     engine_cache_dir: str | Path | None = None,
     providers: list[str] | None = None,
+    variant_batch: int = 1,
+    variant_budget_s: float = 3.0,
 ) -> Backend:
     """Choose the backend for a verified bundle: TensorRT, then onnxruntime.
 
@@ -238,10 +240,13 @@ def select_backend(
         bundle: a verified :class:`gapcast.edge.bundle.Bundle`.
         prefer: None or ``tensorrt`` (TensorRT first, then onnxruntime) or ``onnxruntime`` (only onnxruntime).
         threads: onnxruntime intra-op threads.
-        variant: onnxruntime variant: ``auto`` (``int8_cpu`` on a CPU provider when the bundle has it, else
-            ``fp32``), or a variant name from the card.
+        variant: onnxruntime variant: ``auto`` (each variant that passed the export's accuracy gate timed here
+            for at most ``variant_budget_s``, the fastest runs: :mod:`gapcast.edge.variant`), or a variant name
+            from the card (``model.variant``: pinned, not timed).
         engine_cache_dir: TensorRT engine cache folder.
         providers: onnxruntime execution providers to use, best first.
+        variant_batch: windows per timed run of the variant choice (the gateway's live batch).
+        variant_budget_s: time bound of the variant choice, seconds.
 
     Returns:
         The chosen backend; ``backend.selection`` lists the backends passed over and why (also logged).
@@ -264,25 +269,26 @@ def select_backend(
                 runner, meta = load_cached_engine(bundle, cache_dir=engine_cache_dir)
                 backend: Backend = TrtBackend(runner, precision=str(meta.get("precision")), meta=meta)
             else:
-                chosen = variant
-                if variant == "auto":
-                    import onnxruntime as ort
+                import onnxruntime as ort
 
-                    avail = providers or [p for p in ORT_PROVIDER_PREFERENCE if p in ort.get_available_providers()]
-                    on_cpu = avail[:1] == ["CPUExecutionProvider"]
-                    chosen = "int8_cpu" if on_cpu and "int8_cpu" in card.variants else "fp32"
-                if chosen not in card.variants:
-                    msg = f"the bundle has no {chosen!r} variant (has {sorted(card.variants)})"
-                    raise BackendError(msg)
-                backend = OrtBackend(
-                    bundle.variant_path(chosen),
-                    lookback=card.lookback,
-                    horizon=card.horizon,
-                    n_channels=len(card.channels),
-                    n_calendar=n_calendar,
-                    precision=str(card.variants[chosen].get("precision", "fp32")),
-                    threads=threads,
-                    providers=providers,
+                from gapcast.edge.variant import choose_variant
+
+                def make(chosen: str) -> OrtBackend:
+                    return OrtBackend(
+                        bundle.variant_path(chosen),
+                        lookback=card.lookback,
+                        horizon=card.horizon,
+                        n_channels=len(card.channels),
+                        n_calendar=n_calendar,
+                        precision=str(card.variants[chosen].get("precision", "fp32")),
+                        threads=threads,
+                        providers=providers,
+                    )
+
+                avail = providers or [p for p in ORT_PROVIDER_PREFERENCE if p in ort.get_available_providers()]
+                # auto: every gated variant timed on live-shaped inputs here (gapcast.edge.variant); else pinned.
+                backend, _ = choose_variant(
+                    bundle, make, pinned=variant, batch=variant_batch, budget_s=variant_budget_s, provider=avail[0]
                 )
         except (BackendError, ImportError) as exc:
             passed_over.append((name, str(exc)))

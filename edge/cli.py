@@ -96,7 +96,10 @@ def load_runtime(cfg):
         from gapcast.edge.backends import select_backend
 
         prefer = None if m.backend == "auto" else m.backend  # None: TensorRT first, then onnxruntime
-        backend = select_backend(bundle, prefer=prefer, threads=m.threads or None)
+        backend = select_backend(
+            bundle, prefer=prefer, threads=m.threads or None, variant=m.variant,
+            variant_batch=min(max(len(cfg.stations.names), 1), m.max_batch), variant_budget_s=m.variant_budget_s,
+        )  # fmt: skip
     except (ImportError, BackendError) as exc:
         note = f"interpolation fallback: no model backend could run ({exc})"
         log.error("%s", note)

@@ -33,6 +33,7 @@ from gapcast.edge.messages import (
 
 __all__ = [
     "BACKENDS",
+    "VARIANTS",
     "DEFAULT_PREFIX",
     "DROPPABLE_KINDS",
     "AgentSettings",
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "gapcast/v1"
 #: Backend preferences ``model.backend`` accepts (``auto`` = TensorRT, then onnxruntime, then interpolation).
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "interpolation")
+#: Values of ``model.variant`` (``auto`` = timed on the gateway; a name pins that bundle variant).
+VARIANTS = ("auto", "fp32", "int8_cpu", "int8_qdq")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -132,6 +135,10 @@ class ModelSettings:
         backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``interpolation``.
         threads: CPU threads for onnxruntime (0: its default).
         max_batch: most windows per backend call; larger batches are split.
+        variant: onnxruntime variant: ``auto`` (time the gated variants on this gateway at start and after an
+            update, run the fastest: :mod:`gapcast.edge.variant`) or a variant name that pins it (``fp32``,
+            ``int8_cpu``, ...).
+        variant_budget_s: time bound of that choice, seconds (loading and timed runs together).
     """
 
     bundle: Path | None = None
@@ -139,6 +146,8 @@ class ModelSettings:
     backend: str = "auto"
     threads: int = 0
     max_batch: int = 256
+    variant: str = "auto"
+    variant_budget_s: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -575,6 +584,8 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         backend=md.str_("backend", "auto", choices=BACKENDS) or "auto",
         threads=md.int_("threads", 0, 0, 1024),
         max_batch=md.int_("max_batch", 256, 1, 65536),
+        variant=md.str_("variant", "auto", choices=VARIANTS) or "auto",
+        variant_budget_s=md.float_("variant_budget_s", 3.0, 0.0, 60.0),
     )
     if model.bundle is not None and not model.trusted_keys:
         raise ConfigError("model.trusted_keys: required when model.bundle is set (bundles must be signed)")

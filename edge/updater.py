@@ -1370,7 +1370,11 @@ def start_from_config(cfg: Any) -> tuple[UpdateLink, GuardedBackend, str]:
         except ImportError as exc:
             raise BackendError(f"no backend module: {exc}") from exc
         prefer = None if cfg.model.backend == "auto" else cfg.model.backend  # select_backend: None = TensorRT first
-        return select_backend(bundle, prefer=prefer, threads=cfg.model.threads or None)
+        m = cfg.model  # the variant is chosen again for the new bundle (timed on this gateway, or pinned)
+        return select_backend(
+            bundle, prefer=prefer, threads=m.threads or None, variant=m.variant,
+            variant_batch=min(max(len(cfg.stations.names), 1), m.max_batch), variant_budget_s=m.variant_budget_s,
+        )  # fmt: skip
 
     u = cfg.update
     ucfg = UpdaterConfig(

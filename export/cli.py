@@ -89,10 +89,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     p.add_argument(
         "--target",
-        choices=["trt8.5", "trt8.6", "trt10", "cpu"],
+        choices=["trt8.6", "trt10", "cpu"],
         default="trt10",
-        help="runtime the bundle is for: TensorRT 8.5 (JetPack 5, opset 16), 8.6 (opset 17), 10.x (opset 17) "
-        "or onnxruntime CPU (default: trt10)",
+        help="runtime the bundle is for: TensorRT 8.6 (JetPack 6.0, opset 17), 10.x (JetPack 6.1+/7, opset 17) "
+        "or onnxruntime CPU (default: trt10). JetPack 5 is not supported (README: Supported JetPack releases)",
     )
     p.add_argument("--opset", type=int, default=None, help="override the target's opset")
     p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key PEM (gapcast keys generate)")

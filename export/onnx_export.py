@@ -3,11 +3,13 @@
 Targets (``export/trt_ops/<target>.json`` holds each one's operator list as data, from onnx-tensorrt's
 ``docs/operators.md`` for that release):
 
-- ``trt8.5`` (JetPack 5.1): opset 16. TensorRT 8.5's parser has no LayerNormalization, and at opset 16 torch writes
-  LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add.
 - ``trt8.6`` (JetPack 6.0): opset 17 (native LayerNormalization).
 - ``trt10`` (JetPack 6.1/6.2, TensorRT 10.3): opset 17 (18 allowed).
 - ``cpu`` (onnxruntime): opset 17.
+
+There is no JetPack 5 (TensorRT 8.5) target: its TensorRT bindings are built for Python 3.8 and the gateway side
+needs Python >= 3.10 (README, "Deploying to a Jetson", "Supported JetPack releases"). ``--opset 16`` still writes
+LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add for a runtime without LayerNormalization.
 
 The graph has a symbolic batch axis and fixed lookback L and horizon H. Export uses the TorchScript-based exporter
 (``dynamo=False``) first: it writes any opset from 16 directly and takes well under a second; the torch.export-based
@@ -33,6 +35,7 @@ from gapcast.export import ExportError
 __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "REMOVED_TARGETS",
     "TARGET_NAMES",
     "ExportTarget",
     "OnnxCheck",
@@ -51,7 +54,12 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("values", "observed", "calendar")
 OUTPUT_NAMES = ("imputed", "forecast")
-TARGET_NAMES = ("trt8.5", "trt8.6", "trt10", "cpu")
+TARGET_NAMES = ("trt8.6", "trt10", "cpu")
+#: Targets that were removed, with the reason given when one is asked for.
+REMOVED_TARGETS = {
+    "trt8.5": "JetPack 5 (TensorRT 8.5) is not supported: its TensorRT bindings are for Python 3.8 and the gateway "
+    "needs Python >= 3.10; use trt8.6 (JetPack 6.0) or trt10 (JetPack 6.1+/7)",
+}
 _OPS_DIR = Path(__file__).resolve().parent / "trt_ops"
 
 
@@ -60,7 +68,7 @@ class ExportTarget:
     """A deployment target: which opset to write and which operators its runtime accepts.
 
     Attributes:
-        name: ``trt8.5``, ``trt8.6``, ``trt10`` or ``cpu``.
+        name: ``trt8.6``, ``trt10`` or ``cpu``.
         opset: default ONNX opset (ai.onnx domain) for this target.
         max_opset: highest opset the target's parser reads.
         tensorrt: the TensorRT release (and JetPack) the list is for; None for ``cpu``.
@@ -84,6 +92,9 @@ def load_target(name: str) -> ExportTarget:
     Raises:
         ExportError: unknown target or unreadable list.
     """
+    if name in REMOVED_TARGETS:
+        msg = f"export target {name!r} was removed: {REMOVED_TARGETS[name]}"
+        raise ExportError(msg)
     if name not in TARGET_NAMES:
         msg = f"unknown export target {name!r}; choose one of {', '.join(TARGET_NAMES)}"
         raise ExportError(msg)

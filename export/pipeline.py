@@ -60,7 +60,7 @@ class ExportOptions:
     """What ``gapcast export`` does (CLI flags map onto these).
 
     Attributes:
-        target: ``trt8.5``, ``trt8.6``, ``trt10`` or ``cpu`` (opset and operator list follow from it).
+        target: ``trt8.6``, ``trt10`` or ``cpu`` (opset and operator list follow from it).
         opset: override the target's opset (must not exceed what the target reads).
         model_name: card ``model.name``.
         model_version: card ``model.version`` (integer, increases with every release).
@@ -272,9 +272,6 @@ def export_bundle(
     opset = opts.opset or target.opset
     if opset > target.max_opset or opset < 13:
         msg = f"opset {opset} is outside what target {target.name} reads (13..{target.max_opset})"
-        raise ExportError(msg)
-    if target.name == "trt8.5" and opset > 16:
-        msg = "TensorRT 8.5 has no LayerNormalization: export for trt8.5 at opset 16 or lower"
         raise ExportError(msg)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -6,20 +6,28 @@
 # What it does, in order (each step is idempotent: running it again upgrades in place):
 #   1. apt packages from JetPack: TensorRT's Python bindings (python3-libnvinfer), the venv module, Mosquitto
 #      clients for debugging (a broker on this machine: see deploy/mosquitto/mosquitto.conf's install notes);
-#   2. a system user `gapcast` (group video, for the GPU device nodes) and the folders /opt/gapcast,
-#      /etc/gapcast, /var/lib/gapcast, /var/cache/gapcast;
+#   2. a system user `gapcast` (added to the groups video and render where they exist, for the GPU device nodes)
+#      and the folders /opt/gapcast, /etc/gapcast, /var/lib/gapcast, /var/cache/gapcast;
 #   3. a venv at /opt/gapcast/venv created with --system-site-packages, so it sees JetPack's TensorRT, then
-#      `pip install gapcast[edge]` (from PyPI, a wheel, or this checkout with --source);
+#      gapcast[edge] from THIS checkout, or from a wheel built from it (--wheel FILE; `pip wheel --no-deps . -w
+#      dist/`). gapcast itself is never fetched from a package index (no release is published there); its
+#      dependencies (numpy, onnxruntime, paho-mqtt, cryptography) come from pip's configured index;
 #   4. the bundle into /var/lib/gapcast/bundles/current, the trusted key to /etc/gapcast/release.pub and
 #      /etc/gapcast/edge.toml (deploy/edge.example.toml, whose paths are these, unless --config);
-#   5. `gapcast edge check` (config + signature + hashes), then `gapcast edge build-engine`: the TensorRT engine is
-#      compiled on this device (engines are specific to the GPU and the TensorRT version) and cached;
-#   6. the systemd unit deploy/systemd/gapcast-edge.service, enabled and started.
+#   5. `gapcast edge check` (config + signature + hashes), then `gapcast edge build-engine --trusted-key
+#      /etc/gapcast/release.pub`: the TensorRT engine is compiled on this device (engines are specific to the GPU
+#      and the TensorRT version), from a bundle whose signature was verified, and cached;
+#   6. the systemd unit deploy/systemd/gapcast-edge.service plus a drop-in generated for this board
+#      (/etc/systemd/system/gapcast-edge.service.d/10-board.conf, by deploy/jetson/unit-dropin.sh):
+#      SupplementaryGroups= the GPU groups that exist here, MemoryMax= 60 % of MemTotal (--memory-percent,
+#      --memory-max VALUE|none); enabled and started. Your own overrides go in another drop-in
+#      (`systemctl edit gapcast-edge`), which setup.sh never touches.
 #
 # Python: the TensorRT bindings JetPack ships are built for the system Python (3.10 on JetPack 6 / Ubuntu 22.04,
 # 3.12 on JetPack 7 / Ubuntu 24.04). The gateway side of gapcast (gapcast[edge]) runs on Python >= 3.10, so the
 # default, the system python3, sees JetPack's TensorRT on both. --python picks another interpreter (>= 3.10); the
 # agent then runs TensorRT only if a matching TensorRT wheel is given with --tensorrt-wheel FILE, else onnxruntime.
+# JetPack 5 (Xavier; Ubuntu 20.04, Python 3.8) is not supported: README, "Supported JetPack releases".
 set -euo pipefail
 
 PREFIX=/opt/gapcast
@@ -31,13 +39,14 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 
 PYTHON=python3
-SOURCE=""
+WHEEL=""
 BUNDLE=""
 KEY=""
 CONFIG=""
 TRT_WHEEL=""
 START=1
 PRECISION=fp16
+MEMORY_ARGS=(--memory-percent 60)
 
 usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -46,10 +55,12 @@ Options:
   --bundle PATH          signed model bundle (directory or .tar) from `gapcast export`
   --key PATH             Ed25519 public key (PEM) the bundle signature must verify under
   --config PATH          your edge.toml (default: deploy/edge.example.toml, edit it afterwards)
-  --source SPEC          what pip installs (default: this checkout if it has pyproject.toml, else "gapcast[edge]")
+  --wheel FILE           a gapcast wheel built from this checkout (default: install this checkout itself)
   --python EXE           Python for the venv (default python3; must be >= 3.10)
   --tensorrt-wheel FILE  TensorRT Python wheel for --python when JetPack's bindings do not match it
   --precision P          TensorRT engine precision: fp16 (default), int8 (the bundle's QDQ variant) or fp32
+  --memory-percent N     the unit's MemoryMax as N % of this board's MemTotal (default 60)
+  --memory-max VALUE     the unit's MemoryMax as given (2G, 1536M) or "none" (no cap)
   --no-start             install everything but do not enable/start the service
 EOF
 }
@@ -59,7 +70,11 @@ while [ $# -gt 0 ]; do
         --bundle) BUNDLE="$2"; shift 2 ;;
         --key) KEY="$2"; shift 2 ;;
         --config) CONFIG="$2"; shift 2 ;;
-        --source) SOURCE="$2"; shift 2 ;;
+        --wheel) WHEEL="$2"; shift 2 ;;
+        --source) echo "setup.sh: --source was removed: run from a checkout, or pass --wheel FILE built from one" >&2
+                  exit 2 ;;
+        --memory-percent) MEMORY_ARGS=(--memory-percent "$2"); shift 2 ;;
+        --memory-max) MEMORY_ARGS=(--memory-max "$2"); shift 2 ;;
         --python) PYTHON="$2"; shift 2 ;;
         --tensorrt-wheel) TRT_WHEEL="$2"; shift 2 ;;
         --precision) PRECISION="$2"; shift 2 ;;
@@ -81,6 +96,12 @@ fi
 [ -z "$BUNDLE" ] || [ -e "$BUNDLE" ] || die "--bundle $BUNDLE does not exist"
 [ -z "$KEY" ] || [ -f "$KEY" ] || die "--key $KEY does not exist"
 if [ -n "$BUNDLE" ] && [ -z "$KEY" ]; then die "--bundle needs --key (bundles are always verified)"; fi
+if [ -n "$WHEEL" ]; then
+    if [ ! -f "$WHEEL" ] || [ "${WHEEL%.whl}" = "$WHEEL" ]; then die "--wheel $WHEEL is not a .whl file"; fi
+    WHEEL="$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")"
+elif [ ! -f "$REPO/pyproject.toml" ]; then
+    die "$REPO is not a gapcast checkout (no pyproject.toml): run setup.sh from one, or pass --wheel FILE"
+fi
 
 # ---------------------------------------------------------------------------------------------- 1. apt packages
 say "apt packages (JetPack's TensorRT Python bindings, venv, Mosquitto clients)"
@@ -99,7 +120,7 @@ if [ "$PYTHON" != python3 ]; then
 fi
 apt-get install -y -qq "${PKGS[@]}" >/dev/null
 
-"$PYTHON" - <<'EOF' || die "$PYTHON is older than 3.10: the gateway needs Python >= 3.10 (see the header)"
+"$PYTHON" - <<'EOF' || die "$PYTHON is older than 3.10: the gateway needs Python >= 3.10 (JetPack 6 or 7; see the header)"
 import sys
 sys.exit(0 if sys.version_info >= (3, 10) else 1)
 EOF
@@ -109,8 +130,8 @@ say "user $SERVICE_USER and folders"
 if ! id "$SERVICE_USER" >/dev/null 2>&1; then
     useradd --system --home-dir "$STATE_DIR" --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
-for g in video render; do
-    if getent group "$g" >/dev/null; then usermod -a -G "$g" "$SERVICE_USER"; fi
+for g in video render; do  # only groups this board has (the unit's drop-in names the same ones, step 6)
+    if getent group "$g" >/dev/null; then usermod -a -G "$g" "$SERVICE_USER"; else echo "note: no group $g here"; fi
 done
 install -d -m 0755 "$PREFIX"
 install -d -m 0750 -o root -g "$SERVICE_USER" "$CONF_DIR"
@@ -120,10 +141,11 @@ install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$CACHE_DI
 say "venv $PREFIX/venv (--system-site-packages: sees JetPack's TensorRT)"
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$PREFIX/venv"
 "$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
-if [ -z "$SOURCE" ]; then
-    if [ -f "$REPO/pyproject.toml" ]; then SOURCE="$REPO[edge]"; else SOURCE="gapcast[edge]"; fi
-fi
-"$PREFIX/venv/bin/python" -m pip install --quiet --upgrade "$SOURCE"
+# gapcast from the checkout or the wheel only; never resolved against an index (a same-named project there is not
+# this one). --no-deps first pins the local artifact, the second pass brings the edge extra's dependencies.
+if [ -n "$WHEEL" ]; then SOURCE="$WHEEL"; else SOURCE="$REPO"; fi
+"$PREFIX/venv/bin/python" -m pip install --quiet --upgrade --force-reinstall --no-deps "$SOURCE"
+"$PREFIX/venv/bin/python" -m pip install --quiet "${SOURCE}[edge]"
 [ -z "$TRT_WHEEL" ] || "$PREFIX/venv/bin/python" -m pip install --quiet "$TRT_WHEEL"
 if "$PREFIX/venv/bin/python" -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'; then
     BACKEND_NOTE="TensorRT"
@@ -166,14 +188,21 @@ else
     if [ "$BACKEND_NOTE" = TensorRT ]; then
         say "TensorRT engine build on this device (minutes on first run; cached in $CACHE_DIR/engines)"
         # The agent finds the engine in the same cache: the unit sets GAPCAST_ENGINE_CACHE to this folder.
+        # --trusted-key: the engine is built only from a bundle whose signature verifies (the key of step 4).
+        [ -f "$CONF_DIR/release.pub" ] || die "no trusted key at $CONF_DIR/release.pub: run again with --key"
         runuser -u "$SERVICE_USER" -- env GAPCAST_ENGINE_CACHE="$CACHE_DIR/engines" \
-            "$GAPCAST" edge build-engine "$BUNDLE_PATH" --precision "$PRECISION"
+            "$GAPCAST" edge build-engine "$BUNDLE_PATH" --precision "$PRECISION" --trusted-key "$CONF_DIR/release.pub"
     fi
 fi
 
 # ---------------------------------------------------------------------------------------------- 6. service
 say "systemd unit gapcast-edge.service"
 install -m 0644 "$REPO/deploy/systemd/gapcast-edge.service" /etc/systemd/system/gapcast-edge.service
+# This board's groups and memory cap as a drop-in (the unit names neither: a missing group fails with 216/GROUP).
+install -d -m 0755 /etc/systemd/system/gapcast-edge.service.d
+bash "$HERE/unit-dropin.sh" "${MEMORY_ARGS[@]}" > /etc/systemd/system/gapcast-edge.service.d/10-board.conf.new
+mv /etc/systemd/system/gapcast-edge.service.d/10-board.conf.new /etc/systemd/system/gapcast-edge.service.d/10-board.conf
+sed -n 's/^\(SupplementaryGroups\|MemoryMax\)=/  &/p' /etc/systemd/system/gapcast-edge.service.d/10-board.conf
 systemctl daemon-reload
 if [ "$START" -eq 1 ]; then
     systemctl enable --now gapcast-edge.service

@@ -1,4 +1,4 @@
-"""``gapcast export RUN_DIR`` end to end on a tiny checkpoint (target trt8.5, unsigned then signed)."""
+"""``gapcast export RUN_DIR`` end to end on a tiny checkpoint (target trt8.6 at opset 16, unsigned then signed)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def run_dir(tmp_path, data_root):
 def test_export_cli_unsigned_warns_then_signs(run_dir, tmp_path, data_root, signing_key, capsys):
     out = tmp_path / "bundle"
     argv = [
-        "export", str(run_dir), "--out", str(out), "--target", "trt8.5", "--version", "3", "--calib-windows", "8",
-        "--parity-windows", "8", "--gate-windows", "32", "--cpu-variant", "none", "--data", str(data_root),
+        "export", str(run_dir), "--out", str(out), "--target", "trt8.6", "--opset", "16", "--version", "3",
+        "--calib-windows", "8", "--parity-windows", "8", "--gate-windows", "32", "--cpu-variant", "none", "--data", str(data_root),
     ]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
@@ -51,7 +51,7 @@ def test_export_cli_unsigned_warns_then_signs(run_dir, tmp_path, data_root, sign
         verify_bundle(out, [signing_key.public])
     b = verify_bundle(out, require_signature=False)
     raw = b.card.raw
-    assert b.card.model_version == 3 and raw["opset"] == 16 and raw["target"]["name"] == "trt8.5"
+    assert b.card.model_version == 3 and raw["opset"] == 16 and raw["target"]["name"] == "trt8.6"
     assert "LayerNormalization" not in raw["operators"]
     assert raw["evaluation"] == {"imputation": {"block_72h": {"mae": 31.5}}}
     assert raw["export"]["run"]["step"] == 42
