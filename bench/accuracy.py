@@ -53,6 +53,8 @@ class AccuracyOptions:
         threads: torch / onnxruntime CPU threads.
         models_dir: folder where trained SAITS / BRITS are saved, and reused when their config matches (None: no
             saving).
+        network_trials: trials per network scenario (station-local / network-wide outages with the neighbour
+            baselines, :mod:`gapcast.train.network_eval`); 0 skips them.
     """
 
     stride: int = 24
@@ -67,6 +69,7 @@ class AccuracyOptions:
     methods: tuple[str, ...] | None = None
     threads: int = 2
     models_dir: str | None = None
+    network_trials: int = 540
 
 
 def _confill_train_s(run_dir: Path) -> float | None:
@@ -325,6 +328,17 @@ def run_accuracy(
             {"training": {"epochs": fit.epochs, "stopped": fit.stopped, "best_val_mse": fit.best_val_mse,
                           "n_train_windows": getattr(fit, "n_train_windows", None)}})
 
+    network = None
+    if len(series) > 1 and opts.network_trials > 0:  # outages by what the neighbours see (issue 20)
+        from gapcast.calendar import calendar_features
+        from gapcast.train.network_eval import evaluate_network
+
+        nets = {"ConFill fp32 (torch)": model_imputer(model, progress=False)} if model is not None else None
+        network = evaluate_network(series, normalizer, channels=channels, group=ss.pollutants,
+                                   group_name="pollutants", lookback=L, horizon=H, trials=opts.network_trials,
+                                   seed=opts.seed, models=nets,
+                                   calendar=lambda e: calendar_features(e, BEIJING_UTC_OFFSET_S))
+
     return {
         "benchmark": "accuracy",
         "protocol": {**ss.protocol, "methods": __doc__.split("\n\n")[2].replace("\n", " "),
@@ -334,6 +348,7 @@ def run_accuracy(
         "bundle": str(bundle.path) if bundle else None,
         "methods": methods,
         "targets": accuracy_targets(methods),
+        "network": network,
     }
 
 

@@ -114,6 +114,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         dlinear_epochs=args.dlinear_epochs, dlinear_stride=args.dlinear_stride,
         methods=tuple(args.methods.split(",")) if args.methods else None, threads=args.threads,
         models_dir=str(Path(args.out) / "models") if args.reuse_baselines else None,
+        network_trials=60 if args.quick else 540,
     )
     if run_dir is None and bundle is None:
         print("note: neither --run nor --bundle: ConFill is not scored, baselines only")
@@ -153,6 +154,10 @@ def _accuracy(args: argparse.Namespace) -> int:
     if errors:
         md.append("\nNot run: " + "; ".join(f"{m}: {e}" for m, e in errors.items()))
     md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
+    if res.get("network"):
+        from gapcast.train.network_eval import network_markdown
+
+        md.append(network_markdown(res["network"]))
     text = "\n".join(md)
     print(text)
     _save(Path(args.out), "accuracy", res, text, _command("accuracy", args))
@@ -308,6 +313,10 @@ def _agent(args: argparse.Namespace) -> int:
         ["stations", "readings", "raw paho msg/s", "agent readings/s", "agent / raw", "p50 ms", "p99 ms",
          "agent peak RSS MiB"], rows))
     md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
+    if res.get("network"):
+        from gapcast.train.network_eval import network_markdown
+
+        md.append(network_markdown(res["network"]))
     text = "\n".join(md)
     print(text)
     _save(out, "agent", res, text, _command("agent", args))

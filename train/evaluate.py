@@ -571,6 +571,7 @@ def evaluate_run(
     checkpoint: str = "best.pt",
     plots: bool = True,
     progress: bool = True,
+    network_trials: int = 540,
 ) -> EvalReport:
     """Evaluate a training run on the test months and write metrics.json, metrics.md and the plots.
 
@@ -585,6 +586,8 @@ def evaluate_run(
         checkpoint: checkpoint file name in ``run_dir``.
         plots: write the PNG plots.
         progress: tqdm bars.
+        network_trials: trials per network scenario (station-local and network-wide outages, scored when there is
+            more than one station; :mod:`gapcast.train.network_eval`); 0 skips them.
 
     Returns:
         :class:`EvalReport`.
@@ -618,6 +621,17 @@ def evaluate_run(
     }
     metrics["targets"] = _targets(results)
     md = _markdown(metrics, ss)
+    if len(series) > 1 and network_trials > 0:  # outages by what the neighbours see (issue 20)
+        from gapcast.calendar import calendar_features
+        from gapcast.train.network_eval import evaluate_network, network_markdown
+
+        utc_offset_s = int(meta["utc_offset_s"])
+        metrics["network"] = evaluate_network(
+            series, normalizer, channels=channels, group=ss.pollutants, group_name="pollutants",
+            lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
+            models={"ConFill": model_imputer(model, progress=False)},
+            calendar=lambda e: calendar_features(e, utc_offset_s))
+        md += network_markdown(metrics["network"])
     json_path, md_path = run / "metrics.json", run / "metrics.md"
     json_path.write_text(json.dumps(metrics, indent=2, default=_json_default))
     md_path.write_text(md)
