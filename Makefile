@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,edge,tools,dev
+EXTRAS ?= train,edge,tools,sink,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gapcast-installed
 SHARED_DATA := $(abspath ../shared/data)
@@ -16,7 +16,7 @@ ifeq ($(origin GAPCAST_DATA), undefined)
   endif
 endif
 
-.PHONY: test lint venv mosquitto clean demo
+.PHONY: test lint venv mosquitto influxdb clean demo
 
 venv: $(STAMP)
 
@@ -38,10 +38,22 @@ mosquitto:
 		exit 1; \
 	fi
 
+# InfluxDB 1.x (Debian's `influxdb`): the sink's external target in tests/sink (started on free ports, never as a service).
+influxdb:
+	@if command -v influxd >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing InfluxDB 1.x with apt-get"; \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=600 influxdb >/dev/null; \
+	else \
+		echo "InfluxDB is missing and apt-get is not available: install InfluxDB 1.x (influxd) with your package manager" >&2; \
+		exit 1; \
+	fi
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv mosquitto lint
+test: venv mosquitto influxdb lint
 	$(VENV)/bin/pytest -q
 
 # The whole system on real data (train 5 min -> evaluate -> signed bundle -> broker + agent -> replay -> scores).

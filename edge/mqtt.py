@@ -40,7 +40,7 @@ from typing import Any
 
 from gapcast.edge.agent import AgentCore
 from gapcast.edge.config import EdgeConfig
-from gapcast.edge.messages import offline_payload
+from gapcast.edge.messages import mark_replayed, offline_payload
 
 __all__ = ["ConnectFailureLog", "EventClock", "MqttAgent", "make_outbox"]
 
@@ -189,6 +189,8 @@ class MqttAgent:
         self._pending_lock = threading.Lock()
         self.connected = threading.Event()
         self.epoch = 0  # connection counter; written by the network thread, read by the main thread
+        # Outputs created before the last CONNACK (event time, s) are a backlog: flushed with "replayed": true.
+        self.replay_before_s = float("-inf")  # written by the network thread, read by the main thread
         self.counters: Counter = Counter()
         self.client = self._build_client()
         self.snapshots = None
@@ -296,6 +298,7 @@ class MqttAgent:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.epoch += 1
+        self.replay_before_s = self.now()
         self._connect_failures.connected()
         self.connected.set()
         present = bool(getattr(flags, "session_present", False))
@@ -449,8 +452,14 @@ class MqttAgent:
         import paho.mqtt.client as mqtt
 
         sent = 0
+        cutoff = self.replay_before_s
         for oid, m in batch:
-            info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            payload = m.payload
+            # A backlog from an outage (or the previous run) is marked, the status (a current state) is not.
+            if m.kind != "status" and 0 < getattr(m, "created_s", 0.0) < cutoff:
+                payload = mark_replayed(payload)
+                self.counters["replayed"] += 1
+            info = self.client.publish(m.topic, payload, qos=m.qos, retain=m.retain)
             if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho queued it for reconnect
                 with self._pending_lock:
                     self._pending[info.mid] = oid
