@@ -153,6 +153,7 @@ class SinkClient:
         if bad:
             log.error("subscriptions %s refused: %s", self.filters, bad)
         else:
+            log.info("sink subscribed to %s (QoS 1)", ", ".join(self.filters))
             self.subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

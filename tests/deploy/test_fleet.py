@@ -381,13 +381,15 @@ def test_status_lists_gateways_without_updates_and_keeps_stopped_and_lost_ones(b
         assert [(r.gateway, r.online) for r in rows] == [("gw-lost", False), ("gw-on", True), ("gw-stop", True)]
         on = rows[1]
         assert (on.model_version, on.backend, on.status["fleet"]) == (1, "interpolation", FLEET)
-        assert rows[0].status == {"gateway": "gw-lost", "state": "offline", "reason": "connection lost",
+        assert rows[0].status == {"schema": "gapcast/status/1", "gateway": "gw-lost", "state": "offline",
+                                  "reason": "connection lost",
                                   "fleet": FLEET}  # fmt: skip
         stops["gw-stop"].set()  # clean shutdown: the retained status turns "offline", still naming the fleet
         runners["gw-stop"].join(15)
         rows = _status_until(broker, FLEET, lambda rs: len(rs) == 3 and rs[2].online is False)
         assert [(r.gateway, r.online) for r in rows] == [("gw-lost", False), ("gw-on", True), ("gw-stop", False)]
-        assert rows[2].status == {"gateway": "gw-stop", "state": "offline", "reason": "shutdown", "fleet": FLEET}
+        assert rows[2].status == {"schema": "gapcast/status/1", "gateway": "gw-stop", "state": "offline",
+                                  "reason": "shutdown", "fleet": FLEET}
         other = _status_until(broker, "other", lambda rs: len(rs) == 1)
         assert [(r.gateway, r.online, r.model_version) for r in other] == [("gw-other", True, 1)]
         capsys.readouterr()

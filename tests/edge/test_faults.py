@@ -325,7 +325,7 @@ def test_agent_killed_mid_stream_restores_windows(broker, tmp_path, tiny_bundle,
         agent.kill()  # mid-stream: readings keep arriving at the broker for its persistent session
         assert cloud.wait(lambda: any(b.get("state") == "offline" for b in cloud.bodies("/status")), 30)
         (will,) = [b for b in cloud.bodies("/status") if b.get("state") == "offline"]
-        assert will == {"gateway": "gw-fault", "state": "offline", "reason": "connection lost", "fleet": "default"}  # the Last Will
+        assert will == {"schema": "gapcast/status/1", "gateway": "gw-fault", "state": "offline", "reason": "connection lost", "fleet": "default"}  # the Last Will
         time.sleep(1.0)
         agent.start()
         rep.finish()
