@@ -9,13 +9,15 @@ the messages again.
 Tables (SQLite; ``ts``, ``origin``: seconds since the epoch, UTC)::
 
     series    (station, channel, ts) -> value, status (observed | filled | revised), model_version, rank, unit, msg_id
-    forecasts (station, origin, channel, ts) -> lead, value, issued (RFC 3339), method, model_version, unit, msg_id
+    forecasts (station, origin, ts) -> lead, "values" (JSON channel -> value), issued (RFC 3339), method,
+                                        model_version, msg_id
+    units     channel -> unit          (the payloads' units, newest wins)
     seen      id -> received_s          ids stored in the last ``dedup_window_s`` (older duplicates still cannot
                                         overwrite a revision: the rank rule holds without them)
 
 InfluxDB (1.x, HTTP ``/write``, precision seconds): measurement ``gapcast_series`` with tags ``station``,
 ``channel`` and fields ``value``, ``status``, ``model_version``; ``gapcast_forecast`` with tags ``station``,
-``channel``, ``lead`` and fields ``value``, ``origin``, ``issued``, ``method``, ``model_version``. A point with the
+``lead`` and one field per channel plus ``origin``, ``issued``, ``method``, ``model_version``. A point with the
 same measurement, tags and time overwrites the earlier one, so a revision replaces its steps there too.
 
 Sources: SQLite UPSERT (https://sqlite.org/lang_upsert.html); InfluxDB 1.x line protocol and ``/write``
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import logging
 import os
 import sqlite3
@@ -78,6 +81,7 @@ class SQLiteStore:
         self.dedup_window_s = float(dedup_window_s)
         self.counters: Counter = Counter()
         self._batches = 0
+        self._units_seen: dict[str, dict[str, str]] = {}  # bounded by the stations served
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), isolation_level=None)
@@ -90,10 +94,10 @@ class SQLiteStore:
                   status TEXT NOT NULL, model_version INTEGER NOT NULL, rank INTEGER NOT NULL, unit TEXT NOT NULL,
                   msg_id TEXT NOT NULL, PRIMARY KEY (station, channel, ts)) WITHOUT ROWID;
                 CREATE TABLE IF NOT EXISTS forecasts (
-                  station TEXT NOT NULL, origin INTEGER NOT NULL, channel TEXT NOT NULL, ts INTEGER NOT NULL,
-                  lead INTEGER NOT NULL, value REAL NOT NULL, issued TEXT NOT NULL, method TEXT NOT NULL,
-                  model_version INTEGER NOT NULL, unit TEXT NOT NULL, msg_id TEXT NOT NULL,
-                  PRIMARY KEY (station, origin, channel, ts)) WITHOUT ROWID;
+                  station TEXT NOT NULL, origin INTEGER NOT NULL, ts INTEGER NOT NULL, lead INTEGER NOT NULL,
+                  "values" TEXT NOT NULL, issued TEXT NOT NULL, method TEXT NOT NULL, model_version INTEGER NOT NULL,
+                  msg_id TEXT NOT NULL, PRIMARY KEY (station, origin, ts)) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS units (channel TEXT PRIMARY KEY, unit TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, received_s REAL NOT NULL);
                 CREATE INDEX IF NOT EXISTS seen_received ON seen (received_s);
                 """
@@ -146,17 +150,19 @@ class SQLiteStore:
                         " DO UPDATE SET value = excluded.value, status = excluded.status,"
                         " model_version = excluded.model_version, rank = excluded.rank, unit = excluded.unit,"
                         " msg_id = excluded.msg_id WHERE excluded.rank >= series.rank",
-                        [(r.station, r.channel, r.ts, r.value, r.status, r.model_version, r.rank, r.unit, d.msg_id)
-                         for r in rows],
+                        [(*r, d.msg_id) for r in rows],
                     )
                     values += rows
                 if d.forecasts:
                     db.executemany(
-                        "INSERT OR REPLACE INTO forecasts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(f.station, f.origin, f.channel, f.ts, f.lead, f.value, f.issued, f.method,
-                          f.model_version, f.unit, d.msg_id) for f in d.forecasts],
+                        "INSERT OR REPLACE INTO forecasts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(f.station, f.origin, f.ts, f.lead, json.dumps(f.values, separators=(",", ":")), f.issued,
+                          f.method, f.model_version, d.msg_id) for f in d.forecasts],
                     )
                     forecasts += d.forecasts
+                    if d.units != self._units_seen.get(d.station):
+                        db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", list(d.units.items()))
+                        self._units_seen[d.station] = d.units
             for t in targets:
                 if values or forecasts:
                     t.write(values, forecasts)
@@ -193,7 +199,7 @@ class CsvStore:
 
     name = "csv"
     SERIES = ("station", "channel", "ts", "value", "status", "model_version", "unit")
-    FORECASTS = ("station", "origin", "issued", "channel", "ts", "lead", "value", "method", "model_version", "unit")
+    FORECASTS = ("station", "origin", "issued", "channel", "ts", "lead", "value", "method", "model_version")
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -221,9 +227,10 @@ class CsvStore:
                 )
             if forecasts:
                 csv.writer(self._files["forecasts"]).writerows(
-                    (f.station, format_rfc3339(f.origin), f.issued, f.channel, format_rfc3339(f.ts), f.lead,
-                     repr(f.value), f.method, f.model_version, f.unit)
+                    (f.station, format_rfc3339(f.origin), f.issued, c, format_rfc3339(f.ts), f.lead, repr(float(v)),
+                     f.method, f.model_version)
                     for f in forecasts
+                    for c, v in f.values.items()
                 )
             for f in self._files.values():
                 f.flush()
@@ -255,13 +262,16 @@ def series_lines(values: list[ValueRow]) -> list[str]:
 
 
 def forecast_lines(forecasts: list[ForecastRow]) -> list[str]:
-    """InfluxDB line protocol of forecast rows (precision seconds)."""
-    return [
-        f"gapcast_forecast,station={_tag(f.station)},channel={_tag(f.channel)},lead={f.lead} value={f.value!r},"
-        f"origin={f.origin}i,issued={_str_field(f.issued)},method={_str_field(f.method)},"
-        f"model_version={f.model_version}i {f.ts}"
-        for f in forecasts
-    ]
+    """InfluxDB line protocol of forecast steps (precision seconds): one point per (station, lead, ts), a field per
+    channel."""
+    out = []
+    for f in forecasts:
+        fields = ",".join(f"{_tag(c)}={float(v)!r}" for c, v in f.values.items())
+        out.append(
+            f"gapcast_forecast,station={_tag(f.station)},lead={f.lead} {fields},origin={f.origin}i,"
+            f"issued={_str_field(f.issued)},method={_str_field(f.method)},model_version={f.model_version}i {f.ts}"
+        )
+    return out
 
 
 class InfluxStore:

@@ -44,7 +44,8 @@ def rows(db_path, table="series"):
         if table == "series":
             q = "SELECT station, channel, ts, value, status, model_version FROM series ORDER BY station, ts, channel"
         else:
-            q = "SELECT station, origin, channel, ts, lead, value FROM forecasts ORDER BY station, origin, ts, channel"
+            q = 'SELECT station, origin, ts, lead, "values" FROM forecasts ORDER BY station, origin, ts'
+            return [(*r[:4], json.loads(r[4])) for r in con.execute(q)]
         return con.execute(q).fetchall()
     finally:
         con.close()
@@ -81,10 +82,13 @@ def test_forecast_rows_are_keyed_by_origin_with_their_lead(tmp_path):
                           "model", 3, issued_s=T0 + 3700, units=UNITS)
     store.apply([decoded(fc)], now_s=T0)
     assert rows(tmp_path / "s.db", "forecasts") == [
-        ("s1", T0, "a", T0 + 3600, 1, 1.0), ("s1", T0, "b", T0 + 3600, 1, 2.0),
-        ("s1", T0, "a", T0 + 7200, 2, 3.0), ("s1", T0, "b", T0 + 7200, 2, 4.0),
-        ("s1", T0, "a", T0 + 10800, 3, 5.0), ("s1", T0, "b", T0 + 10800, 3, 6.0),
+        ("s1", T0, T0 + 3600, 1, {"a": 1.0, "b": 2.0}), ("s1", T0, T0 + 7200, 2, {"a": 3.0, "b": 4.0}),
+        ("s1", T0, T0 + 10800, 3, {"a": 5.0, "b": 6.0}),
     ]
+    con = sqlite3.connect(tmp_path / "s.db")  # tidy on demand: SQLite unnests the channels
+    assert con.execute("SELECT COUNT(*) FROM forecasts, json_each(forecasts.\"values\")").fetchone() == (6,)
+    assert sorted(con.execute("SELECT channel, unit FROM units")) == [("a", "ug/m3"), ("b", "degC")]
+    con.close()
     store.close()
 
 
@@ -112,7 +116,7 @@ def test_the_checker_names_what_is_wrong():
     body = json.loads(filled_message(TOPICS, "s1", T0, 3600, NAMES, np.array([1.0, 2.0]), np.array([False, False]),
                                      "model", 3).payload)
     body["values"]["a"] = "12"
-    assert Checker().problem("filled", body) == "values/a: '12' is not of type 'number'"
+    assert Checker().problem("filled", body) == 'values/a: "12" is not of type "number"'
 
 
 # -- broker tests ------------------------------------------------------------------------------------------------
@@ -316,8 +320,8 @@ def test_agent_replay_sink_into_sqlite_and_influxdb_agree(broker, tmp_path, beij
             for t, v, st in s["values"]:
                 influx_rows[(s["tags"]["station"], s["tags"]["channel"], int(t))] = (v, st)
         assert influx_rows == store
-        fc = influx.query("gapcast", "SELECT COUNT(value) FROM gapcast_forecast")
-        assert fc["results"][0]["series"][0]["values"][0][1] == n_fc == n_steps * 24 * 13
+        fc = influx.query("gapcast", 'SELECT COUNT("PM2.5") FROM gapcast_forecast')
+        assert fc["results"][0]["series"][0]["values"][0][1] == n_fc == n_steps * 24
     finally:
         for p in (agent, sink):
             if p.poll() is None:
