@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from support.contracts import assert_contracts
 from support.fleet_fakes import FLEET, PREFIX, MqttGateway, committed, make_bundle, new_key, step_until
 
 from gapcast.cli import main
@@ -269,8 +270,11 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
     got: dict[str, list] = {"forecast": [], "model": []}
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
 
+    recorded = []
+
     def on_message(c, u, msg):
         kind = msg.topic.rsplit("/", 1)[-1]
+        recorded.append((msg.topic, bytes(msg.payload)))
         if kind in got:
             got[kind].append(json.loads(msg.payload))
 
@@ -311,6 +315,8 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
         for c in (sub, pubc):
             c.disconnect()
             c.loop_stop()
+    checked = assert_contracts(recorded)  # the forecasts and the update reports against their JSON Schemas
+    assert checked["model"] >= 3 and checked["forecast"] == len(got["forecast"])
     fc = sorted(got["forecast"], key=lambda m: m["origin"])
     origins = [m["origin"] for m in fc]
     assert len(origins) == len(set(origins)) == hours - 1  # one forecast per closed step, none missed
@@ -438,3 +444,4 @@ def test_fleet_commands_turn_bad_names_and_chunk_sizes_into_clean_errors(broker,
         got = client.retained([topics.manifest], probe_base=topics.base)
     m = open_envelope(got[topics.manifest], [load_private_key(priv).public_key()])
     assert m.raw["artifact"]["chunk_bytes"] == 2_000_000 and len(m.chunk_sha256) == 1
+    assert assert_contracts(got.items()) == {"manifest": 1}  # the envelope and its decoded manifest
