@@ -13,6 +13,7 @@ sink's CPU seconds and its RSS sampled every 0.5 s (first quarter of the run aga
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -64,13 +65,17 @@ def _seen(db: Path) -> int:
 
 
 def run_sink_bench(*, stations: int = 1000, steps: int = 20, horizon: int = 24, validate: bool = True,
-                   workdir: str | Path | None = None, timeout_s: float = 900.0) -> dict[str, Any]:
+                   paced_s: float = 120.0, step_s: float = 10.0, workdir: str | Path | None = None,
+                   timeout_s: float = 900.0) -> dict[str, Any]:
     """Run the benchmark once.
 
     Args:
         stations, steps: the stream: ``2 * stations * steps`` messages.
         horizon: forecast steps per forecast message.
         validate: the sink checks each payload against its schema (its default).
+        paced_s: then this long at the target pace (``stations`` stations, a step every ``step_s``), seconds, with
+            the sink's RSS sampled: the memory figure (0: skip).
+        step_s: the paced phase's step interval, seconds.
         workdir: where the broker and the database live (default: a temporary folder).
         timeout_s: give up waiting for the sink after this long, seconds.
 
@@ -133,19 +138,45 @@ def run_sink_bench(*, stations: int = 1000, steps: int = 20, horizon: int = 24, 
             time.sleep(0.2)
         t_end = time.monotonic()
         stored = _seen(db)
+        store_s = t_end - t0
+        ceiling = stored / store_s
+        q = [r for t, r in rss if t <= t0 + store_s / 4] or [rss[0][1]]
+        paced: dict[str, Any] = {}
+        if paced_s > 0:
+            # The same stream again at the target pace (new ids: the next steps), one step of every station per
+            # step_s, spread evenly; the sink's RSS must not grow with time.
+            more = _payloads(stations, int(math.ceil(paced_s / step_s)), horizon, t0=1_483_228_800 + steps * 3600)
+            rate = 2 * stations / step_s
+            mark = len(rss)
+            p0 = time.monotonic()
+            for k, (t, p) in enumerate(more):
+                due = p0 + k / rate
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                pub.publish(t, p, qos=1)
+            p_end = time.monotonic()
+            while _seen(db) < n + len(more) and time.monotonic() - p_end < 120:
+                time.sleep(0.1)
+            lag = time.monotonic() - p_end
+            prss = [r for _, r in rss[mark:]]
+            quarter = max(1, len(prss) // 4)
+            paced = {"messages": len(more), "rate_msg_per_s": rate, "seconds": round(p_end - p0, 1),
+                     "stored": _seen(db) - n, "lag_after_last_s": round(lag, 2),
+                     "rss_mb_first_quarter_mean": round(sum(prss[:quarter]) / quarter, 1),
+                     "rss_mb_last_quarter_mean": round(sum(prss[-quarter:]) / quarter, 1),
+                     "rss_mb_max": round(max(prss), 1), "samples": len(prss)}
+        res["paced"] = paced
         stop.set()
         sampler.join(2)
         cpu1 = proc.cpu_times()
         pub.loop_stop()
-        store_s = t_end - t0
-        ceiling = stored / store_s
-        q = [r for t, r in rss if t <= t0 + store_s / 4] or [rss[0][1]]
         res.update(
             stored=stored, complete=stored == n, publish_s=round(t_pub - t0, 2), store_s=round(store_s, 2),
             ceiling_msg_per_s=round(ceiling, 1), needed_msg_per_s=200.0,
             stations_at_10s=int(ceiling / 0.2), headroom=round(ceiling / 200.0, 2),
             sink_cpu_s=round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
-            sink_cpu_per_msg_ms=round(1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / max(stored, 1), 3),
+            sink_cpu_per_msg_ms=round(1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+                                      / max(stored + paced.get("stored", 0), 1), 3),
             rss_mb={"start": round(rss[0][1], 1), "first_quarter_max": round(max(q), 1),
                     "end": round(rss[-1][1], 1), "max": round(max(r for _, r in rss), 1), "samples": len(rss)},
             db_mb=round(sum(p.stat().st_size for p in wd.glob("sink.db*")) / 2**20, 1),

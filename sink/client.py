@@ -49,6 +49,9 @@ class SinkOptions:
             queues QoS 1 messages) while the sink is away.
         keepalive_s: MQTT keep-alive, seconds.
         batch_max: most messages per write transaction.
+        receive_maximum: MQTT 5 Receive Maximum: the most unacknowledged QoS 1 messages the broker may send at
+            once, which bounds the sink's memory when a backlog arrives (3.1.1 relies on the broker's own limit,
+            Mosquitto's ``max_inflight_messages``).
         batch_wait_s: how long a batch waits for more messages after the first, seconds.
         validate: check every payload against its schema (``jsonschema``).
     """
@@ -59,6 +62,7 @@ class SinkOptions:
     session_expiry_s: int = 7 * 86400
     keepalive_s: int = 30
     batch_max: int = 1000
+    receive_maximum: int = 1000
     batch_wait_s: float = 0.05
     validate: bool = True
 
@@ -176,6 +180,7 @@ class SinkClient:
 
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = int(self.opt.session_expiry_s)
+            props.ReceiveMaximum = int(self.opt.receive_maximum)
             kw = {"clean_start": False, "properties": props}
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.opt.keepalive_s, **kw)
         self.client.loop_start()
@@ -208,13 +213,18 @@ class SinkClient:
             self._reject("bad_schema", f"{type(exc).__name__}: {exc}", it.topic)
             return None
 
-    def process(self, items: list[_In]) -> dict[str, int]:
+    def process(self, items: list[_In], batch: list[Decoded] | None = None) -> dict[str, int]:
         """Decode, store and acknowledge one batch (the run thread).
+
+        Args:
+            items: the received messages, in arrival order.
+            batch: their decoded rows when a failed write is retried (decoded and counted once).
 
         Raises:
             SinkError: the store refused the batch (nothing acknowledged).
         """
-        batch = [d for d in (self._decode(it) for it in items) if d is not None]
+        if batch is None:
+            batch = self.decode_all(items)
         counts = self.store.apply(batch, self.wall(), self.targets) if batch else {}
         epoch = self.epoch
         for it in items:
@@ -223,6 +233,10 @@ class SinkClient:
         self.counters["received"] += len(items)
         self.counters.update(counts)
         return counts
+
+    def decode_all(self, items: list[_In]) -> list[Decoded]:
+        """The rows of every valid message (invalid ones are counted and logged here, once)."""
+        return [d for d in (self._decode(it) for it in items) if d is not None]
 
     def _take(self, timeout_s: float) -> list[_In]:
         items: list[_In] = []
@@ -245,14 +259,16 @@ class SinkClient:
         self.start()
         backoff = 1.0
         pending: list[_In] = []
+        decoded: list[Decoded] = []
         try:
             while not stop.is_set():
                 if not pending:
                     pending = self._take(idle_s)
+                    decoded = self.decode_all(pending)
                 if not pending:
                     continue
                 try:
-                    self.process(pending)
+                    self.process(pending, decoded)
                     pending = []
                     backoff = 1.0
                 except SinkError as exc:

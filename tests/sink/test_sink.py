@@ -335,3 +335,39 @@ def test_agent_replay_sink_into_sqlite_and_influxdb_agree(broker, tmp_path, beij
         influx.stop()
     checked = rec.close()
     assert checked["filled"] >= n_steps and checked["forecast"] >= n_steps and checked["status"] >= 1
+
+
+def test_the_shell_acks_after_the_write_and_counts_what_it_skips(tmp_path):
+    from gapcast.brokerurl import parse_broker_url
+    from gapcast.sink.client import SinkClient, _In
+
+    class FailingOnce:
+        name = "flaky"
+
+        def __init__(self):
+            self.calls = 0
+
+        def write(self, values, forecasts):
+            self.calls += 1
+            if self.calls == 1:
+                raise SinkError("target down")
+
+        def close(self):
+            pass
+
+    acks = []
+    target = FailingOnce()
+    sink = SinkClient(parse_broker_url("mqtt://127.0.0.1:1"), SQLiteStore(tmp_path / "s.db"), [target])
+    sink.client = type("C", (), {"ack": lambda self, mid, qos: acks.append(mid)})()
+    f = filled_message(TOPICS, "s1", T0, 3600, NAMES, np.array([1.0, 2.0]), np.array([False, False]), "model", 3)
+    bad_schema = f.payload.replace(b'"a":1.0', b'"a":"1"')
+    items = [_In(f.topic, f.payload, 1, 1, 0), _In(f.topic, b"{nope", 2, 1, 0), _In(f.topic, bad_schema, 3, 1, 0),
+             _In("gapcast/v1/stations/s1/readings", b"{}", 4, 1, 0)]
+    decoded = sink.decode_all(items)
+    assert dict(sink.rejected) == {"bad_json": 1, "bad_schema": 1, "bad_topic": 1} and len(decoded) == 1
+    with pytest.raises(SinkError, match="target down"):
+        sink.process(items, decoded)
+    assert acks == [] and count(tmp_path / "s.db", "seen") == 0  # rolled back, nothing acknowledged
+    assert sink.process(items, decoded) == {"messages": 1, "values": 2, "forecasts": 0}
+    assert acks == [1, 2, 3, 4] and count(tmp_path / "s.db", "seen") == 1  # in arrival order, after the write
+    assert dict(sink.rejected) == {"bad_json": 1, "bad_schema": 1, "bad_topic": 1}  # counted once
