@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,edge,tools,dev
+EXTRAS ?= train,edge,tools,sink,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gapcast-installed
 SHARED_DATA := $(abspath ../shared/data)
@@ -40,9 +40,10 @@ mosquitto:
 	fi
 
 # The other servers and tools the tests start or run privately (temporary configs, free ports): Prometheus scrapes
-# the agent's metrics, RabbitMQ is the second MQTT implementation, shellcheck / systemd-analyze check the deployment
+# the agent's metrics, RabbitMQ is the second MQTT implementation,
+# InfluxDB 1.x is the sink's external target, shellcheck / systemd-analyze check the deployment
 # files. Debian/Ubuntu packages, installed when missing; nothing is started or enabled by installing.
-TEST_SERVERS := prometheus:prometheus rabbitmq-server:rabbitmq-server
+TEST_SERVERS := prometheus:prometheus rabbitmq-server:rabbitmq-server influxd:influxdb
 LINT_TOOLS := shellcheck:shellcheck systemd-analyze:systemd
 APT_ENSURE = missing=""; for pair in $(1); do bin=$${pair%%:*}; pkg=$${pair\#\#*:}; \
 		command -v $$bin >/dev/null 2>&1 || test -x /usr/sbin/$$bin || test -x /usr/bin/$$bin || missing="$$missing $$pkg"; done; \
@@ -50,7 +51,7 @@ APT_ENSURE = missing=""; for pair in $(1); do bin=$${pair%%:*}; pkg=$${pair\#\#*
 	elif command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing with apt-get"; \
 		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends $$missing >/dev/null; \
 	else \
 		echo "missing:$$missing, and apt-get is not available: install them with your package manager" >&2; \
 		exit 1; \

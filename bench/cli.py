@@ -323,11 +323,36 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sink(args: argparse.Namespace) -> int:
+    from gapcast.bench.sink import run_sink_bench
+
+    stations, steps, paced_s = (100, 5, 20.0) if args.quick else (args.stations, args.steps, args.paced_s)
+    res = run_sink_bench(stations=stations, steps=steps, validate=not args.no_validate, paced_s=paced_s)
+    rss, pc = res["rss_mb"], res["paced"]
+    text = "# gapcast sink\n\n" + format_table(
+        ["stations", "steps", "messages", "validate", "ceiling msg/s", "needed (1,000 st. @ 10 s)", "stations @ 10 s",
+         "sink CPU ms/msg", "RSS MiB start / 1st quarter / end"],
+        [[stations, steps, res["messages"], res["validate"], res["ceiling_msg_per_s"], res["needed_msg_per_s"],
+          res["stations_at_10s"], res["sink_cpu_per_msg_ms"],
+          f"{rss['start']} / {rss['first_quarter_max']} / {rss['end']}"]],
+    )
+    if pc:
+        text += "\n\n## Paced: a step of every station every 10 s\n\n" + format_table(
+            ["msg/s", "seconds", "messages", "stored", "lag after the last (s)", "RSS MiB 1st quarter", "last quarter",
+             "max"],
+            [[pc["rate_msg_per_s"], pc["seconds"], pc["messages"], pc["stored"], pc["lag_after_last_s"],
+              pc["rss_mb_first_quarter_mean"], pc["rss_mb_last_quarter_mean"], pc["rss_mb_max"]]],
+        )
+    print(text)
+    _save(Path(args.out), "sink", res, text, _command("sink", args))
+    return 0 if res["complete"] and (not pc or pc["stored"] == pc["messages"]) else 1
+
+
 # ------------------------------------------------------------------------------------------------------- register
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``gapcast bench`` and its four sub-commands."""
+    """Add ``gapcast bench`` and its sub-commands."""
     p = subparsers.add_parser(
         "bench",
         help="benchmarks: accuracy, ETT, runtime, agent (print tables, save JSON)",
@@ -389,4 +414,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--latency-steps", type=int, default=3, help="paced steps for the latency figures (default 3)")
     g.add_argument("--max-batch", type=int, default=256, help="the agent's model.max_batch (default 256, its default)")
     g.set_defaults(func=_agent)
+    k = sub.add_parser("sink", help="gapcast sink: messages stored per second and its memory (private Mosquitto)")
+    common(k)
+    k.add_argument("--stations", type=int, default=1000, help="stations in the stream (default 1000)")
+    k.add_argument("--steps", type=int, default=20, help="steps per station (default 20: 40,000 messages)")
+    k.add_argument("--paced-s", type=float, default=120.0,
+                   help="then this long at a step of every station every 10 s, for the memory figure (default 120)")
+    k.add_argument("--no-validate", action="store_true", help="run the sink without the schema check")
+    k.set_defaults(func=_sink)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -46,6 +46,7 @@ from gapcast.brokerurl import BrokerURL
 from gapcast.brokerurl import parse_broker_url as _parse_broker_url
 from gapcast.edge import BundleError, UpdateRejected
 from gapcast.edge.bundle import CARD_NAME, SIG_NAME, Bundle, verify_bundle
+from gapcast.edge.messages import Topics
 from gapcast.edge.updater import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_ARTIFACT_BYTES,
@@ -218,6 +219,7 @@ def sign_manifest(manifest: dict[str, Any], private_key) -> bytes:
     body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     sig = private_key.sign(body)
     env = {
+        "schema": "gapcast/manifest/1",  # the envelope's contract (gapcast.edge.schemas); the manifest is signed as is
         "manifest": base64.b64encode(body).decode(),
         "signature": base64.b64encode(sig).decode(),
         "key_id": key_id(private_key.public_key()),
@@ -578,7 +580,8 @@ def fleet_status(client: FleetClient, prefix: str, fleet: str) -> list[GatewaySt
     except ValueError as exc:
         raise FleetError(str(exc)) from exc
     base = f"{prefix}/gateways"
-    got = client.retained([f"{base}/+/status", f"{base}/+/model"], probe_base=topics.base)
+    filters = [Topics(prefix).status, FleetTopics.gateway_model(prefix, "+")]  # every gateway's
+    got = client.retained(filters, probe_base=topics.base)
     per: dict[str, dict[str, dict[str, Any]]] = {}
     for topic, payload in got.items():
         parts = topic[len(base) + 1 :].split("/")

@@ -214,6 +214,7 @@ class AgentCore:
         self.topics = topics
         self.settings = settings
         self.channels = card.channel_names
+        self.units = {c.name: c.unit for c in card.channels}  # carried in every filled/revision/forecast payload
         self.C = len(self.channels)
         self.L, self.H, self.cadence_s = card.lookback, card.horizon, card.cadence_s
         self.mean = card.mean
@@ -506,7 +507,7 @@ class AgentCore:
                 out.append(
                     revision_message(
                         self.topics, r.station, first * cad, cad, names, filled[b, i0:i1], ~obs[b, i0:i1],
-                        "model" if model else "interpolation", mv, reason, now_s,
+                        "model" if model else "interpolation", mv, reason, now_s, units=self.units,
                     )
                 )
                 self.counters["revisions"] += 1
@@ -521,7 +522,7 @@ class AgentCore:
             out.append(
                 filled_message(
                     self.topics, r.station, step_s, cad, names, filled[b, -1], imp_mask,
-                    "model" if model else "locf", mv, now_s,
+                    "model" if model else "locf", mv, now_s, units=self.units,
                 )
             )
             self.counters["filled"] += 1
@@ -543,7 +544,9 @@ class AgentCore:
             self.no_forecast.pop(r.station, None)
             method = "model" if model else ("seasonal_naive" if self.fallback.season else "persistence")
             out.append(
-                forecast_message(self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s)
+                forecast_message(
+                    self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s, units=self.units
+                )
             )
             self.counters["forecasts"] += 1
             steps_log.debug(

@@ -157,7 +157,7 @@ def _check(args) -> int:
     auto = f"; auto-register up to {cfg.stations.max_stations}" if cfg.stations.auto_register else ""
     print(f"stations: {stations}{auto}")
     print(f"subscribe: {t.readings_filter} (QoS 1)")
-    print(f"publish:   {cfg.topic_prefix}/stations/<station>/filled and .../forecast (QoS 1)")
+    print(f"publish:   {cfg.topic_prefix}/stations/<station>/filled, .../revisions and .../forecast (QoS 1)")
     print(f"           {t.status} (retained; Last Will \"offline\"), dead letters to {t.deadletter}")
     print(
         f"policy: steps close on the {s.clock} clock after lateness {s.lateness_s:g} s; readings more than "

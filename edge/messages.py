@@ -5,8 +5,9 @@ Topics (docs/ARCHITECTURE.md, "Contracts"; ``prefix`` defaults to ``gapcast/v1``
     {prefix}/stations/{station}/readings    in   {"ts": "2017-01-01T00:00:00Z" | 1483228800, "values": {...}}
                                                  (or any ``input.topic`` template, e.g. ``sensors/{station}/{channel}``
                                                  with a bare number or ``{"value": x, "ts": ...}`` per message)
-    {prefix}/stations/{station}/filled      out  one closed step, every channel filled; or a revision of a gap
-    {prefix}/stations/{station}/forecast    out  H steps per channel from a closed step
+    {prefix}/stations/{station}/filled      out  one closed step, every channel filled
+    {prefix}/stations/{station}/revisions   out  a run of closed steps re-filled (a gap ended, a late reading)
+    {prefix}/stations/{station}/forecast    out  H steps, each ``{"ts", "values"}``, from a closed step
     {prefix}/gateways/{gateway}/status      out  retained; "offline" by Last Will
     {prefix}/deadletter/{gateway}           out  every rejected input with its kind and reason
 
@@ -19,6 +20,11 @@ missing (kind ``nan``); ``Infinity`` / ``-Infinity`` anywhere, or ``NaN`` outsid
 
 Every output carries a stable ``id`` built from (station, step time, kind, model version), so a subscriber can
 deduplicate the at-least-once delivery of QoS 1: the same step published twice (a retry, a restart) has the same id.
+
+Every output names its contract, ``"schema": "gapcast/<kind>/1"`` (:data:`SCHEMA_IDS`; the JSON Schemas ship in
+``gapcast.edge.schemas`` and ``gapcast schema NAME`` prints them); filled, revision and forecast payloads carry the
+card's ``units``. A message the shell flushes from its outbox after a broker outage gets ``"replayed": true``
+(:func:`mark_replayed`; after Sparkplug B's ``is_historical``), so a dashboard does not record it at arrival time.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "AGGREGATES",
     "DEFAULT_READINGS_TOPIC",
     "REJECTION_KINDS",
+    "SCHEMA_IDS",
     "OutMessage",
     "Reading",
     "ReadingSchema",
@@ -48,6 +55,7 @@ __all__ = [
     "filled_message",
     "forecast_message",
     "iso",
+    "mark_replayed",
     "message_id",
     "offline_payload",
     "parse_reading",
@@ -85,6 +93,12 @@ REJECTION_KINDS = (
 AGGREGATES = ("mean", "last", "sum")
 #: The default readings topic template (``input.topic``).
 DEFAULT_READINGS_TOPIC = "{prefix}/stations/{station}/readings"
+
+#: The contract id each payload kind carries in its ``schema`` field (the JSON Schema's ``$id`` ends with it).
+SCHEMA_IDS = {
+    kind: f"gapcast/{kind}/1"
+    for kind in ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest")
+}
 
 # fullmatch, ASCII digits only: "$" would let a trailing newline through, "\d" every Unicode digit.
 _STATION_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -164,19 +178,23 @@ def topic_template_problem(template: str, prefix: str, gateway: str = "gw") -> s
 
 @dataclass(frozen=True)
 class Topics:
-    """The topic tree of one gateway.
+    """The topic tree of one gateway: the one place topic strings are built and parsed.
 
     Args:
         prefix: topic prefix, e.g. ``gapcast/v1``.
-        gateway: gateway id.
+        gateway: gateway id; the default ``+`` (a subscriber that serves every gateway) makes ``status`` and
+            ``deadletter`` subscription filters.
         readings_template: where readings come in (``input.topic``; checked by :func:`topic_template_problem`):
             ``{prefix}/stations/{station}/readings`` (default, one JSON reading per message) or a template with
             ``{channel}`` (one channel's value per message).
     """
 
     prefix: str
-    gateway: str
+    gateway: str = "+"
     readings_template: str = DEFAULT_READINGS_TOPIC
+
+    #: Station output kinds and their topic level (``{prefix}/stations/{station}/{level}``).
+    OUTPUT_LEVELS = {"filled": "filled", "revision": "revisions", "forecast": "forecast"}
 
     @property
     def per_channel(self) -> bool:
@@ -222,8 +240,26 @@ class Topics:
     def filled(self, station: str) -> str:
         return f"{self.prefix}/stations/{station}/filled"
 
+    def revisions(self, station: str) -> str:
+        return f"{self.prefix}/stations/{station}/revisions"
+
     def forecast(self, station: str) -> str:
         return f"{self.prefix}/stations/{station}/forecast"
+
+    def output_filter(self, kind: str) -> str:
+        """The subscription filter for one output kind (``filled``, ``revision``, ``forecast``) of every station."""
+        return f"{self.prefix}/stations/+/{self.OUTPUT_LEVELS[kind]}"
+
+    def output_of(self, topic: str) -> tuple[str, str] | None:
+        """``(kind, station)`` of a station output topic (``filled``, ``revision``, ``forecast``), else None."""
+        head = self.prefix + "/stations/"
+        if not topic.startswith(head):
+            return None
+        station, _, level = topic[len(head) :].partition("/")
+        for kind, lvl in self.OUTPUT_LEVELS.items():
+            if level == lvl and _STATION_RE.fullmatch(station):
+                return kind, station
+        return None
 
     def readings(self, station: str) -> str:
         return f"{self.prefix}/stations/{station}/readings"
@@ -692,6 +728,31 @@ def _dumps(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _units(channels: tuple[str, ...], units: dict[str, str] | None) -> dict[str, str]:
+    units = units or {}
+    return {c: str(units[c]) for c in channels if c in units}
+
+
+_REPLAYED = b',"replayed":true}'
+
+
+def mark_replayed(payload: bytes) -> bytes:
+    """The payload of an output flushed from the outbox after a broker outage, with ``"replayed": true`` added.
+
+    Args:
+        payload: a compact JSON object as the builders here make it (ends with ``}``).
+
+    Returns:
+        The same object plus ``"replayed": true`` (unchanged when already marked or not a JSON object). The ``id``
+        stays the same, so a subscriber that saw the message before the outage still drops the copy.
+
+    Source: Sparkplug B 3.0 ``is_historical`` (a metric sent late, not a current value).
+    """
+    if payload.endswith(_REPLAYED) or not (payload.startswith(b"{") and payload.endswith(b"}")) or payload == b"{}":
+        return payload
+    return payload[:-1] + _REPLAYED
+
+
 def _vals(names: tuple[str, ...], row: np.ndarray) -> dict[str, float]:
     return dict(zip(names, np.round(row.astype(np.float64), 4).tolist()))
 
@@ -707,6 +768,8 @@ def filled_message(
     method: str,
     model_version: int,
     created_s: float = 0.0,
+    *,
+    units: dict[str, str] | None = None,
 ) -> OutMessage:
     """A closed step with every channel filled.
 
@@ -721,12 +784,14 @@ def filled_message(
         method: ``model``, ``locf`` or ``interpolation`` (how imputed values were made).
         model_version: the card's model version (0 without a model).
         created_s: gateway time, seconds (stamped into the outbox, not the payload).
+        units: channel -> physical unit (the card's); None: ``{}``.
 
     Returns:
-        The :class:`OutMessage` for ``{prefix}/stations/{station}/filled``.
+        The :class:`OutMessage` for ``{prefix}/stations/{station}/filled`` (contract ``gapcast/filled/1``).
     """
     mid = message_id(station, step_s, "filled", model_version)
     body = {
+        "schema": SCHEMA_IDS["filled"],
         "id": mid,
         "station": station,
         "ts": iso(step_s),
@@ -737,6 +802,7 @@ def filled_message(
         "imputed": [c for c, f in zip(channels, imputed) if f],
         "method": method if bool(np.any(imputed)) else "observed",
         "model_version": int(model_version),
+        "units": _units(channels, units),
     }
     return OutMessage(topics.filled(station), _dumps(body), "filled", mid, created_s=created_s)
 
@@ -753,6 +819,8 @@ def revision_message(
     model_version: int,
     reason: str,
     created_s: float = 0.0,
+    *,
+    units: dict[str, str] | None = None,
 ) -> OutMessage:
     """A revision of several consecutive closed steps (a gap re-filled with context on both sides).
 
@@ -765,7 +833,8 @@ def revision_message(
         (others as :func:`filled_message`)
 
     Returns:
-        The :class:`OutMessage` for ``{prefix}/stations/{station}/filled`` with ``"revision": true``.
+        The :class:`OutMessage` for ``{prefix}/stations/{station}/revisions`` (contract ``gapcast/revision/1``;
+        ``"revision": true`` is kept for subscribers of the first payloads).
     """
     n = int(values.shape[0])
     last_s = first_step_s + (n - 1) * cadence_s
@@ -775,6 +844,7 @@ def revision_message(
     pattern = hashlib.sha256(reason.encode() + np.packbits(np.asarray(imputed, dtype=bool)).tobytes()).hexdigest()
     mid = message_id(station, first_step_s, "revision", model_version, extra=f"{iso(last_s)}:{reason}:{pattern[:8]}")
     body = {
+        "schema": SCHEMA_IDS["revision"],
         "id": mid,
         "station": station,
         "revision": True,
@@ -793,8 +863,9 @@ def revision_message(
             }
             for i in range(n)
         ],
+        "units": _units(channels, units),
     }
-    return OutMessage(topics.filled(station), _dumps(body), "revision", mid, created_s=created_s)
+    return OutMessage(topics.revisions(station), _dumps(body), "revision", mid, created_s=created_s)
 
 
 def forecast_message(
@@ -808,6 +879,8 @@ def forecast_message(
     method: str,
     model_version: int,
     issued_s: float,
+    *,
+    units: dict[str, str] | None = None,
 ) -> OutMessage:
     """A forecast of H steps after a closed step.
 
@@ -820,12 +893,16 @@ def forecast_message(
         (others as :func:`filled_message`)
 
     Returns:
-        The :class:`OutMessage` for ``{prefix}/stations/{station}/forecast``.
+        The :class:`OutMessage` for ``{prefix}/stations/{station}/forecast`` (contract ``gapcast/forecast/1``):
+        ``"steps": [{"ts": RFC 3339, "values": {channel: number}}, ...]``, one object per step. An array of
+        objects, not parallel arrays, because Telegraf's json_v2 parser (``[[...object]]`` with ``path = "steps"``
+        and ``timestamp_key = "ts"``) and Node-RED's split node take it as it is, one point per step.
     """
     mid = message_id(station, origin_s, "forecast", model_version)
     H = int(forecast.shape[0])
-    f64 = np.round(forecast.astype(np.float64), 4)
+    rows = np.round(forecast.astype(np.float64), 4).tolist()
     body = {
+        "schema": SCHEMA_IDS["forecast"],
         "id": mid,
         "station": station,
         "origin": iso(origin_s),
@@ -836,7 +913,10 @@ def forecast_message(
         "model_version": int(model_version),
         "method": method,
         "imputed_share": round(float(imputed_share), 4),
-        "values": {c: f64[:, i].tolist() for i, c in enumerate(channels)},
+        "steps": [
+            {"ts": iso(origin_s + (h + 1) * cadence_s), "values": dict(zip(channels, rows[h]))} for h in range(H)
+        ],
+        "units": _units(channels, units),
     }
     return OutMessage(topics.forecast(station), _dumps(body), "forecast", mid, created_s=issued_s)
 
@@ -844,7 +924,10 @@ def forecast_message(
 def status_message(topics: Topics, body: dict, now_s: float, model_version: int) -> OutMessage:
     """The retained gateway status (``state`` ``online``); ``body`` holds counters, backend, model and reasons."""
     mid = message_id(topics.gateway, now_s, "status", model_version)
-    full = {"id": mid, "gateway": topics.gateway, "state": "online", "ts": iso(now_s), **body}
+    full = {
+        "schema": SCHEMA_IDS["status"], "id": mid, "gateway": topics.gateway, "state": "online", "ts": iso(now_s),
+        **body,
+    }
     return OutMessage(topics.status, _dumps(full), "status", mid, retain=True, created_s=now_s)
 
 
@@ -853,7 +936,7 @@ def offline_payload(gateway: str, reason: str = "connection lost", *, fleet: str
 
     ``fleet`` (the gateway's ``gateway.fleet``) keeps an offline gateway listed by ``gapcast fleet status``.
     """
-    body = {"gateway": gateway, "state": "offline", "reason": reason}
+    body = {"schema": SCHEMA_IDS["status"], "gateway": gateway, "state": "offline", "reason": reason}
     if fleet is not None:
         body["fleet"] = fleet
     return _dumps(body)
@@ -870,6 +953,7 @@ def deadletter_message(
     h = hashlib.sha256(topic.encode(errors="replace") + b"\0" + payload).hexdigest()[:16]
     mid = f"{topics.gateway}:deadletter:{rejection.kind}:{h}"
     body = {
+        "schema": SCHEMA_IDS["deadletter"],
         "id": mid,
         "gateway": topics.gateway,
         "received": iso(now_s),

@@ -43,7 +43,7 @@ from typing import Any
 
 from gapcast.edge.agent import AgentCore
 from gapcast.edge.config import EdgeConfig
-from gapcast.edge.messages import RetainedFilter, offline_payload
+from gapcast.edge.messages import RetainedFilter, mark_replayed, offline_payload
 
 __all__ = ["ConnectFailureLog", "EventClock", "MqttAgent", "make_outbox"]
 
@@ -211,6 +211,8 @@ class MqttAgent:
         self._pending_lock = threading.Lock()
         self.connected = threading.Event()
         self.epoch = 0  # connection counter; written by the network thread, read by the main thread
+        # Outputs created before the last CONNACK (event time, s) are a backlog: flushed with "replayed": true.
+        self.replay_before_s = float("-inf")  # written by the network thread, read by the main thread
         self.counters: Counter = Counter()
         self._retained = RetainedFilter()  # 3.1.1 re-sends retained readings on every reconnect: dead-letter once
         self._retained_logged_epoch = -1
@@ -324,6 +326,7 @@ class MqttAgent:
             return
         self.epoch += 1
         self._connack = True
+        self.replay_before_s = self.now()
         self._connect_failures.connected()
         self.connected.set()
         present = bool(getattr(flags, "session_present", False))
@@ -519,8 +522,14 @@ class MqttAgent:
         import paho.mqtt.client as mqtt
 
         sent = 0
+        cutoff = self.replay_before_s
         for oid, m in batch:
-            info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            payload = m.payload
+            # A backlog from an outage (or the previous run) is marked, the status (a current state) is not.
+            if m.kind != "status" and 0 < getattr(m, "created_s", 0.0) < cutoff:
+                payload = mark_replayed(payload)
+                self.counters["replayed"] += 1
+            info = self.client.publish(m.topic, payload, qos=m.qos, retain=m.retain)
             if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho queued it for reconnect
                 with self._pending_lock:
                     self._pending[info.mid] = oid

@@ -1270,7 +1270,7 @@ class UpdateLink:
             self.client = client
 
     def report(self, rep: dict[str, Any]) -> None:
-        payload = json.dumps(rep, sort_keys=True).encode()
+        payload = json.dumps({"schema": "gapcast/model/1", **rep}, sort_keys=True).encode()  # gapcast.edge.schemas
         with self._lock:
             self._last = payload
             client = self.client

@@ -22,6 +22,8 @@ _PARTS = (
     "gapcast.train.cli",  # train, evaluate
     "gapcast.export.cli",  # export, keys
     "gapcast.edge.cli",  # edge run | check | build-engine
+    "gapcast.edge.schemas",  # schema [NAME]
+    "gapcast.sink.cli",  # sink
     "gapcast.tools.replay",  # replay
     "gapcast.deploy.cli",  # fleet publish | status | promote | rollback
     "gapcast.tools.demo",  # demo

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (pyproject's package-dir).
 PARTS = {"gapcast": "core", "train": "train", "export": "export", "edge": "edge", "deploy": "deploy",
-         "bench": "bench", "tools": "tools"}
+         "bench": "bench", "tools": "tools", "sink": "sink"}
 # Which parts each part may import (itself and core always).
 ALLOWED = {
     "core": {"core"},
@@ -29,7 +29,8 @@ ALLOWED = {
     "edge": {"core", "edge"},
     "deploy": {"core", "export", "edge", "deploy"},
     "tools": {"core", "train", "export", "edge", "deploy", "tools"},
-    "bench": {"core", "train", "export", "edge", "deploy", "tools", "bench"},
+    "bench": {"core", "train", "export", "edge", "deploy", "tools", "bench", "sink"},
+    "sink": {"core", "edge", "sink"},
 }
 HEAVY = ("torch", "pandas", "onnx", "onnxscript", "matplotlib")
 

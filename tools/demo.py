@@ -225,10 +225,14 @@ class Collector:
             raise DemoError(msg)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):  # paho network thread
+        from gapcast.edge.messages import Topics
+
+        t = Topics(self.prefix)
         client.subscribe(
             [
-                (f"{self.prefix}/stations/+/filled", 1),
-                (f"{self.prefix}/stations/+/forecast", 1),
+                (t.output_filter("filled"), 1),
+                (t.output_filter("revision"), 1),
+                (t.output_filter("forecast"), 1),
                 (f"{self.prefix}/gateways/+/status", 1),
                 (f"{self.prefix}/deadletter/#", 1),
             ]
@@ -255,7 +259,9 @@ class Collector:
                     return
                 self._ids.add(key)
             if msg.topic.endswith("/filled"):
-                (self.revisions if body.get("revision") else self.filled).append((now, body))
+                self.filled.append((now, body))
+            elif msg.topic.endswith("/revisions"):
+                self.revisions.append((now, body))
             elif msg.topic.endswith("/forecast"):
                 self.forecasts.append((now, body))
             elif msg.topic.endswith("/status"):
@@ -450,7 +456,7 @@ def score_run(
         hist = np.where(sent[s][: k + 1], plan.values[s][: k + 1], 0.0)
         naive = seasonal_naive(hist, sent[s][: k + 1], horizon, season=season)
         tgt = truth_full[s][k + 1 : k + 1 + horizon]
-        pred = np.stack([np.asarray(b["values"][p][:horizon], dtype=np.float64) for p in POLLUTANTS], axis=1)
+        pred = np.asarray([[st["values"][p] for p in POLLUTANTS] for st in b["steps"][:horizon]], dtype=np.float64)
         f_pred.append(pred)
         f_naive.append(naive[:, pidx])
         f_truth.append(tgt[:, pidx])
@@ -657,8 +663,9 @@ def plot_figure(path: Path, plan, collector: Collector, outage: tuple[str, int, 
     a2.plot((ep[span] - f_lo) / 3600, np.where(~np.isnan(vals[span]), vals[span], np.nan), "k-", lw=1, label="what happened")
     for n, b in enumerate(sel):
         o = _epoch(b["origin"])
-        h = np.arange(1, len(b["values"][channel]) + 1)
-        a2.plot((o - f_lo) / 3600 + h * cad / 3600, b["values"][channel], "-", lw=1.5, color=plt.cm.viridis(n / max(len(sel), 1)),
+        fc_path = [st["values"][channel] for st in b["steps"]]
+        h = np.arange(1, len(fc_path) + 1)
+        a2.plot((o - f_lo) / 3600 + h * cad / 3600, fc_path, "-", lw=1.5, color=plt.cm.viridis(n / max(len(sel), 1)),
                 label=f"forecast issued {b['origin'][5:16]}Z")  # fmt: skip
     a2.set_title(f"{station}: 24 h {channel} forecasts against what happened")
     a2.set_xlabel(f"hours from {_iso(f_lo)}")

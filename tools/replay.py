@@ -456,8 +456,10 @@ def parse_broker_url(url: str) -> BrokerURL:
 
 
 def readings_topic(prefix: str, station: str) -> str:
-    """``{prefix}/stations/{station}/readings``."""
-    return f"{prefix.rstrip('/')}/stations/{station}/readings"
+    """``{prefix}/stations/{station}/readings`` (built by :class:`gapcast.edge.messages.Topics`)."""
+    from gapcast.edge.messages import Topics
+
+    return Topics(prefix.rstrip("/")).readings(station)
 
 
 @dataclass(frozen=True)

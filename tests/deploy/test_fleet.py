@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from support.contracts import assert_contracts
 from support.fleet_fakes import FLEET, PREFIX, MqttGateway, committed, make_bundle, new_key, step_until
 
 from gapcast.cli import main
@@ -269,8 +270,11 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
     got: dict[str, list] = {"forecast": [], "model": []}
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5)
 
+    recorded = []
+
     def on_message(c, u, msg):
         kind = msg.topic.rsplit("/", 1)[-1]
+        recorded.append((msg.topic, bytes(msg.payload)))
         if kind in got:
             got[kind].append(json.loads(msg.payload))
 
@@ -311,6 +315,8 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
         for c in (sub, pubc):
             c.disconnect()
             c.loop_stop()
+    checked = assert_contracts(recorded)  # the forecasts and the update reports against their JSON Schemas
+    assert checked["model"] >= 3 and checked["forecast"] == len(got["forecast"])
     fc = sorted(got["forecast"], key=lambda m: m["origin"])
     origins = [m["origin"] for m in fc]
     assert len(origins) == len(set(origins)) == hours - 1  # one forecast per closed step, none missed
@@ -381,13 +387,15 @@ def test_status_lists_gateways_without_updates_and_keeps_stopped_and_lost_ones(b
         assert [(r.gateway, r.online) for r in rows] == [("gw-lost", False), ("gw-on", True), ("gw-stop", True)]
         on = rows[1]
         assert (on.model_version, on.backend, on.status["fleet"]) == (1, "interpolation", FLEET)
-        assert rows[0].status == {"gateway": "gw-lost", "state": "offline", "reason": "connection lost",
+        assert rows[0].status == {"schema": "gapcast/status/1", "gateway": "gw-lost", "state": "offline",
+                                  "reason": "connection lost",
                                   "fleet": FLEET}  # fmt: skip
         stops["gw-stop"].set()  # clean shutdown: the retained status turns "offline", still naming the fleet
         runners["gw-stop"].join(15)
         rows = _status_until(broker, FLEET, lambda rs: len(rs) == 3 and rs[2].online is False)
         assert [(r.gateway, r.online) for r in rows] == [("gw-lost", False), ("gw-on", True), ("gw-stop", False)]
-        assert rows[2].status == {"gateway": "gw-stop", "state": "offline", "reason": "shutdown", "fleet": FLEET}
+        assert rows[2].status == {"schema": "gapcast/status/1", "gateway": "gw-stop", "state": "offline",
+                                  "reason": "shutdown", "fleet": FLEET}
         other = _status_until(broker, "other", lambda rs: len(rs) == 1)
         assert [(r.gateway, r.online, r.model_version) for r in other] == [("gw-other", True, 1)]
         capsys.readouterr()
@@ -436,3 +444,4 @@ def test_fleet_commands_turn_bad_names_and_chunk_sizes_into_clean_errors(broker,
         got = client.retained([topics.manifest], probe_base=topics.base)
     m = open_envelope(got[topics.manifest], [load_private_key(priv).public_key()])
     assert m.raw["artifact"]["chunk_bytes"] == 2_000_000 and len(m.chunk_sha256) == 1
+    assert assert_contracts(got.items()) == {"manifest": 1}  # the envelope and its decoded manifest

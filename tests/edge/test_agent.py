@@ -28,6 +28,11 @@ def bodies(msgs, kind=None):
     return [json.loads(m.payload) for m in msgs if kind is None or m.kind == kind]
 
 
+def path(fc, channel):
+    """One channel's forecast path from a forecast body's ``steps``."""
+    return [st["values"][channel] for st in fc["steps"]]
+
+
 def test_steps_close_when_a_later_reading_arrives(make_core):
     be = FakeBackend()
     core = make_core(backend=be)
@@ -42,8 +47,8 @@ def test_steps_close_when_a_later_reading_arrives(make_core):
     # Forecast of the fake backend, by hand: observed normalised means a = 0, b = 0.2 (the 5 unobserved steps
     # before the first reading do not count); + 0.1 (h + 1) + 0.01 * hour_sin of the forecast step (hours 1..3 UTC).
     hs = np.sin(2 * np.pi * np.arange(1, 4) / 24)
-    np.testing.assert_allclose(fc["values"]["a"], 10 + 2 * (0.1 * np.arange(1, 4) + 0.01 * hs), atol=1e-3)
-    np.testing.assert_allclose(fc["values"]["b"], 5 * (0.2 + 0.1 * np.arange(1, 4) + 0.01 * hs), atol=1e-3)
+    np.testing.assert_allclose(path(fc, "a"), 10 + 2 * (0.1 * np.arange(1, 4) + 0.01 * hs), atol=1e-3)
+    np.testing.assert_allclose(path(fc, "b"), 5 * (0.2 + 0.1 * np.arange(1, 4) + 0.01 * hs), atol=1e-3)
     assert fc["imputed_share"] == pytest.approx(10 / 12, abs=1e-4) and fc["horizon"] == 3
     assert be.calls == [1]
 
@@ -161,7 +166,7 @@ def test_backend_failure_falls_back_to_interpolation_and_locf(make_core):
     assert rev["method"] == "interpolation" and [s["values"]["a"] for s in rev["steps"]] == [14.0, 16.0]
     fc = bodies(out, "forecast")
     # lookback 6 < 24 steps: no daily season fits, so the forecast is persistence of the last filled value.
-    assert fc[-1]["method"] == "persistence" and fc[-1]["values"]["a"] == [18.0, 18.0, 18.0]
+    assert fc[-1]["method"] == "persistence" and path(fc[-1], "a") == [18.0, 18.0, 18.0]
     assert core.counters["backend_errors"] >= 1 and core.counters["fallback_steps"] == 5
 
 
@@ -173,7 +178,9 @@ def test_no_model_uses_the_interpolation_backend_with_a_daily_season(make_core):
     out = core.tick(NOW)
     fc = bodies(out, "forecast")[-1]  # origin step 24: the window holds steps 1..24
     assert fc["origin"] == "2017-01-02T00:00:00Z" and fc["method"] == "seasonal_naive"
-    assert fc["values"]["a"] == [1.0, 2.0]  # one day before steps 25, 26
+    assert path(fc, "a") == [1.0, 2.0]  # one day before steps 25, 26
+    assert [st["ts"] for st in fc["steps"]] == ["2017-01-02T01:00:00Z", "2017-01-02T02:00:00Z"]
+    assert fc["units"] == {"a": "u", "b": "u"}  # from the card
     assert core.status_body()["backend"] == "interpolation"
 
 

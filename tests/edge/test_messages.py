@@ -16,6 +16,7 @@ from gapcast.edge.messages import (
     deadletter_message,
     filled_message,
     forecast_message,
+    mark_replayed,
     message_id,
     offline_payload,
     parse_reading,
@@ -148,22 +149,26 @@ def test_topics():
 
 def test_filled_and_revision_payloads():
     names = ("PM2.5", "TEMP", "wd_sin")
+    units = {"PM2.5": "ug/m3", "TEMP": "degC", "wd_sin": "1"}
     m = filled_message(TOPICS, "A", T0, 3600, names, np.array([12.0, -3.25, 0.5]), np.array([False, True, False]),
-                       "model", 3)
+                       "model", 3, units=units)
     body = json.loads(m.payload)
     assert m.topic == "gapcast/v1/stations/A/filled" and m.kind == "filled" and m.qos == 1 and not m.retain
     assert body == {
+        "schema": "gapcast/filled/1",
         "id": "A:2017-01-01T00:00:00Z:filled:v3", "station": "A", "ts": "2017-01-01T00:00:00Z", "epoch_s": T0,
         "cadence_s": 3600, "revision": False, "values": {"PM2.5": 12.0, "TEMP": -3.25, "wd_sin": 0.5},
-        "imputed": ["TEMP"], "method": "model", "model_version": 3,
+        "imputed": ["TEMP"], "method": "model", "model_version": 3, "units": units,
     }
     assert m.msg_id == body["id"]
     # Nothing imputed: the method says so.
     m2 = filled_message(TOPICS, "A", T0, 3600, names, np.zeros(3), np.zeros(3, bool), "locf", 3)
     assert json.loads(m2.payload)["method"] == "observed"
     r = revision_message(TOPICS, "A", T0, 3600, names, np.ones((2, 3)), np.array([[1, 1, 1], [0, 1, 0]], bool),
-                         "model", 3, "gap_end")
+                         "model", 3, "gap_end", units=units)
     rb = json.loads(r.payload)
+    assert r.topic == "gapcast/v1/stations/A/revisions" and rb["schema"] == "gapcast/revision/1"
+    assert rb["units"] == units
     assert rb["revision"] is True and rb["start"] == "2017-01-01T00:00:00Z" and rb["end"] == "2017-01-01T01:00:00Z"
     assert [s["imputed"] for s in rb["steps"]] == [["PM2.5", "TEMP", "wd_sin"], ["TEMP"]]
     pattern = hashlib.sha256(b"gap_end" + np.packbits(np.array([[1, 1, 1], [0, 1, 0]], bool)).tobytes()).hexdigest()
@@ -180,23 +185,45 @@ def test_filled_and_revision_payloads():
 def test_forecast_status_deadletter_payloads_and_ids():
     names = ("PM2.5", "TEMP")
     fc = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.123456]])
-    m = forecast_message(TOPICS, "A", T0, 3600, names, fc, 0.25, "model", 3, issued_s=T0 + 3700)
+    m = forecast_message(TOPICS, "A", T0, 3600, names, fc, 0.25, "model", 3, issued_s=T0 + 3700,
+                         units={"PM2.5": "ug/m3", "TEMP": "degC"})
     b = json.loads(m.payload)
+    assert b["schema"] == "gapcast/forecast/1" and b["units"] == {"PM2.5": "ug/m3", "TEMP": "degC"}
     assert b["origin"] == "2017-01-01T00:00:00Z" and b["start"] == "2017-01-01T01:00:00Z"
     assert b["issued"] == "2017-01-01T01:01:40Z" and b["horizon"] == 3 and b["imputed_share"] == 0.25
-    assert b["values"] == {"PM2.5": [1.0, 3.0, 5.0], "TEMP": [2.0, 4.0, 6.1235]}
+    # One object per step, its own time: step h starts at origin + h * cadence.
+    assert b["steps"] == [
+        {"ts": "2017-01-01T01:00:00Z", "values": {"PM2.5": 1.0, "TEMP": 2.0}},
+        {"ts": "2017-01-01T02:00:00Z", "values": {"PM2.5": 3.0, "TEMP": 4.0}},
+        {"ts": "2017-01-01T03:00:00Z", "values": {"PM2.5": 5.0, "TEMP": 6.1235}},
+    ]
     # Ids: stable for the same (station, step, kind, version); distinct across each of them.
     ids = {message_id("A", T0, "filled", 3), message_id("A", T0, "forecast", 3), message_id("B", T0, "filled", 3),
            message_id("A", T0 + 3600, "filled", 3), message_id("A", T0, "filled", 4)}
     assert len(ids) == 5 and message_id("A", T0, "filled", 3) == message_id("A", T0, "filled", 3)
     s = status_message(TOPICS, {"backend": "fake"}, T0, 3)
     assert s.retain and json.loads(s.payload)["state"] == "online"
-    assert json.loads(offline_payload("gw-01")) == {"gateway": "gw-01", "state": "offline", "reason": "connection lost"}
+    assert json.loads(offline_payload("gw-01")) == {
+        "schema": "gapcast/status/1", "gateway": "gw-01", "state": "offline", "reason": "connection lost"}
     assert json.loads(offline_payload("gw-01", "shutdown", fleet="city")) == {
-        "gateway": "gw-01", "state": "offline", "reason": "shutdown", "fleet": "city"}
+        "schema": "gapcast/status/1", "gateway": "gw-01", "state": "offline", "reason": "shutdown", "fleet": "city"}
     bad = b"\x00" * 1000
     d = deadletter_message(TOPICS, "x/y", bad, Rejection("bad_topic", "why"), T0)
     db = json.loads(d.payload)
     assert d.topic == "gapcast/v1/deadletter/gw-01" and db["kind"] == "bad_topic" and db["reason"] == "why"
     assert db["payload_bytes"] == 1000 and len(db["payload_excerpt"]) == 256
     assert d.msg_id == deadletter_message(TOPICS, "x/y", bad, Rejection("bad_topic", "other"), T0 + 5).msg_id
+
+
+def test_replayed_marker_and_output_topics():
+    names = ("PM2.5",)
+    m = filled_message(TOPICS, "A", T0, 3600, names, np.array([1.0]), np.array([False]), "model", 3)
+    marked = mark_replayed(m.payload)
+    assert json.loads(marked) == {**json.loads(m.payload), "replayed": True}
+    assert mark_replayed(marked) == marked and mark_replayed(b"{}") == b"{}"
+    assert TOPICS.output_filter("revision") == "gapcast/v1/stations/+/revisions"
+    assert TOPICS.output_of("gapcast/v1/stations/A/revisions") == ("revision", "A")
+    assert TOPICS.output_of("gapcast/v1/stations/A/forecast") == ("forecast", "A")
+    assert TOPICS.output_of("gapcast/v1/stations/A/readings") is None
+    assert TOPICS.output_of("gapcast/v1/stations/a b/filled") is None
+    assert Topics("p").status == "p/gateways/+/status"  # no gateway: the filter over every gateway

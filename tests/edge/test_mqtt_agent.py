@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.contracts import assert_contracts
 
 from gapcast.tools.collector import Recorder, wait_until
 from gapcast.train.data import BEIJING_CHANNELS
@@ -73,6 +74,11 @@ class Collector(Recorder):
 
     def wait(self, cond, timeout=90.0):
         return wait_until(cond, timeout)
+
+    def close(self):
+        msgs = [(m.topic, m.body) for m in self.messages()]
+        super().close()
+        assert_contracts(msgs)  # every recorded output against its JSON Schema
 
 
 def publisher(broker):
@@ -155,7 +161,8 @@ def check_station(col, series, idx, outage, H):
     assert [b["origin"] for b in fcs] == [b["ts"] for b in filled]
     for f in fcs:
         assert f["horizon"] == H and f["method"] == "model" and f["model_version"] == 1
-        assert all(len(v) == H for v in f["values"].values()) and set(f["values"]) == set(NAMES)
+        assert len(f["steps"]) == H and all(set(st["values"]) == set(NAMES) for st in f["steps"])
+        assert f["steps"][0]["ts"] == f["start"] and f["units"]["PM2.5"] == "ug/m3"
     return filled, fcs
 
 
@@ -187,7 +194,8 @@ def test_replay_ten_days_with_a_24h_outage(broker, tmp_path, beijing, tiny_bundl
     filled, fcs = check_station(col, series, idx, outage, H=24)
     assert len(filled) == len(fcs) == n_expected
     # The outage: closed when the readings resumed, then re-filled as ONE revision covering exactly the 24 steps.
-    revs = [b for b in col.of("/Aotizhongxin/filled") if b["revision"]]
+    revs = col.of("/Aotizhongxin/revisions")
+    assert all(not b["revision"] for b in col.of("/Aotizhongxin/filled"))  # revisions have their own topic
     (gap,) = [r for r in revs if r["start"] == filled[o0 - START]["ts"]]
     assert gap["end"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(series.epoch_s[o0 + 23]))
     assert gap["reason"] == "gap_end" and len(gap["steps"]) == 24
@@ -279,7 +287,8 @@ def test_last_will_when_the_agent_is_killed(broker, tmp_path, tiny_bundle, signi
         proc.wait(10)
         assert col.wait(lambda: any(x.get("state") == "offline" for x in col.of("/status")), 30)
         (off,) = [x for x in col.of("/status") if x.get("state") == "offline"]
-        assert off == {"gateway": "gw-test", "state": "offline", "reason": "connection lost", "fleet": "default"}
+        assert off == {"schema": "gapcast/status/1", "gateway": "gw-test", "state": "offline",
+                       "reason": "connection lost", "fleet": "default"}
     finally:
         if proc.poll() is None:
             proc.kill()

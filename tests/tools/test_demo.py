@@ -61,9 +61,10 @@ def test_score_run_hand_computed():
     revisions.append((1.0, {"station": "A", "steps": steps}))  # after the gap: off by 1
     # One forecast from row 40 (4 steps): the agent is 2 off; seasonal naive repeats rows 17..20 (240 below on
     # PM2.5, exact on the constant channels).
-    fc = {p: [float(truth[41 + h, j]) + 2.0 for h in range(4)] for j, p in enumerate(POLLUTANTS)}
+    fc = [{"ts": f"2016-06-02T{17 + h}:00:00Z", "values": {p: float(truth[41 + h, j]) + 2.0 for j, p in enumerate(POLLUTANTS)}}
+          for h in range(4)]
     journal = [{"station": "A", "ts": T0 + i * 3600, "sent_mono": 100.0 + i} for i in range(48)]
-    forecasts = [(100.0 + 41 + 0.05, {"station": "A", "origin": "2016-06-02T16:00:00Z", "values": fc, "method": "model"})]
+    forecasts = [(100.0 + 41 + 0.05, {"station": "A", "origin": "2016-06-02T16:00:00Z", "steps": fc, "method": "model"})]
     collector = SimpleNamespace(filled=filled, revisions=revisions, forecasts=forecasts, _lock=threading.Lock())
     std = dict.fromkeys(POLLUTANTS, 1.0) | {"PM2.5": 10.0}
     s = score_run(plan, collector, journal, channel_std=std, horizon=4)

@@ -1,0 +1,195 @@
+"""``gapcast bench sink``: how many messages a second ``gapcast sink`` stores, and whether its memory stays flat.
+
+Against a private Mosquitto, the sink runs as its own process (``python -m gapcast.cli sink``, SQLite target,
+schema validation on unless asked) while one publisher sends, as fast as the broker takes them, the outputs of
+``stations`` stations for ``steps`` steps: per station and step one filled message (13 Beijing channels) and one
+24-step forecast, built with the agent's own builders (so the payloads are byte-for-byte what a gateway sends).
+
+Figures: the ceiling = messages stored / seconds from the first publish to the last message stored (the sink's
+``seen`` table); what 1,000 stations at a step every 10 s need (200 messages/s: 100 filled + 100 forecasts); the
+sink's CPU seconds and its RSS sampled every 0.5 s (first quarter of the run against the end: flat or not).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_sink_bench"]
+
+CHANNELS = ("PM2.5", "PM10", "SO2", "NO2", "CO", "O3", "TEMP", "PRES", "DEWP", "RAIN", "WSPM", "wd_sin", "wd_cos")
+
+
+def _payloads(stations: int, steps: int, horizon: int, t0: int = 1_483_228_800) -> list[tuple[str, bytes]]:
+    from gapcast.edge.messages import Topics, filled_message, forecast_message
+
+    topics = Topics("gapcast/v1", "gw-bench")
+    rng = np.random.default_rng(0)
+    units = dict.fromkeys(CHANNELS, "ug/m3")
+    out = []
+    for k in range(steps):
+        ts = t0 + k * 3600
+        for s in range(stations):
+            name = f"st{s:05d}"
+            v = np.round(rng.uniform(0, 100, len(CHANNELS)), 2)
+            imp = rng.random(len(CHANNELS)) < 0.1
+            m = filled_message(topics, name, ts, 3600, CHANNELS, v, imp, "model", 1, units=units)
+            f = forecast_message(topics, name, ts, 3600, CHANNELS, np.tile(v, (horizon, 1)), 0.1, "model", 1, ts + 1,
+                                 units=units)
+            out += [(m.topic, m.payload), (f.topic, f.payload)]
+    return out
+
+
+def _seen(db: Path) -> int:
+    try:
+        con = sqlite3.connect(db, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def run_sink_bench(*, stations: int = 1000, steps: int = 20, horizon: int = 24, validate: bool = True,
+                   paced_s: float = 120.0, step_s: float = 10.0, workdir: str | Path | None = None,
+                   timeout_s: float = 900.0) -> dict[str, Any]:
+    """Run the benchmark once.
+
+    Args:
+        stations, steps: the stream: ``2 * stations * steps`` messages.
+        horizon: forecast steps per forecast message.
+        validate: the sink checks each payload against its schema (its default).
+        paced_s: then this long at the target pace (``stations`` stations, a step every ``step_s``), seconds, with
+            the sink's RSS sampled: the memory figure (0: skip).
+        step_s: the paced phase's step interval, seconds.
+        workdir: where the broker and the database live (default: a temporary folder).
+        timeout_s: give up waiting for the sink after this long, seconds.
+
+    Returns:
+        ``messages``, ``publish_s``, ``store_s``, ``ceiling_msg_per_s``, ``needed_msg_per_s`` (1,000 stations at
+        10 s), ``stations_at_10s`` (what the ceiling carries), ``sink_cpu_s``, ``rss_mb`` samples summary.
+    """
+    import paho.mqtt.client as mqtt
+    import psutil
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gapcast.tools.localbroker import LocalBroker
+
+    tmp = tempfile.TemporaryDirectory(prefix="gapcast-bench-sink-") if workdir is None else None
+    wd = Path(workdir or tmp.name)
+    wd.mkdir(parents=True, exist_ok=True)
+    msgs = _payloads(stations, steps, horizon)
+    broker = LocalBroker(workdir=wd / "mosquitto")
+    broker.workdir.mkdir(exist_ok=True)
+    broker.start()
+    db = wd / "sink.db"
+    for p in (db, db.with_name("sink.db-wal"), db.with_name("sink.db-shm")):
+        p.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "gapcast.cli", "sink", "--broker", broker.url, "--to", f"sqlite:///{db}",
+            "--client-id", "bench-sink"] + ([] if validate else ["--no-validate"])
+    logf = open(wd / "sink.log", "wb")  # noqa: SIM115 - closed below
+    sink = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    res: dict[str, Any] = {"stations": stations, "steps": steps, "horizon": horizon, "channels": len(CHANNELS),
+                           "validate": validate, "messages": len(msgs), "cpus": os.cpu_count()}
+    try:
+        deadline = time.monotonic() + 60
+        while "sink subscribed" not in (wd / "sink.log").read_text(errors="replace"):
+            if time.monotonic() > deadline or sink.poll() is not None:
+                raise RuntimeError("sink did not subscribe: " + (wd / "sink.log").read_text()[-2000:])
+            time.sleep(0.05)
+        proc = psutil.Process(sink.pid)
+        cpu0 = proc.cpu_times()
+        rss: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                rss.append((time.monotonic(), proc.memory_info().rss / 2**20))
+                stop.wait(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.max_inflight_messages_set(1000)
+        pub.max_queued_messages_set(0)
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        t0 = time.monotonic()
+        infos = [pub.publish(t, p, qos=1) for t, p in msgs]
+        for i in infos:
+            i.wait_for_publish(120)
+        t_pub = time.monotonic()
+        n = len(msgs)
+        while _seen(db) < n and time.monotonic() - t0 < timeout_s:
+            time.sleep(0.2)
+        t_end = time.monotonic()
+        stored = _seen(db)
+        store_s = t_end - t0
+        ceiling = stored / store_s
+        q = [r for t, r in rss if t <= t0 + store_s / 4] or [rss[0][1]]
+        paced: dict[str, Any] = {}
+        if paced_s > 0:
+            # The same stream again at the target pace (new ids: the next steps), one step of every station per
+            # step_s, spread evenly; the sink's RSS must not grow with time.
+            more = _payloads(stations, int(math.ceil(paced_s / step_s)), horizon, t0=1_483_228_800 + steps * 3600)
+            rate = 2 * stations / step_s
+            mark = len(rss)
+            p0 = time.monotonic()
+            for k, (t, p) in enumerate(more):
+                due = p0 + k / rate
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                pub.publish(t, p, qos=1)
+            p_end = time.monotonic()
+            while _seen(db) < n + len(more) and time.monotonic() - p_end < 120:
+                time.sleep(0.1)
+            lag = time.monotonic() - p_end
+            prss = [r for _, r in rss[mark:]]
+            quarter = max(1, len(prss) // 4)
+            paced = {"messages": len(more), "rate_msg_per_s": rate, "seconds": round(p_end - p0, 1),
+                     "stored": _seen(db) - n, "lag_after_last_s": round(lag, 2),
+                     "rss_mb_first_quarter_mean": round(sum(prss[:quarter]) / quarter, 1),
+                     "rss_mb_last_quarter_mean": round(sum(prss[-quarter:]) / quarter, 1),
+                     "rss_mb_max": round(max(prss), 1), "samples": len(prss)}
+        res["paced"] = paced
+        stop.set()
+        sampler.join(2)
+        cpu1 = proc.cpu_times()
+        pub.loop_stop()
+        res.update(
+            stored=stored, complete=stored == n, publish_s=round(t_pub - t0, 2), store_s=round(store_s, 2),
+            ceiling_msg_per_s=round(ceiling, 1), needed_msg_per_s=200.0,
+            stations_at_10s=int(ceiling / 0.2), headroom=round(ceiling / 200.0, 2),
+            sink_cpu_s=round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
+            sink_cpu_per_msg_ms=round(1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+                                      / max(stored + paced.get("stored", 0), 1), 3),
+            rss_mb={"start": round(rss[0][1], 1), "first_quarter_max": round(max(q), 1),
+                    "end": round(rss[-1][1], 1), "max": round(max(r for _, r in rss), 1), "samples": len(rss)},
+            db_mb=round(sum(p.stat().st_size for p in wd.glob("sink.db*")) / 2**20, 1),
+        )
+    finally:
+        sink.terminate()
+        try:
+            sink.wait(20)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+            sink.wait(10)
+        logf.close()
+        broker.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return res
