@@ -156,5 +156,6 @@ def test_fleet_and_replay_take_the_password_from_a_file_or_the_environment(secur
     rc = main(["replay", "--broker", f"mqtts://Dingling@{broker.host}:{broker.port}", "--ca-file", str(pki["ca"]),
                "--stations", "Dingling", "--start", "2016-06-01T00:00:00Z", "--days", "0.25", "--speed", "0",
                "--no-progress"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert rc == 0 and "6 acknowledged" in out.replace(",", ""), out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert rc == 0 and "6 acknowledged" in out.replace(",", ""), (out, cap.err)
