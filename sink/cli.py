@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 
+from gapcast.brokerurl import add_password_argument
 from gapcast.sink import SinkError
 
 __all__ = ["register"]
@@ -16,14 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
-    from gapcast.brokerurl import parse_broker_url
+    from gapcast.brokerurl import resolve_broker_url
     from gapcast.duration import parse_duration
     from gapcast.edge.messages import topic_prefix_problem
     from gapcast.sink.client import SinkClient, SinkOptions
     from gapcast.sink.stores import SQLiteStore, open_target
 
     try:
-        broker = parse_broker_url(args.broker)
+        broker = resolve_broker_url(args.broker, password_file=args.password_file)
     except ValueError as exc:
         raise SinkError(str(exc)) from exc
     problem = topic_prefix_problem(args.prefix)
@@ -69,13 +70,14 @@ def register(sub) -> None:
         epilog=(
             "examples:\n"
             "  gapcast sink --broker mqtt://broker.lan:1883 --to sqlite:///var/lib/gapcast/sink.db\n"
-            "  gapcast sink --broker mqtts://sink:secret@broker.lan:8883 --to sqlite:///sink.db \\\n"
+            "  gapcast sink --broker mqtts://sink@broker.lan:8883 --password-file /etc/gapcast/sink.pw --to sqlite:///sink.db \\\n"
             "      --to influxdb://localhost:8086/gapcast\n"
             "  gapcast sink --broker mqtt://localhost --to csv:exports/ --client-id sink-csv"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--broker", required=True, help="broker URL: mqtt://host:port, mqtts://user:pass@host:8883")
+    p.add_argument("--broker", required=True, help="broker URL: mqtt://host:port, mqtts://user@host:8883")
+    add_password_argument(p)
     p.add_argument(
         "--to", action="append", metavar="TARGET",
         help="sqlite:///path.db (default sqlite:///gapcast-sink.db), influxdb://[user:pass@]host:8086/db or csv:DIR; "

@@ -83,11 +83,16 @@ def test_rabbitmq_refuses_mqtt5_so_the_agent_needs_version_311(rabbit):
 
 
 def test_agent_replay_and_fleet_update_on_rabbitmq(rabbit, tmp_path, data_root):
+    import sqlite3
+
+    from gapcast.brokerurl import parse_broker_url
     from gapcast.cli import main
     from gapcast.edge.agent import AgentCore
     from gapcast.edge.config import parse_config
     from gapcast.edge.mqtt import MqttAgent, make_outbox
     from gapcast.edge.updater import UpdaterConfig, build_update_link
+    from gapcast.sink.client import SinkClient, SinkOptions
+    from gapcast.sink.stores import SQLiteStore
     from gapcast.tools.replay import ReplayOptions, plan_replay, replay
     from gapcast.train.data import load_beijing
 
@@ -115,6 +120,20 @@ def test_agent_replay_and_fleet_update_on_rabbitmq(rabbit, tmp_path, data_root):
     watch = Watcher(rabbit, [f"{PREFIX}/stations/{STATION}/filled", f"{PREFIX}/stations/{STATION}/forecast",
                              f"{PREFIX}/gateways/gw-r/model"])  # fmt: skip
     stop = threading.Event()
+    # The reference sink on the same broker (MQTT 3.1.1, persistent session): it must store what the agent sends.
+    sink_db = tmp_path / "sink.db"
+    sinks: list[SinkClient] = []
+    sink_built = threading.Event()
+
+    def run_sink():  # the store's SQLite connection belongs to the thread that writes
+        sinks.append(SinkClient(parse_broker_url(rabbit.url), SQLiteStore(sink_db),
+                                options=SinkOptions(prefix=PREFIX, client_id="sink-rmq", mqtt_version="3.1.1")))
+        sink_built.set()
+        sinks[0].run(stop)
+
+    sink_runner = threading.Thread(target=run_sink, daemon=True)
+    sink_runner.start()
+    assert sink_built.wait(15) and sinks[0].subscribed.wait(15), "the sink did not subscribe on RabbitMQ"
     runner = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     runner.start()
     series = load_beijing(data_root, [STATION])
@@ -136,9 +155,21 @@ def test_agent_replay_and_fleet_update_on_rabbitmq(rabbit, tmp_path, data_root):
         assert second.acknowledged == 24
         _wait(lambda: len(watch.of("/forecast")) >= 47, 30, "47 forecasts in all")
         _wait(lambda: any(m.get("committed") for m in watch.of("/model")), 15, "v2 committed")
+
+        def sink_forecasts():
+            con = sqlite3.connect(sink_db)
+            try:
+                return con.execute("SELECT COUNT(DISTINCT origin) FROM forecasts").fetchone()[0]
+            except sqlite3.OperationalError:  # the sink has not created its tables yet
+                return 0
+            finally:
+                con.close()
+
+        _wait(lambda: sink_forecasts() >= 47, 30, "the sink stored 47 forecasts")
     finally:
         stop.set()
         runner.join(20)
+        sink_runner.join(20)
         watch.close()
     fc = sorted(watch.of("/forecast"), key=lambda m: m["origin"])
     origins = [m["origin"] for m in fc]
@@ -149,6 +180,12 @@ def test_agent_replay_and_fleet_update_on_rabbitmq(rabbit, tmp_path, data_root):
     filled = watch.of("/filled")
     assert len({m["id"] for m in filled if not m.get("revision")}) >= 47
     assert [m["stage"] for m in watch.of("/model")] == ["received", "verified", "staged", "active", "active"]
+    con = sqlite3.connect(sink_db)
+    stored_ts = {t for (t,) in con.execute("SELECT DISTINCT ts FROM series WHERE station = ?", (STATION,))}
+    stored_origins = {o for (o,) in con.execute("SELECT DISTINCT origin FROM forecasts")}
+    con.close()
+    assert stored_ts == {m["epoch_s"] for m in filled if not m.get("revision")}  # every filled step, in the store
+    assert len(stored_origins) == 47
 
     # The retained status and Last Will work on RabbitMQ for an exact subscription...
     status = Watcher(rabbit, [f"{PREFIX}/gateways/gw-r/status"])
