@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -289,3 +290,106 @@ def test_edge_config_update_section_starts_from_the_store(tmp_path, tiny_bundle,
         start_from_config(parse_config({**doc, "model": {**doc["model"], "backend": "interpolation"}}, base=tmp_path))
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config({**doc, "update": {"enabled": True, "health_step": 4}}, base=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ issue 18, item 6
+
+
+def _flip(chunks, index, at=100):
+    data = bytearray(chunks[index][1])
+    data[at] ^= 0x20
+    out = list(chunks)
+    out[index] = (chunks[index][0], bytes(data))
+    return out
+
+
+def test_a_bad_chunk_does_not_burn_the_signed_release(tmp_path, keys):
+    """As found: one flipped byte in chunk 1 consumed the manifest's sequence, and the same manifest with correct
+    chunks was then ignored. Now the chunk is asked for again and the correct one completes the release."""
+    _, pub, key = keys
+    gw = Gateway(tmp_path, pub, make_bundle(tmp_path / "v1", key, version=1), health_steps=1,
+                 chunk_retry_s=600.0, chunk_retry_delay_s=0.05)  # fmt: skip
+    gw.step()
+    env, chunks, m = _release(make_bundle(tmp_path / "v2", key, version=2), key, sequence=60)
+    gw.deliver(env, _flip(chunks, 1))
+    assert gw.stages == ["received"] and not gw.updater.update_ready
+    assert gw.updater.counters["chunk_faults"] == 1 and gw.updater.last_sequence_seen == 60
+    assert gw.updater.store.read_journal()["last_sequence"] == 0  # not consumed
+    filt = f"gapcast/v1/fleet/{FLEET}/artifacts/{m.artifact_id}/+"
+    deadline = time.monotonic() + 10
+    while gw.updater.counters["chunk_requests"] < 1 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)  # the re-request timer (50 ms) re-subscribes to the chunks
+    assert gw.updater.counters["chunk_requests"] >= 1 and gw.unsubs[0] == filt and gw.subs[-1] == filt
+    gw.deliver(env, chunks)  # the same manifest again, now with correct chunks (a retained resend)
+    assert [gw.step()[0] for _ in range(3)] == [2, 2, 2]
+    assert gw.stages == ["received", "verified", "staged", "active", "active"]
+    assert gw.updater.store.read_journal()["last_sequence"] == 60
+
+
+def test_chunks_that_stay_bad_are_given_up_after_the_retry_window_without_consuming_the_sequence(tmp_path, keys):
+    _, pub, key = keys
+    now = [1000.0]
+    gw = Gateway(tmp_path, pub, make_bundle(tmp_path / "v1", key, version=1), health_steps=1, mono=lambda: now[0],
+                 chunk_retry_s=300.0, chunk_retry_delay_s=3600.0)  # fmt: skip  (the timer never fires here)
+    env, chunks, _ = _release(make_bundle(tmp_path / "v2", key, version=2), key, sequence=70, chunk_bytes=500)
+    bad = _flip(chunks, 2, at=3)
+    gw.deliver(env, bad)
+    now[0] += 120.0
+    gw.updater.poll()  # asks again: the broker re-sends the retained chunks, chunk 2 still bad
+    gw.deliver(env, bad)
+    assert gw.stages == ["received"] and gw.updater.counters["chunk_requests"] == 2  # poll + the manifest again
+    now[0] += 181.0  # 301 s after the first fault
+    gw.updater.poll()
+    assert gw.stages == ["received", "rejected"]
+    rep = gw.reports[-1]
+    assert rep["transport"] is True and rep["reason"].startswith("artifact refused: chunk 2 has sha256")
+    assert "over 301 s" in rep["reason"] and "does not burn the release" in rep["reason"]
+    assert not gw.updater.store.incoming.exists()
+    assert gw.updater.store.read_journal()["last_sequence"] == 0 and gw.updater.last_sequence_seen == 0
+    gw.deliver(env, chunks)  # the same signed release, later, with its chunks repaired: installs
+    assert [gw.step()[0] for _ in range(2)] == [2, 2] and gw.reports[-1]["committed"] is True
+
+
+def test_a_whole_artifact_hash_mismatch_is_a_verdict_and_consumes_the_sequence(tmp_path, keys, monkeypatch):
+    """Every chunk matched its pin but the whole artifact does not match its own: about the artifact, burnt."""
+    from gapcast.edge.slots import ArtifactAssembler
+
+    _, pub, key = keys
+    gw = Gateway(tmp_path, pub, make_bundle(tmp_path / "v1", key, version=1))
+    env, chunks, _ = _release(make_bundle(tmp_path / "v2", key, version=2), key, sequence=80)
+    real = ArtifactAssembler.finish
+
+    def finish(self):
+        data = bytearray(self.path.read_bytes())
+        data[0] ^= 0x01  # the disk, not the transport: every chunk arrived as pinned
+        self.path.write_bytes(bytes(data))
+        return real(self)
+
+    monkeypatch.setattr(ArtifactAssembler, "finish", finish)
+    gw.deliver(env, chunks)
+    assert gw.stages == ["received", "rejected"] and "is not the pinned" in gw.reports[-1]["reason"]
+    assert gw.updater.store.read_journal()["last_sequence"] == 80
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+
+
+def test_staging_runs_on_a_worker_and_only_the_swap_waits_for_a_step(tmp_path, keys):
+    """A backend build that takes as long as the test says: steps keep running on v1 meanwhile, and the switch
+    happens at the first step boundary after the staging finished."""
+    _, pub, key = keys
+    build = threading.Event()
+    gw = Gateway(tmp_path, pub, make_bundle(tmp_path / "v1", key, version=1), gate={2: build})
+    gw.step()
+    env, chunks, _ = _release(make_bundle(tmp_path / "v2", key, version=2), key, sequence=90)
+    gw.deliver(env, chunks, wait=False)
+    assert gw.updater.status()["update_phase"] == "staging" and gw.updater.busy
+    deadline = time.monotonic() + 10
+    while len(gw.stages) < 3 and time.monotonic() < deadline:  # the worker verifies, then builds the backend
+        time.sleep(0.01)
+    assert [gw.step()[0] for _ in range(4)] == [1, 1, 1, 1]  # the step thread is never blocked by the build
+    assert gw.stages == ["received", "verified", "staged"] and not gw.updater.update_ready
+    build.set()
+    assert gw.updater.wait_idle(10) and gw.updater.update_ready
+    assert [gw.step()[0] for _ in range(3)] == [2, 2, 2]
+    assert gw.stages[-2:] == ["active", "active"] and gw.reports[-2]["backend"]["describe"] == "fake numpy rule of v2"
