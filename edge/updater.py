@@ -554,7 +554,7 @@ class Updater:
         """The staging job (worker thread): verify, build the backend, shadow run, golden check. Never raises."""
         try:
             cand = self._build_candidate(m, asm)
-        except (UpdateRejected, BundleError) as exc:
+        except (UpdateRejected, BundleError, BackendError) as exc:  # BackendError: e.g. no engine at any precision
             self._staging_failed(m, str(exc))
         except Exception as exc:  # a backend that crashes while building or shadow-running
             log.exception("release v%d failed while staging", m.model_version)
