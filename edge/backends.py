@@ -1,4 +1,5 @@
-"""Inference backends on the gateway: one interface over TensorRT and onnxruntime (docs/ARCHITECTURE.md, "Contracts").
+"""Inference backends on the gateway: one interface, :class:`Backend`, over TensorRT, onnxruntime, the interpolation
+fallback and the fleet updater's guarded backend (docs/ARCHITECTURE.md, "Contracts").
 
 Every backend takes a batch of B station windows and returns float32 numpy arrays::
 
@@ -8,8 +9,11 @@ Every backend takes a batch of B station windows and returns float32 numpy array
 
 :func:`select_backend` tries TensorRT (a cached engine that passed the bundle's golden check, see
 :mod:`gapcast.edge.trt`), then onnxruntime with the best execution provider available, and reports which one runs
-(``backend.name``, ``backend.describe()``) and why the others were passed over (``backend.selection``). The
-plain-interpolation fallback when no model runs at all is the agent's business, not a backend.
+(``backend.name``, ``backend.describe()``) and why the others were passed over (``backend.selection``). With
+``build_engine=True`` (fleet updates stage this way) a TensorRT engine is built and golden-checked when none is
+cached, and a build that fails at every precision raises :class:`EngineBuildFailed` instead of moving to the CPU.
+The plain-interpolation fallback (``gapcast.edge.agent.InterpolationBackend``) is the agent's, used when no model
+runs at all.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """TensorRT on the gateway: build an engine from a bundle, check it against the bundle's golden outputs, cache it.
 
+(Over 600 lines on purpose: everything that touches the TensorRT and CUDA APIs lives here, so the version
+differences are handled in one place and the rest of the gateway imports none of it.)
+
 ``gapcast edge build-engine BUNDLE [--precision fp16|int8|fp32] [--max-batch N]`` calls :func:`build_engine_main`.
 
 - The TensorRT Python API present on the device is used as it is (JetPack 5: TensorRT 8.5, JetPack 6.0: 8.6,

@@ -1,5 +1,8 @@
 """Fleet model updates on the gateway: the update state machine (received ... active, rolled_back).
 
+(Over 600 lines on purpose: one state machine whose transitions on three threads share one lock and one journal;
+the protocol, the files and the agent-facing wiring are already apart in release, slots and guard.)
+
 The protocol (topics, manifests, chunk rules, verdicts) is :mod:`gapcast.edge.release`; the files (incoming
 artifact, slots, ``current`` symlink, journal) are :mod:`gapcast.edge.slots`; the backend the agent runs and the
 MQTT / config wiring are :mod:`gapcast.edge.guard`. The steps follow image-based updaters such as RAUC, Mender and
