@@ -32,9 +32,11 @@ __all__ = [
     "Card",
     "ChannelSpec",
     "default_unpack_dir",
+    "json_object",
     "load_public_key",
     "private_dir",
     "sha256_file",
+    "signature_verifies",
     "verify_bundle",
 ]
 
@@ -423,9 +425,43 @@ def verify_bundle(
     return _verify_dir(p, path, trusted_keys, require_signature)
 
 
-def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_signature: bool) -> Bundle:
+def signature_verifies(signature: bytes, data: bytes, trusted_keys: list) -> bool:
+    """Whether the Ed25519 ``signature`` over the exact bytes ``data`` verifies under one of ``trusted_keys``
+    (key objects, PEM paths or hex; RFC 8032). Used for ``card.sig`` and for release manifests.
+
+    Raises:
+        BundleError: a key that cannot be loaded.
+    """
     from cryptography.exceptions import InvalidSignature
 
+    for key in trusted_keys:
+        k = key if hasattr(key, "verify") else load_public_key(key)
+        try:
+            k.verify(signature, data)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def json_object(data: bytes, name: str, error: type[Exception]) -> dict[str, Any]:
+    """``data`` parsed as a JSON object.
+
+    Raises:
+        error: not JSON, or JSON but not an object (the message names ``name``).
+    """
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"{name} is not valid JSON: {exc}"
+        raise error(msg) from exc
+    if not isinstance(obj, dict):
+        msg = f"{name} must hold a JSON object"
+        raise error(msg)
+    return obj
+
+
+def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_signature: bool) -> Bundle:
     if not p.is_dir():
         msg = f"bundle {path} does not exist or is not a directory/.tar"
         raise BundleError(msg)
@@ -442,25 +478,10 @@ def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_si
         if not sig_path.is_file():
             msg = f"bundle {p} has no {SIG_NAME}: unsigned bundles are refused"
             raise BundleError(msg)
-        sig = sig_path.read_bytes()
-        for key in trusted_keys:
-            k = key if hasattr(key, "verify") else load_public_key(key)
-            try:
-                k.verify(sig, card_bytes)
-                break
-            except InvalidSignature:
-                continue
-        else:
+        if not signature_verifies(sig_path.read_bytes(), card_bytes, trusted_keys):
             msg = f"{SIG_NAME} does not verify card.json under any of the {len(trusted_keys)} trusted key(s)"
             raise BundleError(msg)
-    try:
-        raw = json.loads(card_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = f"card.json is not valid JSON: {exc}"
-        raise BundleError(msg) from exc
-    if not isinstance(raw, dict):
-        msg = "card.json must hold a JSON object"
-        raise BundleError(msg)
+    raw = json_object(card_bytes, CARD_NAME, BundleError)
     card = Card.from_dict(raw)
     for name, meta in card.files.items():
         f = p / name

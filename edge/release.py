@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from gapcast.edge import UpdateRejected
-from gapcast.edge.bundle import Card, load_public_key
+from gapcast.edge.bundle import Card, json_object, load_public_key, signature_verifies
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -322,8 +322,6 @@ def open_envelope(payload: bytes, trusted_keys: Iterable) -> Manifest:
     Raises:
         UpdateRejected: not an envelope, no trusted key, signature valid under none of them, or a bad manifest.
     """
-    from cryptography.exceptions import InvalidSignature
-
     try:
         env = json.loads(payload)
         body = base64.b64decode(env["manifest"], validate=True)
@@ -335,26 +333,13 @@ def open_envelope(payload: bytes, trusted_keys: Iterable) -> Manifest:
     if not keys:
         msg = "no trusted public key configured: cannot verify the release manifest"
         raise UpdateRejected(msg)
-    for k in keys:
-        try:
-            k.verify(sig, body)
-            break
-        except InvalidSignature:
-            continue
-    else:
+    if not signature_verifies(sig, body, keys):
         msg = (
             f"manifest signature (key id {str(env.get('key_id'))[:16]}) does not verify under any of the "
             f"{len(keys)} trusted key(s)"
         )
         raise UpdateRejected(msg)
-    try:
-        d = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = f"manifest is not valid JSON: {exc}"
-        raise UpdateRejected(msg) from exc
-    if not isinstance(d, dict):
-        msg = "manifest must be a JSON object"
-        raise UpdateRejected(msg)
+    d = json_object(body, "manifest", UpdateRejected)
     return Manifest.from_dict(d)
 
 
