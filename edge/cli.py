@@ -163,7 +163,7 @@ def _run(args) -> int:
     state_lock = lock_state_dir(cfg.agent.state_dir)
     update_link = None
     if cfg.update.enabled:  # fleet updates: the bundle runs from the update store (gapcast.edge.updater)
-        from gapcast.edge.updater import start_from_config
+        from gapcast.edge.guard import start_from_config
 
         update_link, backend, note = start_from_config(cfg)
         bundle = backend.bundle

@@ -161,7 +161,7 @@ class MqttAgent:
         wall: wall clock (seconds since the epoch), read once to anchor :class:`EventClock`; injectable in tests.
         mono: monotonic clock, seconds; injectable in tests.
         snapshot_path: where window snapshots go (None: ``state_dir/windows.npz``; "" disables them).
-        update_link: fleet model updates (``gapcast.edge.updater.UpdateLink``), or None.
+        update_link: fleet model updates (``gapcast.edge.guard.UpdateLink``), or None.
     """
 
     def __init__(
