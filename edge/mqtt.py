@@ -519,6 +519,8 @@ class MqttAgent:
                 info.wait_for_publish(timeout=max(deadline - self.mono(), 1.0))
         self.client.disconnect()
         self.client.loop_stop()
+        if self.update_link is not None and self.update_link.updater is not None:
+            self.update_link.updater.close(timeout_s=0)  # stop the chunk re-request timer; a staging worker is a daemon
         if self.snapshots is not None:
             self.snapshots.save_now()
         self.outbox.close()
