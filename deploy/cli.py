@@ -31,7 +31,7 @@ def _prefix(text: str) -> str:
 
 def _chunk_bytes(text: str) -> int:
     """argparse type for ``--chunk-bytes``: 1 .. MAX_CHUNK_BYTES (8 MiB)."""
-    from gapcast.edge.updater import MAX_CHUNK_BYTES
+    from gapcast.edge.release import MAX_CHUNK_BYTES
 
     try:
         n = int(text)
@@ -98,7 +98,7 @@ def _client(args):
 
 
 def _topics(args):
-    from gapcast.edge.updater import FleetTopics
+    from gapcast.edge.release import FleetTopics
 
     try:
         return FleetTopics(args.prefix, args.fleet)
@@ -119,7 +119,7 @@ def _say(release, action: str) -> None:
 
 def _publish(args) -> int:
     from gapcast.deploy.fleet import FleetError, load_private_key, publish_release
-    from gapcast.edge.updater import DEFAULT_CHUNK_BYTES, Targets
+    from gapcast.edge.release import DEFAULT_CHUNK_BYTES, Targets
 
     topics = _topics(args)  # a bad fleet name fails before the key is read or the broker reached
     if args.chunk_bytes is not None and args.chunk_bytes > PRODUCTION_MESSAGE_LIMIT_BYTES:

@@ -2,19 +2,19 @@
 
 ``gapcast fleet publish|status|promote|rollback`` (:mod:`gapcast.deploy.cli`) are thin wrappers around the
 functions here. Everything goes under ``{prefix}/fleet/{fleet}/`` (topic names in
-:class:`gapcast.edge.updater.FleetTopics`), retained and QoS 1, so a gateway that is offline during a release gets it
+:class:`gapcast.edge.release.FleetTopics`), retained and QoS 1, so a gateway that is offline during a release gets it
 when it reconnects:
 
 - ``manifest``: the current release, an envelope ``{"manifest": base64(JSON), "signature": base64(Ed25519),
-  "key_id"}`` — the gateway checks it with :func:`gapcast.edge.updater.open_envelope`;
+  "key_id"}`` — the gateway checks it with :func:`gapcast.edge.release.open_envelope`;
 - ``releases/{version}``: every release published, so ``rollback --to VERSION`` can re-issue it;
 - ``artifacts/{artifact_id}/{index}``: the bundle folder as a deterministic ``.tar`` (sorted names, mtime 0,
   uid/gid 0), cut into ``chunk_bytes`` pieces, each pinned by sha256 in the manifest.
 
 Size limits: a chunk is 96 KiB by default (AWS IoT Core caps a message at 128 KiB; Mosquitto's
 ``message_size_limit`` defaults to the MQTT maximum of 256 MiB; EMQX and HiveMQ default to 1 MiB and 256 MiB) and
-at most 8 MiB (:data:`gapcast.edge.updater.MAX_CHUNK_BYTES`); an artifact is at most 256 MiB
-(:data:`gapcast.edge.updater.DEFAULT_MAX_ARTIFACT_BYTES`, and each gateway may set a lower ``max_artifact_bytes``).
+at most 8 MiB (:data:`gapcast.edge.release.MAX_CHUNK_BYTES`); an artifact is at most 256 MiB
+(:data:`gapcast.edge.release.DEFAULT_MAX_ARTIFACT_BYTES`, and each gateway may set a lower ``max_artifact_bytes``).
 The broker keeps every retained chunk until it is cleared (an empty retained message), so old releases stay
 available for rollbacks and cost broker storage: clear ``artifacts/{id}/+`` of releases you will never roll back to.
 
@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import tarfile
 import threading
 import time
@@ -47,18 +46,18 @@ from gapcast.brokerurl import parse_broker_url as _parse_broker_url
 from gapcast.edge import BundleError, UpdateRejected
 from gapcast.edge.bundle import CARD_NAME, SIG_NAME, Bundle, verify_bundle
 from gapcast.edge.messages import Topics
-from gapcast.edge.updater import (
+from gapcast.edge.release import (
     DEFAULT_CHUNK_BYTES,
-    DEFAULT_MAX_ARTIFACT_BYTES,
     MANIFEST_SCHEMA,
     MANIFEST_TYPE,
-    MAX_CHUNK_BYTES,
     FleetTopics,
     Manifest,
     Targets,
     compat_of,
     key_id,
+    n_chunks,
     open_envelope,
+    split_artifact,
 )
 from gapcast.timefmt import format_rfc3339
 
@@ -158,13 +157,10 @@ def chunk_artifact(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[
     Raises:
         FleetError: chunk size outside 1 .. MAX_CHUNK_BYTES, or the artifact above DEFAULT_MAX_ARTIFACT_BYTES.
     """
-    if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
-        msg = f"chunk_bytes must be within 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}"
-        raise FleetError(msg)
-    if len(data) > DEFAULT_MAX_ARTIFACT_BYTES:
-        msg = f"artifact of {len(data)} bytes exceeds the {DEFAULT_MAX_ARTIFACT_BYTES}-byte limit"
-        raise FleetError(msg)
-    return [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
+    try:
+        return split_artifact(data, chunk_bytes)  # the protocol's one chunking rule (gapcast.edge.release)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from exc
 
 
 _rfc3339 = format_rfc3339
@@ -182,7 +178,7 @@ def build_manifest(
     rollback_from: int | None = None,
     created_s: float | None = None,
 ) -> dict[str, Any]:
-    """The release manifest dict for a packed bundle (fields documented in :class:`~gapcast.edge.updater.Manifest`)."""
+    """The release manifest dict for a packed bundle (fields documented in :class:`~gapcast.edge.release.Manifest`)."""
     chunks = chunk_artifact(artifact, chunk_bytes)
     sha = hashlib.sha256(artifact).hexdigest()
     d: dict[str, Any] = {
@@ -630,7 +626,3 @@ def format_status(rows: list[GatewayState]) -> str:
         "  ".join(str(c).ljust(widths[i]) for i, c in enumerate(line[:4])) + "  " + str(line[4]) for line in lines
     )
 
-
-def n_chunks(n_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """How many chunks an artifact of ``n_bytes`` takes."""
-    return math.ceil(n_bytes / chunk_bytes)

@@ -24,12 +24,13 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from gapcast.baselines import locf
 from gapcast.calendar import calendar_features
+from gapcast.edge.backends import Backend
 from gapcast.edge.bundle import Card
 from gapcast.edge.config import EdgeConfig
 from gapcast.edge.messages import (
@@ -61,19 +62,6 @@ steps_log = logging.getLogger("gapcast.edge.steps")
 _MAX_IGNORED_NAMES = 100
 
 
-class Backend(Protocol):
-    """What the agent needs from an inference backend (``gapcast.edge.backends.select_backend`` returns one)."""
-
-    name: str
-
-    def run(
-        self, values: np.ndarray, observed: np.ndarray, calendar: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """values, observed: [B, L, C] float32 (normalised, 0 where unobserved; 1 = observed);
-        calendar: [B, L+H, F] float32. Returns imputed [B, L, C] and forecast [B, H, C], float32, normalised."""
-        ...
-
-
 def interpolate_batch(values: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """Vectorised :func:`gapcast.baselines.linear_interpolate` for a batch of windows (same results, no per-series
     Python loop): linear in time between the nearest observations on each side, the nearest observation beyond the
@@ -100,7 +88,7 @@ def interpolate_batch(values: np.ndarray, observed: np.ndarray) -> np.ndarray:
     return np.where(observed, values, out).astype(np.float32)
 
 
-class InterpolationBackend:
+class InterpolationBackend(Backend):
     """The no-model backend: linear interpolation inside the window (LOCF at its newest edge) and a seasonal-naive
     forecast (one day back when the cadence divides a day and the lookback holds a day; persistence otherwise).
 
@@ -115,8 +103,12 @@ class InterpolationBackend:
         self.horizon = horizon
         self.season = season
 
+    def describe(self) -> str:
+        fc = f"seasonal naive ({self.season} steps)" if self.season else "persistence"
+        return f"interpolation (linear in the window, LOCF at its edge; forecast {fc}, {self.horizon} steps)"
+
     def run(self, values: np.ndarray, observed: np.ndarray, calendar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """See :class:`Backend`."""
+        """See :meth:`gapcast.edge.backends.Backend.run`."""
         m = observed > 0.5
         imputed = interpolate_batch(values, m)
         if self.season and values.shape[-2] >= self.season:
@@ -199,6 +191,7 @@ class AgentCore:
 
     Raises:
         ValueError: a card whose channel ranges or sizes make no window.
+        TypeError: ``backend`` does not implement :class:`gapcast.edge.backends.Backend`.
     """
 
     def __init__(
@@ -233,6 +226,9 @@ class AgentCore:
         day = 86_400
         season = day // self.cadence_s if day % self.cadence_s == 0 and day // self.cadence_s <= self.L else 0
         self.fallback = InterpolationBackend(self.H, season)
+        if backend is not None and not isinstance(backend, Backend):
+            msg = f"backend {type(backend).__name__} does not implement gapcast.edge.backends.Backend"
+            raise TypeError(msg)
         self.backend: Backend = backend if backend is not None else self.fallback
         self.model_version = int(card.model_version)
         self.windows: dict[str, StationWindow] = {}
@@ -391,10 +387,8 @@ class AgentCore:
         self._due.clear()
         if not targets:
             return []
-        # Fleet updates (gapcast.edge.updater.GuardedBackend) switch models here, between two steps.
-        boundary = getattr(self.backend, "step_boundary", None)
-        if boundary is not None:
-            boundary()
+        # Fleet updates (gapcast.edge.guard.GuardedBackend) switch models here, between two steps.
+        self.backend.step_boundary()
         return self._close(targets, clock, now_s)
 
     def _close(self, targets: dict[str, int | None], clock: float | None, now_s: float) -> list[OutMessage]:
@@ -493,7 +487,8 @@ class AgentCore:
         filled = np.where(obs, raw, imp_phys)
         out: list[OutMessage] = []
         # The version that served this batch (a fleet update or rollback may have swapped it).
-        self.model_version = int(getattr(self.backend, "model_version", self.model_version))
+        if self.backend.model_version is not None:
+            self.model_version = int(self.backend.model_version)
         cad, mv, names = self.cadence_s, self.model_version, self.channels
         share_max = self.settings.max_missing_share
         for b, r in enumerate(rows):

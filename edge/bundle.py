@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -27,10 +31,16 @@ __all__ = [
     "Bundle",
     "Card",
     "ChannelSpec",
+    "default_unpack_dir",
+    "json_object",
     "load_public_key",
+    "private_dir",
     "sha256_file",
+    "signature_verifies",
     "verify_bundle",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 CARD_NAME = "card.json"
@@ -255,15 +265,73 @@ def _bundle_root(dest: Path) -> Path:
     return dest
 
 
-def _unpack_tar(path: Path, *, fresh: bool = False) -> tuple[Path, bool]:
-    """Unpack a bundle archive into ``<tempdir>/gapcast-bundle-<sha256[:16]>`` (one folder per archive content).
+def default_unpack_dir() -> Path:
+    """Where a ``.tar`` bundle is unpacked when the caller names no folder: ``$GAPCAST_UNPACK_DIR``, else the user
+    cache folder's ``bundles`` (platformdirs). The gateway passes its own state folder instead
+    (``agent.state_dir/bundles``, ``update.state_dir/unpacked``)."""
+    env = os.environ.get("GAPCAST_UNPACK_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
 
-    The folder is reused by later calls on the same archive (its files are re-verified by hash anyway), so repeated
-    ``edge check`` / ``edge run`` do not leak a copy each. Unpacking goes to a private temporary folder that is
-    then renamed into place, so a concurrent call never sees a half-written folder.
+    return Path(user_cache_dir("gapcast")) / "bundles"
+
+
+def _owner_problem(path: Path) -> str | None:
+    """Why ``path`` is not a folder only this user controls (None when it is): a symlink, not a folder, another
+    owner, or writable/readable by group or others."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot stat {path}: {exc}"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder (a symlink or a file)"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, group or others may read or write it"
+    return None
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create ``path`` with mode 0700, or check that an existing one is a folder of this user's.
+
+    An existing folder of this user's with a wider mode is tightened to 0700 (logged). Another user's folder, a
+    symlink or a file is refused: whatever is unpacked or installed there would be loaded and run.
+
+    Raises:
+        BundleError: ``path`` belongs to another user, is a symlink or a file, or cannot be created.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        msg = f"cannot create the private folder {p}: {exc}"
+        raise BundleError(msg) from exc
+    problem = _owner_problem(p)
+    if problem and "mode" in problem:
+        log.warning("%s: setting it to 0700", problem)
+        os.chmod(p, 0o700)
+        problem = _owner_problem(p)
+    if problem:
+        msg = f"refusing to use {p} for bundles: {problem}"
+        raise BundleError(msg)
+    return p
+
+
+def _unpack_tar(path: Path, unpack_dir: Path, *, fresh: bool = False) -> tuple[Path, bool]:
+    """Unpack a bundle archive into ``<unpack_dir>/gapcast-bundle-<sha256[:16]>`` (one folder per archive content).
+
+    ``unpack_dir`` is a private folder (:func:`private_dir`: this user's, mode 0700). The per-archive folder is
+    reused by later calls on the same archive only when it is this user's with mode 0700 (its files are re-verified
+    by hash anyway), so repeated ``edge check`` / ``edge run`` do not leak a copy each; any other folder under that
+    name is discarded and the archive unpacked afresh (issue 18, item 7: a folder pre-created by another user was
+    verified and would have been loaded). Unpacking goes to a fresh private temporary folder (``mkdtemp``, 0700)
+    that is then renamed into place, so a concurrent call never sees a half-written folder.
 
     Args:
         path: the ``.tar`` (any compression ``tarfile`` reads).
+        unpack_dir: the private parent folder.
         fresh: discard an existing folder for this archive and unpack again.
 
     Returns:
@@ -271,25 +339,34 @@ def _unpack_tar(path: Path, *, fresh: bool = False) -> tuple[Path, bool]:
         itself), and whether it was already there from an earlier call.
 
     Raises:
-        BundleError: the archive cannot be read or unpacked.
+        BundleError: the unpack folder is not private, or the archive cannot be read or unpacked.
     """
-    import os
-    import shutil
-
+    root = private_dir(unpack_dir)
     digest = sha256_file(path)[:16]
-    dest = Path(tempfile.gettempdir()) / f"gapcast-bundle-{digest}"
-    if fresh:
-        shutil.rmtree(dest, ignore_errors=True)
-    if dest.is_dir():
-        return _bundle_root(dest), True
-    tmp = Path(tempfile.mkdtemp(prefix=f".gapcast-bundle-{digest}-", dir=dest.parent))
+    dest = root / f"gapcast-bundle-{digest}"
+    if not fresh and os.path.lexists(dest):
+        problem = _owner_problem(dest)
+        if problem is None:
+            return _bundle_root(dest), True
+        log.warning("not reusing the unpacked bundle: %s; unpacking %s afresh", problem, path.name)
+        fresh = True
+    if fresh and os.path.lexists(dest):
+        try:
+            if dest.is_symlink() or not dest.is_dir():
+                dest.unlink()
+            else:
+                shutil.rmtree(dest)
+        except OSError as exc:
+            msg = f"cannot remove the stale unpack folder {dest}: {exc}"
+            raise BundleError(msg) from exc
+    tmp = Path(tempfile.mkdtemp(prefix=f".gapcast-bundle-{digest}-", dir=root))
     try:
         with tarfile.open(path) as tf:
             tf.extractall(tmp, filter="data")
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not dest.is_dir():  # lost a race to a concurrent unpack: use theirs; anything else is an error
+            if _owner_problem(dest) is not None:  # lost a race to a concurrent unpack: use theirs if it is private
                 raise
     except (tarfile.TarError, OSError) as exc:
         msg = f"cannot unpack bundle archive {path}: {exc}"
@@ -300,15 +377,23 @@ def _unpack_tar(path: Path, *, fresh: bool = False) -> tuple[Path, bool]:
     return _bundle_root(dest), False
 
 
-def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require_signature: bool = True) -> Bundle:
-    """Verify a bundle: the card signature against the trusted keys, every pinned file's sha256, the schema.
+def verify_bundle(
+    path: str | Path,
+    trusted_keys: list | None = None,
+    *,
+    require_signature: bool = True,
+    unpack_dir: str | Path | None = None,
+) -> Bundle:
+    """Verify a bundle: the card signature against the trusted keys, every pinned file's sha256, the schema, and
+    that the folder holds nothing the card does not list.
 
     Args:
-        path: bundle directory or ``.tar`` (unpacked once into ``<tempdir>/gapcast-bundle-<sha256[:16]>``, reused
-            by later calls on the same archive).
+        path: bundle directory or ``.tar`` (unpacked once into ``<unpack_dir>/gapcast-bundle-<sha256[:16]>``,
+            reused by later calls on the same archive while that folder is this user's with mode 0700).
         trusted_keys: Ed25519 public keys (objects, PEM paths or hex strings); the signature must verify under one.
         require_signature: False only for local development bundles (``gapcast export`` without ``--sign-key``);
             the gateway always requires it.
+        unpack_dir: private folder for unpacking a ``.tar`` (created 0700; default :func:`default_unpack_dir`).
 
     Returns:
         The verified :class:`Bundle`.
@@ -328,20 +413,55 @@ def verify_bundle(path: str | Path, trusted_keys: list | None = None, *, require
         if not is_tar:
             msg = f"bundle {path} is not a valid tar archive (a bundle is a directory or a .tar of one)"
             raise BundleError(msg)
-        folder, reused = _unpack_tar(p)
+        where = Path(unpack_dir) if unpack_dir is not None else default_unpack_dir()
+        folder, reused = _unpack_tar(p, where)
         try:
             return _verify_dir(folder, path, trusted_keys, require_signature)
         except BundleError:
             if not reused:
                 raise
         # The reused unpack folder may have been altered since: unpack afresh once and verify that.
-        return _verify_dir(_unpack_tar(p, fresh=True)[0], path, trusted_keys, require_signature)
+        return _verify_dir(_unpack_tar(p, where, fresh=True)[0], path, trusted_keys, require_signature)
     return _verify_dir(p, path, trusted_keys, require_signature)
 
 
-def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_signature: bool) -> Bundle:
+def signature_verifies(signature: bytes, data: bytes, trusted_keys: list) -> bool:
+    """Whether the Ed25519 ``signature`` over the exact bytes ``data`` verifies under one of ``trusted_keys``
+    (key objects, PEM paths or hex; RFC 8032). Used for ``card.sig`` and for release manifests.
+
+    Raises:
+        BundleError: a key that cannot be loaded.
+    """
     from cryptography.exceptions import InvalidSignature
 
+    for key in trusted_keys:
+        k = key if hasattr(key, "verify") else load_public_key(key)
+        try:
+            k.verify(signature, data)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def json_object(data: bytes, name: str, error: type[Exception]) -> dict[str, Any]:
+    """``data`` parsed as a JSON object.
+
+    Raises:
+        error: not JSON, or JSON but not an object (the message names ``name``).
+    """
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"{name} is not valid JSON: {exc}"
+        raise error(msg) from exc
+    if not isinstance(obj, dict):
+        msg = f"{name} must hold a JSON object"
+        raise error(msg)
+    return obj
+
+
+def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_signature: bool) -> Bundle:
     if not p.is_dir():
         msg = f"bundle {path} does not exist or is not a directory/.tar"
         raise BundleError(msg)
@@ -358,25 +478,10 @@ def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_si
         if not sig_path.is_file():
             msg = f"bundle {p} has no {SIG_NAME}: unsigned bundles are refused"
             raise BundleError(msg)
-        sig = sig_path.read_bytes()
-        for key in trusted_keys:
-            k = key if hasattr(key, "verify") else load_public_key(key)
-            try:
-                k.verify(sig, card_bytes)
-                break
-            except InvalidSignature:
-                continue
-        else:
+        if not signature_verifies(sig_path.read_bytes(), card_bytes, trusted_keys):
             msg = f"{SIG_NAME} does not verify card.json under any of the {len(trusted_keys)} trusted key(s)"
             raise BundleError(msg)
-    try:
-        raw = json.loads(card_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = f"card.json is not valid JSON: {exc}"
-        raise BundleError(msg) from exc
-    if not isinstance(raw, dict):
-        msg = "card.json must hold a JSON object"
-        raise BundleError(msg)
+    raw = json_object(card_bytes, CARD_NAME, BundleError)
     card = Card.from_dict(raw)
     for name, meta in card.files.items():
         f = p / name
@@ -390,4 +495,23 @@ def _verify_dir(p: Path, path: str | Path, trusted_keys: list | None, require_si
         if got != meta.get("sha256"):
             msg = f"bundle file {name} has sha256 {got[:16]}..., the card pins {str(meta.get('sha256'))[:16]}..."
             raise BundleError(msg)
+    extra = _unlisted_files(p, card)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        msg = f"bundle {p} holds {len(extra)} file(s) the card does not list: {shown}"
+        raise BundleError(msg)
     return Bundle(path=p, card=card, card_sha256=hashlib.sha256(card_bytes).hexdigest())
+
+
+def _unlisted_files(folder: Path, card: Card) -> list[str]:
+    """Paths (relative, POSIX) of files and links under ``folder`` that are neither pinned by the card nor the card
+    and its signature; folders that only lead to pinned files are fine."""
+    allowed = {*card.files, CARD_NAME, SIG_NAME}
+    extra = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel_dir = Path(dirpath).relative_to(folder)
+        for name in filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            rel = (rel_dir / name).as_posix()
+            if rel not in allowed:
+                extra.append(rel)
+    return sorted(extra)

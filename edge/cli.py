@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--cache-dir", type=Path, default=None, help="engine cache folder")
     be.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace, MiB (default 1024)")
     be.add_argument("--rebuild", action="store_true", help="build even if a cached engine matches")
-    be.set_defaults(func=_build_engine)
+    be.set_defaults(func=_build_engine, log_info=True)  # trt.build_engine_main logs what it built
 
     edge.set_defaults(func=lambda args: (edge.print_help(), 2)[1])
 
@@ -89,7 +89,7 @@ def load_runtime(cfg):
             + (f" in {cfg.source}" if cfg.source else "")
             + ")"
         )
-    bundle = verify_bundle(m.bundle, list(m.trusted_keys))
+    bundle = verify_bundle(m.bundle, list(m.trusted_keys), unpack_dir=cfg.agent.state_dir / "bundles")
     if m.backend == "interpolation":
         return bundle, None, "interpolation (model.backend = \"interpolation\")"
     try:
@@ -211,7 +211,7 @@ def _run(args) -> int:
     state_lock = lock_state_dir(cfg.agent.state_dir)
     update_link = None
     if cfg.update.enabled:  # fleet updates: the bundle runs from the update store (gapcast.edge.updater)
-        from gapcast.edge.updater import start_from_config
+        from gapcast.edge.guard import start_from_config
 
         update_link, backend, note = start_from_config(cfg)
         bundle = backend.bundle

@@ -164,7 +164,7 @@ class MqttAgent:
         wall: wall clock (seconds since the epoch), read once to anchor :class:`EventClock`; injectable in tests.
         mono: monotonic clock, seconds; injectable in tests.
         snapshot_path: where window snapshots go (None: ``state_dir/windows.npz``; "" disables them).
-        update_link: fleet model updates (``gapcast.edge.updater.UpdateLink``), or None.
+        update_link: fleet model updates (``gapcast.edge.guard.UpdateLink``), or None.
         metrics: the Prometheus exporter (``gapcast.edge.metrics.Metrics``); None: built from ``[metrics]`` when
             ``metrics.listen`` is set.
         notifier: systemd notification (``gapcast.edge.sdnotify.Notifier``); None: from ``NOTIFY_SOCKET``, a no-op
@@ -610,6 +610,8 @@ class MqttAgent:
                 info.wait_for_publish(timeout=max(deadline - self.mono(), 1.0))
         self.client.disconnect()
         self.client.loop_stop()
+        if self.update_link is not None and self.update_link.updater is not None:
+            self.update_link.updater.close(timeout_s=0)  # stop the chunk re-request timer; a staging worker is a daemon
         if self.snapshots is not None:
             self.snapshots.save_now()
         self.outbox.close()

@@ -1,5 +1,8 @@
 """TensorRT on the gateway: build an engine from a bundle, check it against the bundle's golden outputs, cache it.
 
+(Over 600 lines on purpose: everything that touches the TensorRT and CUDA APIs lives here, so the version
+differences are handled in one place and the rest of the gateway imports none of it.)
+
 ``gapcast edge build-engine BUNDLE [--precision fp16|int8|fp32] [--max-batch N]`` calls :func:`build_engine_main`.
 
 - The TensorRT Python API present on the device is used as it is (JetPack 5: TensorRT 8.5, JetPack 6.0: 8.6,
@@ -30,7 +33,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ __all__ = [
     "EngineBuild",
     "GoldenCheck",
     "PlatformInfo",
+    "TensorRTUnavailable",
     "Tolerance",
     "TrtRunner",
     "build_and_check",
@@ -63,6 +66,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class TensorRTUnavailable(BackendError):
+    """This machine cannot run TensorRT at all: the Python bindings, the CUDA runtime or a GPU is missing. (Any other
+    :class:`BackendError` from this module means TensorRT is there and something about the engine failed.)"""
+
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: What to try, in order, when a precision is asked for: never higher speed than asked, lower only with a warning.
@@ -248,7 +257,7 @@ def _import_tensorrt():
             "TensorRT's Python bindings are not installed (on Jetson: `sudo apt install python3-libnvinfer`, "
             "part of JetPack; on x86: NVIDIA's `tensorrt` wheel). Use the onnxruntime backend instead."
         )
-        raise BackendError(msg) from exc
+        raise TensorRTUnavailable(msg) from exc
     return trt
 
 
@@ -264,7 +273,7 @@ class _CudaRuntime:
         rc = self.lib.cudaGetDeviceCount(ctypes.byref(count))
         if rc != 0 or count.value < 1:
             msg = f"no CUDA GPU is visible (cudaGetDeviceCount: {self._err(rc)}, {count.value} devices)"
-            raise BackendError(msg)
+            raise TensorRTUnavailable(msg)
 
     @staticmethod
     def _load():
@@ -288,7 +297,7 @@ class _CudaRuntime:
             except OSError:
                 continue
         msg = "the CUDA runtime (libcudart) is not found: no NVIDIA GPU stack on this machine"
-        raise BackendError(msg)
+        raise TensorRTUnavailable(msg)
 
     def _err(self, rc: int) -> str:
         s = self.lib.cudaGetErrorString(ctypes.c_int(rc))
@@ -588,6 +597,7 @@ class EngineBuild:
         golden: the golden check it passed.
         attempts: ``(precision, outcome)`` for every precision tried, in order.
         cached: True when the engine came from the cache instead of a build.
+        build_s: wall time of the whole build and check, every precision tried included, seconds (monotonic).
     """
 
     requested: str
@@ -597,6 +607,7 @@ class EngineBuild:
     golden: GoldenCheck
     attempts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     cached: bool = False
+    build_s: float = 0.0
 
 
 def _variant_for(precision: str) -> str:
@@ -629,6 +640,7 @@ def build_and_check(
     Raises:
         BackendError: no TensorRT or GPU, no golden data in the bundle, or no precision passed.
     """
+    t0 = time.monotonic()
     order = fallback_order(precision)
     _import_tensorrt()  # say "no TensorRT" before "no GPU"
     golden = bundle.golden()
@@ -712,7 +724,7 @@ def build_and_check(
         engine_path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if p != precision:
             log.warning("built %s instead of the requested %s (see the reasons above)", p, precision)
-        return EngineBuild(precision, p, engine_path, key, check, tuple(attempts), cached)
+        return EngineBuild(precision, p, engine_path, key, check, tuple(attempts), cached, time.monotonic() - t0)
     msg = "no TensorRT engine passed its checks:\n  " + "\n  ".join(f"{p}: {o}" for p, o in attempts)
     raise BackendError(msg)
 
@@ -767,14 +779,17 @@ def load_cached_engine(
 
 
 def build_engine_main(args) -> int:
-    """``gapcast edge build-engine``: verify the bundle, build, check, cache; print what was built.
+    """``gapcast edge build-engine``: verify the bundle, build, check, cache; log what was built.
+
+    A library function: it logs (``gapcast.edge.trt``, INFO; the lowered-precision notice as a WARNING) and
+    returns; the command line shows those lines through the CLI's logging set-up.
 
     Reads from ``args``: ``bundle`` (path), ``precision`` (default fp16), ``max_batch`` (default 64), and optionally
     ``trusted_keys`` or ``public_key`` (Ed25519 public key PEM paths/hex; without one the signature is not checked
     and a warning says so), ``cache_dir``, ``workspace_mb`` (default 1024), ``rebuild``.
 
     Returns:
-        0 when an engine passed its golden check (at the requested precision or, with a printed notice, a lower one).
+        0 when an engine passed its golden check (at the requested precision or, with a logged warning, a lower one).
 
     Raises:
         BackendError: no TensorRT, no GPU, or no precision passed (gapcast's CLI prints the message, exit 1).
@@ -800,11 +815,10 @@ def build_engine_main(args) -> int:
         workspace_bytes=int(getattr(args, "workspace_mb", None) or 1024) << 20,
         rebuild=bool(getattr(args, "rebuild", False)),
     )
-    print(f"engine: {result.engine_path} ({'from cache' if result.cached else 'built'})")
-    print(f"precision: {result.precision} (requested {result.requested}); key {result.key}")
-    print(result.golden.describe())
+    log.info("engine: %s (%s)", result.engine_path, "from cache" if result.cached else "built")
+    log.info("precision: %s (requested %s); key %s", result.precision, result.requested, result.key)
+    log.info("%s", result.golden.describe())
     if result.precision != result.requested:
-        print(f"NOTICE: precision lowered from {result.requested} to {result.precision}:", file=sys.stderr)
-        for p, outcome in result.attempts[:-1]:
-            print(f"  {p}: {outcome}", file=sys.stderr)
+        lowered = "; ".join(f"{p}: {outcome}" for p, outcome in result.attempts[:-1])
+        log.warning("precision lowered from %s to %s: %s", result.requested, result.precision, lowered)
     return 0

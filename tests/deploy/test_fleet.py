@@ -1,6 +1,6 @@
 """`gapcast fleet ...` against a private Mosquitto: releases reach the right gateways, retained, and switch cleanly.
 
-The gateways here are the real :class:`~gapcast.edge.updater.Updater` and :class:`GuardedBackend` behind a small
+The gateways here are the real :class:`~gapcast.edge.updater.Updater` and :class:`~gapcast.edge.guard.GuardedBackend` behind a small
 paho client (the same wiring the agent's MQTT shell does), with the numpy fake backends of ``support.fleet_fakes``.
 """
 
@@ -17,7 +17,7 @@ from support.fleet_fakes import FLEET, PREFIX, MqttGateway, committed, make_bund
 
 from gapcast.cli import main
 from gapcast.deploy.fleet import FleetClient, FleetError, fleet_status, pack_bundle, rollback
-from gapcast.edge.updater import FleetTopics, percent_bucket
+from gapcast.edge.release import FleetTopics, percent_bucket
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -169,7 +169,7 @@ def test_publish_refuses_a_version_not_above_the_current_release(broker, tmp_pat
     priv, pub, v1, v2 = fleet_setup
     assert _cli(broker, "publish", str(v2), "--sign-key", str(priv)) == 0
     from gapcast.deploy.fleet import load_private_key, publish_release
-    from gapcast.edge.updater import Targets
+    from gapcast.edge.release import Targets
 
     with FleetClient(broker.url) as client, pytest.raises(FleetError, match="not newer than the fleet's current"):
         publish_release(client, FleetTopics(PREFIX, FLEET), v1, load_private_key(priv), Targets(everyone=True))
@@ -242,8 +242,9 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
 
     from gapcast.edge.agent import AgentCore
     from gapcast.edge.config import parse_config
+    from gapcast.edge.guard import build_update_link
     from gapcast.edge.mqtt import MqttAgent, make_outbox
-    from gapcast.edge.updater import UpdaterConfig, build_update_link
+    from gapcast.edge.updater import UpdaterConfig
 
     priv, pub, v1, v2 = fleet_setup
     cfg = parse_config(
@@ -437,7 +438,7 @@ def test_fleet_commands_turn_bad_names_and_chunk_sizes_into_clean_errors(broker,
     assert "--chunk-bytes 2000000 is above 1 MiB" in cap.err and "message_size_limit 1048576" in cap.err
     assert "published release v1" in cap.out
     from gapcast.deploy.fleet import load_private_key
-    from gapcast.edge.updater import open_envelope
+    from gapcast.edge.release import open_envelope
 
     topics = FleetTopics(PREFIX, FLEET)
     with FleetClient(broker.url) as client:

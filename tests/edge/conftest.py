@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gapcast.edge.agent import AgentCore, CoreSettings
+from gapcast.edge.backends import Backend
 from gapcast.edge.bundle import Card
 from gapcast.edge.messages import ReadingSchema, Topics
 
@@ -37,7 +38,7 @@ def card_dict(channels=(("a", 0.0, 100.0, 10.0, 2.0), ("b", -50.0, 50.0, 0.0, 5.
     }
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """Deterministic and row-independent: imputed = 0.5 everywhere (normalised); forecast step h of channel c =
     mean of the observed normalised values of channel c in the row + 0.1 * (h + 1) + 0.01 * calendar[L + h, 0]."""
 
@@ -46,6 +47,9 @@ class FakeBackend:
     def __init__(self, fail: bool = False):
         self.calls: list[int] = []
         self.fail = fail
+
+    def describe(self):
+        return "fake (test)"
 
     def run(self, values, observed, calendar):
         self.calls.append(values.shape[0])

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import pytest
+from support.fake_trt import FakeTensorRT
 
 from gapcast.edge import BackendError
 from gapcast.edge import trt as T
@@ -87,44 +88,12 @@ def test_parse_l4t_release():
     assert T.parse_l4t_release("garbage") == "unknown"
 
 
-class _FakeCuda:
-    pass
-
-
 def _install_fake_tensorrt(monkeypatch, golden, noise, fail_build=(), calls=None):
-    """Replace TensorRT and CUDA at their boundary: builds return a tagged plan; the runner returns the golden
-    outputs plus a per-precision offset."""
-
-    info = T.PlatformInfo(trt_version="10.3.0", gpu="Fake GPU (sm87)", l4t="R36.4.0")
-
-    def fake_build(onnx_path, precision, **kw):
-        if calls is not None:
-            calls.append((precision, onnx_path.name, kw["max_batch"]))
-        if precision in fail_build:
-            msg = f"cannot build {precision}"
-            raise BackendError(msg)
-        return f"plan:{precision}".encode()
-
-    class FakeRunner:
-        lookback, horizon, n_channels, n_calendar, max_batch = 96, 24, 13, 6, 64
-
-        def __init__(self, plan, cuda=None):
-            self.precision = plan.decode().split(":")[1]
-
-        def run(self, values, observed, calendar):
-            n = len(values)
-            off = noise[self.precision]
-            return golden["imputed"][:n] + off, golden["forecast"][:n] + off
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(T, "_import_tensorrt", lambda: None)
-    monkeypatch.setattr(T, "_CudaRuntime", _FakeCuda)
-    monkeypatch.setattr(T, "platform_info", lambda cuda=None: info)
-    monkeypatch.setattr(T, "build_engine", fake_build)
-    monkeypatch.setattr(T, "TrtRunner", FakeRunner)
-    return info
+    """TensorRT and CUDA faked at their boundary (support.fake_trt); ``calls`` collects the builds."""
+    fake = FakeTensorRT(noise, fail_build).install(monkeypatch)
+    if calls is not None:
+        fake.calls = calls
+    return fake
 
 
 def test_int8_failing_golden_falls_back_to_fp16_says_so_and_caches(tiny_bundle, signing_key, tmp_path, monkeypatch, caplog):
@@ -143,7 +112,7 @@ def test_int8_failing_golden_falls_back_to_fp16_says_so_and_caches(tiny_bundle, 
     if has_qdq:
         assert calls[0] == ("int8", "model.int8.qdq.onnx", 32)
     assert calls[-1] == ("fp16", "model.onnx", 32)
-    assert result.engine_path.read_bytes() == b"plan:fp16"
+    assert json.loads(result.engine_path.read_bytes())["precision"] == "fp16" and result.build_s > 0
     meta = json.loads(result.engine_path.with_suffix(".json").read_text())
     assert meta["precision"] == "fp16" and meta["requested"] == "int8" and meta["l4t"] == "R36.4.0"
     assert not list(cache.glob("int8-*.engine"))  # a failed engine is never cached

@@ -18,7 +18,10 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gapcast.edge.updater import FleetTopics, GuardedBackend, Updater, UpdaterConfig
+from gapcast.edge.backends import Backend
+from gapcast.edge.guard import GuardedBackend
+from gapcast.edge.release import FleetTopics
+from gapcast.edge.updater import Updater, UpdaterConfig
 
 C, L, H, F = 3, 8, 4, 6
 CHANNELS = ("PM2.5", "TEMP", "WSPM")
@@ -115,15 +118,23 @@ def make_bundle(
     return folder
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """Runs the card's numpy rule. ``fail_after``: calls after which it returns NaN (a model that breaks live)."""
+
+    name = "fake"
 
     def __init__(self, bundle, fail_after: int | None = None) -> None:
         self.fake = dict(bundle.card.raw.get("fake", {}))
         self.version = bundle.card.model_version
         self.fail_after = fail_after
         self.calls = 0
-        self.name = "fake"
+        self.closed = False
+
+    def describe(self):
+        return f"fake numpy rule of v{self.version}"
+
+    def close(self):
+        self.closed = True
 
     def run(self, values, observed, calendar):
         self.calls += 1
@@ -134,12 +145,21 @@ class FakeBackend:
         return imputed, forecast
 
 
-def fake_factory(fail_after: dict[int, int] | None = None, built: list | None = None, slow: dict | None = None):
+def fake_factory(
+    fail_after: dict[int, int] | None = None,
+    built: list | None = None,
+    slow: dict | None = None,
+    gate: dict | None = None,
+):
     """A backend factory; ``fail_after[version]`` makes that version's backend break after so many calls;
-    ``slow[version]`` seconds of building (a TensorRT engine build, say)."""
+    ``slow[version]`` seconds of building (a TensorRT engine build, say; only the killed-child test sleeps);
+    ``gate[version]``: a ``threading.Event`` the build waits for (a build that ends when the test says so)."""
 
     def factory(bundle):
         time.sleep((slow or {}).get(bundle.card.model_version, 0.0))
+        ev = (gate or {}).get(bundle.card.model_version)
+        if ev is not None:
+            ev.wait(60)
         b = FakeBackend(bundle, (fail_after or {}).get(bundle.card.model_version))
         if built is not None:
             built.append(b)
@@ -151,12 +171,14 @@ def fake_factory(fail_after: dict[int, int] | None = None, built: list | None = 
 class MqttGateway:
     """A gateway: updater + guarded backend + a paho client with a retained status and a Last Will."""
 
-    def __init__(self, broker, tmp_path, pub, seed, name, *, fail_after=None, health_steps=2, slow=None):
+    def __init__(self, broker, tmp_path, pub, seed, name, *, fail_after=None, health_steps=2, slow=None,
+                 chunk_retry_s=2.0):  # fmt: skip
         self.name = name
         self.reports: list[dict] = []
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{name}", protocol=mqtt.MQTTv5)
         cfg = UpdaterConfig(gateway=name, fleet=FLEET, state_dir=tmp_path / f"state-{name}", prefix=PREFIX,
-                            health_steps=health_steps)  # fmt: skip
+                            health_steps=health_steps, chunk_retry_s=chunk_retry_s,
+                            chunk_retry_delay_s=0.2)  # fmt: skip
         self.updater = Updater(
             cfg, trusted_keys=[pub], backend_factory=fake_factory(fail_after, slow=slow), report=self._report,
             subscribe=lambda t: self.client.subscribe(t, qos=1), unsubscribe=self.client.unsubscribe,
@@ -194,6 +216,7 @@ class MqttGateway:
     def close(self):
         self.client.disconnect()
         self.client.loop_stop()
+        self.updater.close()
 
     def step(self):
         """One agent step: a boundary (where updates switch in), then one batched inference."""
