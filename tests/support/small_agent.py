@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from gapcast.edge.backends import Backend
+
 CADENCE = 3600
 STATION = "s1"
 PREFIX = "gapcast/v1"
@@ -31,7 +33,7 @@ def small_card():
     )
 
 
-class HoldableBackend:
+class HoldableBackend(Backend):
     """imputed = 0 (the normalised mean), forecast = 0; ``hold`` makes :meth:`run` block until ``release``."""
 
     name = "fake"
@@ -41,6 +43,9 @@ class HoldableBackend:
         self.holding = threading.Event()  # set while a call is blocked
         self._go = threading.Event()
         self._go.set()
+
+    def describe(self) -> str:
+        return "fake (test, holdable)"
 
     def hold(self) -> None:
         self._go.clear()
