@@ -169,9 +169,9 @@ def _localise(naive_s: np.ndarray, keys: np.ndarray | None, spec: DatasetSpec, r
             loc = idx.tz_localize(tz, ambiguous="NaT", nonexistent="NaT")
             amb = idx.tz_localize(tz, ambiguous=np.ones(len(idx), dtype=bool), nonexistent="NaT").isna()
             rep.ambiguous_local += int(np.sum(loc.isna() & ~amb))
-        na = loc.isna()
-        vals = np.where(na, -1, loc.asi8 // 1_000_000_000 if not na.all() else -1)
-        out[rows] = vals
+        na = np.asarray(loc.isna())
+        secs = loc.as_unit("s").asi8
+        out[rows] = np.where(na, -1, secs)
     return out
 
 
@@ -327,7 +327,7 @@ def _values(col, kind: str, spec: DatasetSpec, rep: LoadReport) -> np.ndarray:
             log.warning("%d unknown compass directions treated as missing", int(unknown.sum()))
             rep.unparseable_values += int(unknown.sum())
         return deg
-    num = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    num = np.array(pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan))
     bad = np.isnan(num) & col.notna().to_numpy()
     if bad.any():
         rep.unparseable_values += int(bad.sum())

@@ -13,7 +13,6 @@ counts as missing).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -87,7 +86,7 @@ class ChannelDef:
     name: str
     column: str
     unit: str = ""
-    valid_range: tuple[float, float] = (-math.inf, math.inf)
+    valid_range: tuple[float, float] = (-1e30, 1e30)
     group: str = ""
     kind: str = "value"
     aggregate: str | None = None
@@ -438,7 +437,7 @@ def _parse(raw: dict[str, Any], where: str, path: Path | None) -> DatasetSpec:
             msg = f"{where}: {pre}name is missing"
             raise SpecError(msg)
         kind = _str(c, "kind", where, pre, "value", choices=KINDS)
-        vr = c.get("valid_range", [-math.inf, math.inf])
+        vr = c.get("valid_range", [-1e30, 1e30])
         if (not isinstance(vr, list) or len(vr) != 2 or not all(isinstance(x, int | float) for x in vr)
                 or not vr[0] < vr[1]):
             msg = f"{where}: {pre}valid_range must be [low, high] with low < high, got {vr!r}"
