@@ -1,8 +1,9 @@
-"""Real-data loaders: Beijing Multi-Site air quality (UCI 501) and ETTh1/ETTh2, the time split, normalisation
-and sliding windows with calendar features.
+"""Station series, normalisation and sliding windows with calendar features; the Beijing Multi-Site and ETT
+wrappers of before dataset specs (``load_beijing``, ``time_split``, ``load_ett``), kept for their callers.
 
-Beijing Multi-Site: one CSV per station (``PRSA_Data_<station>_20130301-20170228.csv``), hourly, in China Standard
-Time (UTC+8, no DST); ``NA`` marks a real sensor outage. Source: Zhang et al. (2017), Proc. R. Soc. A 473: 20170457.
+Any network loads through a dataset spec (:mod:`gapcast.train.spec`, :func:`gapcast.train.loader.load_dataset`);
+``load_beijing`` is the ``beijing`` preset through that path (its layout, time zone and channels live in
+``presets/beijing.toml``). Source: Zhang et al. (2017), Proc. R. Soc. A 473: 20170457.
 ETT: Zhou et al., "Informer" (AAAI 2021); the standard split is 12/4/4 months of 30 days (8,640/2,880/2,880 rows).
 """
 

@@ -523,7 +523,7 @@ def _targets(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plots(run_dir: Path, ss: ScenarioSet, preds: dict[str, dict[str, np.ndarray]],
-           units: Sequence[str] | None = None, cadence_s: int = 3600) -> list[Path]:
+           units: Sequence[str] | None, cadence_s: int) -> list[Path]:
     """For the first channel of each outage group: the median window through the longest block of that group,
     and the median forecast window."""
     import matplotlib

@@ -390,7 +390,7 @@ class ConFillConfig:
         dropout: dropout rate in training.
     """
 
-    n_channels: int = 13
+    n_channels: int = 1  # C: set from the dataset spec (TrainConfig.from_dict); 1 only so the dataclass has a default
     lookback: int = 96
     horizon: int = 24
     n_calendar: int = 6
