@@ -394,6 +394,9 @@ class ConFillConfig:
         interp_source: also mix in the :class:`GapInterpolator` estimate (linear interpolation across the gap);
             needs ``smoother_widths``. False keeps the layout of models trained without it.
         dropout: dropout rate in training.
+        level_norm: per-window level normalisation (RevIN-style, Kim et al., ICLR 2022): the encoder and the heads
+            see each window's channels centred and scaled by their own observed mean and spread; the head outputs
+            are restored to the global normalisation. For stations whose levels differ from the training ones.
     """
 
     n_channels: int = 1  # C: set from the dataset spec (TrainConfig.from_dict); 1 only so the dataclass has a default
@@ -411,6 +414,7 @@ class ConFillConfig:
     smoother_widths: tuple[int, ...] = (3, 9, 25, 73)
     interp_source: bool = False
     dropout: float = 0.1
+    level_norm: bool = False
 
     def __post_init__(self) -> None:
         positive = ("n_channels", "lookback", "horizon", "n_calendar", "d_model", "n_heads", "n_encoder_layers",
@@ -516,7 +520,33 @@ class ConFill(nn.Module):
         """[N] softmax weights of the encoder depths (sum to 1)."""
         return torch.softmax(self.depth_logits, dim=0)
 
+    @staticmethod
+    def window_level(values: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-window, per-channel level of the observed past: (mean [B, 1, C], spread [B, 1, C]), normalised units.
+
+        The spread is sqrt(variance + 0.01) (a floor for flat or single-reading windows); a channel with no
+        observation in the window gets mean 0 and spread 1 (the global normalisation). ONNX: ReduceSum, Div, Sqrt,
+        Where.
+        """
+        count = observed.sum(dim=1, keepdim=True)  # [B, 1, C]
+        n = torch.clamp(count, min=1.0)
+        mean = (values * observed).sum(dim=1, keepdim=True) / n
+        var = (((values - mean) * observed) ** 2).sum(dim=1, keepdim=True) / n
+        seen = count > 0
+        return torch.where(seen, mean, torch.zeros_like(mean)), torch.where(seen, torch.sqrt(var + 0.01),
+                                                                             torch.ones_like(var))
+
     def encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
+        """Embed and encode the past window (level-normalised first with ``level_norm``).
+
+        Args: as :meth:`_encode`.
+        """
+        if self.cfg.level_norm:
+            mean, spread = self.window_level(values, observed)
+            values = (values - mean) / spread
+        return self._encode(values, observed, calendar)
+
+    def _encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
         """Embed and encode the past window.
 
         Args:
@@ -553,8 +583,14 @@ class ConFill(nn.Module):
             ``interp_source`` the :class:`GapInterpolator` estimate is one more source, after the head's.
         """
         L, C = self.cfg.lookback, self.cfg.n_channels
-        memory, key_allowed = self.encode(values, observed, calendar)
+        if self.cfg.level_norm:
+            mean, spread = self.window_level(values, observed)  # [B, 1, C] each
+            memory, key_allowed = self._encode((values - mean) / spread, observed, calendar)
+        else:
+            memory, key_allowed = self._encode(values, observed, calendar)
         x_hat = self.impute_head(memory)
+        if self.cfg.level_norm:
+            x_hat = x_hat * spread + mean  # back to the global normalisation before mixing with the estimates
         if self.smoother is not None:
             est, avail = self.smoother(values * observed, observed)  # [B, L, C, W] each
             sources = torch.cat([est, x_hat.unsqueeze(-1)], dim=-1)  # [B, L, C, W+1]
@@ -569,7 +605,10 @@ class ConFill(nn.Module):
         q = self.query_emb + self.dec_cal_emb(calendar[:, L:])  # [B, H, d]
         for layer in self.decoder:
             q = layer(q, memory, key_allowed)
-        return x_hat, self.forecast_head(q), memory
+        forecast = self.forecast_head(q)
+        if self.cfg.level_norm:
+            forecast = forecast * spread + mean
+        return x_hat, forecast, memory
 
     def forward(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
         """Fill the window's gaps and forecast the horizon.

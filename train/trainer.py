@@ -401,7 +401,7 @@ def _dist_info() -> tuple[int, int]:
 
 def _model_config(state: dict[str, Any]) -> dict[str, Any]:
     """The model config saved in a checkpoint, with the defaults of keys added since (``interp_source``)."""
-    return {"interp_source": False, **dict(state.get("config") or {})}
+    return {"interp_source": False, "level_norm": False, **dict(state.get("config") or {})}
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:

@@ -3,6 +3,8 @@ fully missing windows and checkpoint round trips."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -287,3 +289,23 @@ def test_gap_interpolator_linear_memory_form_equals_the_quadratic_one(length):
     v = torch.tensor([[[0.0], [0.0], [0.0], [3.0], [0.0]]])
     est, _ = GapInterpolator(5)(v, m)
     torch.testing.assert_close(est[0, :, 0], torch.tensor([0.0, 1.0, 2.0, 3.0, 3.0]))
+
+
+def test_level_norm_follows_a_shift_of_the_station_level():
+    """With per-window level normalisation a station whose level is k higher gets imputations and forecasts
+    exactly k higher (the encoder sees the same centred window); without it, it does not."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, CFG.lookback, CFG.n_channels, generator=g)
+    m = (torch.rand(2, CFG.lookback, CFG.n_channels, generator=g) > 0.2).float()
+    m[:, 0] = 1.0  # every channel observed at least once
+    c = torch.randn(2, CFG.lookback + CFG.horizon, CFG.n_calendar, generator=g)
+    shift = torch.zeros(1, 1, CFG.n_channels)
+    shift[..., 0] = 2.5
+    for level_norm in (True, False):
+        torch.manual_seed(0)
+        net = ConFill(dataclasses.replace(CFG, level_norm=level_norm, dropout=0.0)).eval()
+        with torch.no_grad():
+            imp, fc = net(v * m, m, c)
+            imp2, fc2 = net((v + shift) * m, m, c)
+        same = torch.allclose(fc2, fc + shift, atol=1e-4) and torch.allclose(imp2, imp + shift, atol=1e-4)
+        assert same == level_norm
