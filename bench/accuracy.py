@@ -183,8 +183,9 @@ def run_accuracy(
     data=None,
     options: AccuracyOptions | None = None,
     progress: bool = True,
+    dataset=None,
 ) -> dict[str, Any]:
-    """Run the accuracy benchmark.
+    """Run the accuracy benchmark (``dataset``: a spec or preset; default the run's own, else ``beijing``).
 
     Args:
         run_dir: ConFill's training run folder (best.pt, history.jsonl); None skips ConFill fp32 (torch).
@@ -203,29 +204,33 @@ def run_accuracy(
     import torch
 
     from gapcast.bench import pypots_baselines as pb
-    from gapcast.train.data import (
-        BEIJING_CHANNELS,
-        BEIJING_UTC_OFFSET_S,
-        Normalizer,
-        load_beijing,
-        time_split,
+    from gapcast.duration import steps_of
+    from gapcast.train.data import Normalizer
+    from gapcast.train.evaluate import (
+        baseline_imputers,
+        build_scenarios,
+        model_imputer,
+        score_imputer,
+        spec_of_run,
     )
-    from gapcast.train.evaluate import baseline_imputers, build_scenarios, model_imputer, score_imputer
+    from gapcast.train.loader import load_dataset, split_indices
 
     opts = options or AccuracyOptions()
     torch.set_num_threads(opts.threads)
-    series = load_beijing(data)
     model = meta = None
-    L, H = 96, 24
     normalizer = None
     confill_train_s = None
     if run_dir is not None:
         from gapcast.train.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(run_dir)
-        L, H = int(meta["config"]["lookback"]), int(meta["config"]["horizon"])
         normalizer = Normalizer.from_dict(meta["normalizer"])
         confill_train_s = _confill_train_s(Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent)
+    spec = spec_of_run(meta or {}, dataset)
+    series = load_dataset(spec, data)
+    L, H = steps_of("4d", spec.cadence_s, key="lookback"), steps_of("1d", spec.cadence_s, key="horizon")
+    if meta is not None:
+        L, H = int(meta["config"]["lookback"]), int(meta["config"]["horizon"])
     bundle = None
     if bundle_path is not None:
         from gapcast.edge.bundle import verify_bundle
@@ -237,14 +242,11 @@ def run_accuracy(
             normalizer = Normalizer(mean=bundle.card.mean, std=bundle.card.std)
             L, H = bundle.card.lookback, bundle.card.horizon
     if normalizer is None:
-        from gapcast.train.data import fit_beijing_normalizer
-
-        normalizer = fit_beijing_normalizer(series)
-    channels = tuple(c.name for c in BEIJING_CHANNELS)
+        normalizer = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
+    channels = spec.channel_names
     t0 = time.perf_counter()
     ss = build_scenarios(series, normalizer, channels=channels, lookback=L, horizon=H,
-                         utc_offset_s=BEIJING_UTC_OFFSET_S, stride=opts.stride, max_windows=opts.max_windows,
-                         seed=opts.seed)
+                         stride=opts.stride, max_windows=opts.max_windows, seed=opts.seed, spec=spec)
     log.info("%d test windows, scenarios built in %.1f s", len(ss.windows), time.perf_counter() - t0)
 
     methods: dict[str, dict[str, Any]] = {}
@@ -281,7 +283,7 @@ def run_accuracy(
     tr, va = [], []
     for name in sorted(series):
         s = series[name]
-        sp = time_split(s.epoch_s)
+        sp = split_indices(spec, s)
         tr.append(normalizer.transform(s.values[sp.train]))
         va.append(normalizer.transform(s.values[sp.val]))
     budget_s = opts.baseline_budget_s if opts.baseline_budget_s is not None else (confill_train_s or 600.0)
@@ -334,10 +336,11 @@ def run_accuracy(
         from gapcast.train.network_eval import evaluate_network
 
         nets = {"ConFill fp32 (torch)": model_imputer(model, progress=False)} if model is not None else None
-        network = evaluate_network(series, normalizer, channels=channels, group=ss.pollutants,
-                                   group_name="pollutants", lookback=L, horizon=H, trials=opts.network_trials,
-                                   seed=opts.seed, models=nets,
-                                   calendar=lambda e: calendar_features(e, BEIJING_UTC_OFFSET_S))
+        network = evaluate_network(series, normalizer, channels=channels, group=ss.group,
+                                   group_name=next(iter(spec.groups), "all channels"), lookback=L, horizon=H,
+                                   trials=opts.network_trials, seed=opts.seed, models=nets,
+                                   calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
+                                   split=lambda s: split_indices(spec, s, check=False))
 
     return {
         "benchmark": "accuracy",

@@ -81,7 +81,14 @@ class AgentBenchOptions:
             raise ValueError(msg)
 
 
-def synthetic_network(series: dict, n: int, steps: int) -> dict:
+def _default_split(first):
+    from gapcast.train.loader import split_indices
+    from gapcast.train.spec import load_spec
+
+    return split_indices(load_spec("beijing"), first, check=False)
+
+
+def synthetic_network(series: dict, n: int, steps: int, spec=None) -> dict:
     """N stations from the real ones: station k replays real station ``k % len(series)`` of the test months, shifted
     by ``(k // len(series)) * 25`` hours (wrapping around inside the test months) so that stations sharing a source
     do not send identical values.
@@ -97,11 +104,12 @@ def synthetic_network(series: dict, n: int, steps: int) -> dict:
     Raises:
         ValueError: when the test months are too short for the shifts.
     """
-    from gapcast.train.data import StationSeries, time_split
+    from gapcast.train.data import StationSeries
+    from gapcast.train.loader import split_indices
 
     names = sorted(series)
     first = series[names[0]]
-    sp = time_split(first.epoch_s)
+    sp = split_indices(spec, first, check=False) if spec is not None else _default_split(first)
     t0 = sp.test.start
     epoch = first.epoch_s[t0 : t0 + steps]
     out = {}
@@ -238,7 +246,7 @@ def _publish_step(client, readings, sent: dict[str, float]) -> None:
 
 
 def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenchOptions, work: Path,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, spec=None) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
 
     from gapcast.tools.demo import Collector
@@ -247,7 +255,7 @@ def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenc
 
     ingest_steps = max(2, math.ceil(opts.ingest_messages / n))
     total_steps = ingest_steps + opts.latency_steps + 1
-    net = synthetic_network(series, n, total_steps)
+    net = synthetic_network(series, n, total_steps, spec)
     epoch = next(iter(net.values())).epoch_s
     cadence = int(epoch[1] - epoch[0])
     plan = plan_replay(net, start_s=int(epoch[0]), end_s=int(epoch[ingest_steps]))
@@ -392,8 +400,9 @@ def run_agent_bench(
     workdir: str | os.PathLike | None = None,
     bundle_note: str = "",
     progress: bool = True,
+    dataset=None,
 ) -> dict[str, Any]:
-    """Run the agent benchmark for every station count.
+    """Run the agent benchmark for every station count (``dataset``: spec or preset; default the bundle's own).
 
     Args:
         bundle_path: the signed bundle the agent serves.
@@ -411,7 +420,8 @@ def run_agent_bench(
         GapcastError: no data, a bundle without a key, a broker that does not start.
     """
     from gapcast.edge import BundleError
-    from gapcast.train.data import load_beijing
+    from gapcast.train.evaluate import spec_of_run
+    from gapcast.train.loader import load_dataset
 
     opts = options or AgentBenchOptions()
     bundle = Path(bundle_path)
@@ -421,7 +431,9 @@ def run_agent_bench(
         if not trusted_key:
             msg = f"{bundle} is unsigned; the agent refuses unsigned bundles (export it with --sign-key)"
             raise BundleError(msg)
-    series = load_beijing(data)
+    card_raw = json.loads((bundle / "card.json").read_text()) if (bundle / "card.json").is_file() else {}
+    spec = spec_of_run({"dataset": card_raw.get("dataset")}, dataset)
+    series = load_dataset(spec, data)
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="gapcast-bench-agent-")
@@ -438,7 +450,7 @@ def run_agent_bench(
     try:
         for n in opts.stations:
             try:
-                results.append(_one_count(n, series, bundle.resolve(), trusted_key, opts, work, progress))
+                results.append(_one_count(n, series, bundle.resolve(), trusted_key, opts, work, progress, spec))
             except Exception as exc:  # one station count failing must not lose the others' figures
                 log.exception("agent bench at %d stations failed", n)
                 results.append({"stations": n, "error": f"{type(exc).__name__}: {exc}"})

@@ -118,7 +118,8 @@ def _accuracy(args: argparse.Namespace) -> int:
     )
     if run_dir is None and bundle is None:
         print("note: neither --run nor --bundle: ConFill is not scored, baselines only")
-    res = run_accuracy(run_dir=run_dir, bundle_path=bundle, data=args.data, options=opts, progress=True)
+    res = run_accuracy(run_dir=run_dir, bundle_path=bundle, data=args.data, options=opts, progress=True,
+                       dataset=args.dataset)
     res["trimmed"] = trimmed
     methods = res["methods"]
     order = [m for m in method_order(list(methods)) if "scores" in methods[m]]
@@ -138,9 +139,8 @@ def _accuracy(args: argparse.Namespace) -> int:
     rows = [[m, methods[m].get("train_s"), methods[m].get("score_s"), methods[m].get("note", "")] for m in order]
     md.append("\n## Training and scoring time (s, this machine)\n\n"
               + format_table(["method", "training s", "scoring s (all scenarios)", "note"], rows))
-    from gapcast.train.data import BEIJING_CHANNELS, BEIJING_POLLUTANTS
-
-    pol = [BEIJING_CHANNELS[i].name for i in BEIJING_POLLUTANTS]
+    groups = res["protocol"].get("groups") or {}
+    pol = next(iter(groups.values()), [])
     for part, title in (("block-72h", "block-72h imputation"), ("forecast", "24 h forecast")):
         rows = []
         for m in order:
@@ -248,7 +248,8 @@ def _runtime(args: argparse.Namespace) -> int:
         min_time = min(min_time, 0.3)
     bundle, key, note = _bundle_or_tiny(args, out)
     opts = RuntimeOptions(batches=batches, threads=args.threads, min_time_s=min_time)
-    res = run_runtime(bundle, run_dir=args.run, trusted_keys=[key] if key else None, data=args.data, options=opts)
+    res = run_runtime(bundle, run_dir=args.run, trusted_keys=[key] if key else None, data=args.data, options=opts,
+                      dataset=args.dataset)
     res["bundle_note"] = note
     md = [f"# gapcast bench runtime\n\n{res['cpu']}, {args.threads} threads; inputs: {res['inputs']}; model "
           f"{res['model']['name']} v{res['model']['version']} (L {res['model']['L']}, H {res['model']['H']}, "
@@ -296,6 +297,7 @@ def _agent(args: argparse.Namespace) -> int:
     opts = AgentBenchOptions(stations=stations, ingest_messages=msgs, latency_steps=steps, threads=args.threads,
                              max_batch=args.max_batch)
     res = run_agent_bench(bundle, trusted_key=key, data=args.data, options=opts, workdir=out / "agent-work",
+                          dataset=args.dataset,
                           bundle_note=note)
     md = [f"# gapcast bench agent\n\n{note}. Private Mosquitto on loopback; agent backend "
           f"{next((r.get('agent_backend') for r in res['results'] if r.get('agent_backend')), 'n/a')}, "
@@ -363,6 +365,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}/)")
         sp.add_argument("--data", help="data root (default: $GAPCAST_DATA, then the cache)")
+        sp.add_argument("--dataset", help="dataset spec (SPEC.toml) or preset (default: the run's / bundle's own "
+                        "dataset, else beijing)")
         sp.add_argument("--quick", action="store_true", help="a short run (trimmed sizes, stated in the output)")
         sp.add_argument("--threads", type=int, default=2, help="CPU threads for torch / onnxruntime (default 2)")
         sp.set_defaults(log_info=False)

@@ -60,7 +60,7 @@ class RuntimeOptions:
             raise ValueError(msg)
 
 
-def load_bench_windows(bundle, n: int, *, data=None) -> tuple[dict[str, np.ndarray], str]:
+def load_bench_windows(bundle, n: int, *, data=None, dataset=None) -> tuple[dict[str, np.ndarray], str]:
     """``n`` real windows for timing: Beijing test months with their real masks, else the golden windows tiled.
 
     Args:
@@ -78,21 +78,23 @@ def load_bench_windows(bundle, n: int, *, data=None) -> tuple[dict[str, np.ndarr
 
     card = bundle.card
     try:
-        from gapcast.train.data import BEIJING_CHANNELS, Normalizer, load_beijing
-        from gapcast.train.evaluate import eval_windows
+        from gapcast.train.data import Normalizer
+        from gapcast.train.evaluate import eval_windows, spec_of_run
+        from gapcast.train.loader import load_dataset
 
-        if tuple(card.channel_names) != tuple(c.name for c in BEIJING_CHANNELS):
-            msg = "the bundle's channels are not the Beijing ones"
+        spec = spec_of_run({"dataset": card.raw.get("dataset")}, dataset)
+        if tuple(card.channel_names) != spec.channel_names:
+            msg = f"the bundle's channels are not those of the dataset {spec.name}"
             raise ValueError(msg)
-        series = load_beijing(data)
+        series = load_dataset(spec, data)
         norm = Normalizer(mean=card.mean, std=card.std)
         per_station = max(1, -(-n // len(series)))
         tw = eval_windows(series, norm, lookback=card.lookback, horizon=card.horizon,
-                          utc_offset_s=card.utc_offset_s, stride=24, max_windows=per_station)
+                          stride=max(1, 86400 // card.cadence_s), max_windows=per_station, spec=spec)
         L = card.lookback
         idx = np.resize(np.arange(len(tw)), n)
         return ({"values": tw.values[idx, :L], "observed": tw.observed[idx, :L], "calendar": tw.calendar[idx]},
-                f"{min(n, len(tw))} real Beijing test-month windows with their real observed masks")
+                f"{min(n, len(tw))} real {spec.name} test-range windows with their real observed masks")
     except Exception as exc:  # no data folder, no pandas, other channels: fall back to the golden windows
         log.info("real windows unavailable (%s); using the bundle's golden windows", exc)
     golden = bundle.golden()
@@ -260,6 +262,7 @@ def run_runtime(
     data=None,
     options: RuntimeOptions | None = None,
     progress: bool = True,
+    dataset=None,
 ) -> dict[str, Any]:
     """Measure every engine of a bundle (and torch eager when the checkpoint is found).
 
@@ -288,7 +291,7 @@ def run_runtime(
         bundle = verify_bundle(bundle_path, trusted_keys)
     card = bundle.card
     n_calendar = len(card.calendar.get("features", [])) or int(card.inputs[2]["shape"][2])
-    inputs, source = load_bench_windows(bundle, max(opts.batches), data=data)
+    inputs, source = load_bench_windows(bundle, max(opts.batches), data=data, dataset=dataset)
 
     engines: list[tuple[str, dict[str, Any], int | None]] = []
     ckpt = _find_checkpoint(card.raw, run_dir)

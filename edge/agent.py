@@ -15,7 +15,8 @@ same way. Without a backend, or when it fails, imputation falls back to linear i
 ``max_missing_share`` gets no forecast, and the status says why.
 
 Normalisation is the card's mean/std; the calendar features are ``gapcast.calendar.calendar_features`` over the L
-past and H future step starts, in the card's ``utc_offset_s`` (what training used).
+past and H future step starts, in the card's time zone (``calendar.timezone``, else ``utc_offset_s``: what
+training used).
 """
 
 from __future__ import annotations
@@ -448,7 +449,7 @@ class AgentCore:
             c = cal_cache.get(r.end)
             if c is None:
                 steps = np.arange(r.end - L + 1, r.end + H + 1, dtype=np.int64) * self.cadence_s
-                c = cal_cache[r.end] = calendar_features(steps, self.card.utc_offset_s)
+                c = cal_cache[r.end] = calendar_features(steps, self.card.utc_offset_s, self.card.timezone)
             cal[b] = c
         norm = np.where(obs, (np.nan_to_num(raw) - self.mean) / self.std, 0.0).astype(np.float32)
         obs_f = obs.astype(np.float32)

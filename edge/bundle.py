@@ -127,6 +127,17 @@ class Card:
     def utc_offset_s(self) -> int:
         return int(self.calendar.get("utc_offset_s", 0))
 
+    @property
+    def timezone(self) -> str | None:
+        """The stations' time zone for the calendar features (``calendar.timezone``), None: ``utc_offset_s``."""
+        tz = self.calendar.get("timezone")
+        return str(tz) if tz else None
+
+    @property
+    def interpolation_only(self) -> bool:
+        """A day-one bundle without a network (``model.kind = "interpolation"``): the agent interpolates."""
+        return self.raw.get("model", {}).get("kind") == "interpolation"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Card:
         """Validate and parse a card dict.
@@ -176,7 +187,7 @@ class Card:
         if card.cadence_s <= 0 or card.lookback <= 0 or card.horizon <= 0:
             msg = "card.json: cadence_s, lookback and horizon must be positive"
             raise BundleError(msg)
-        if "fp32" not in card.variants:
+        if "fp32" not in card.variants and not card.interpolation_only:
             msg = "card.json: the fp32 variant is required"
             raise BundleError(msg)
         for name, v in card.variants.items():

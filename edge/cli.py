@@ -92,6 +92,8 @@ def load_runtime(cfg):
     bundle = verify_bundle(m.bundle, list(m.trusted_keys), unpack_dir=cfg.agent.state_dir / "bundles")
     if m.backend == "interpolation":
         return bundle, None, "interpolation (model.backend = \"interpolation\")"
+    if bundle.card.interpolation_only:
+        return bundle, None, "interpolation (the bundle holds no model: gapcast export --interpolation-only)"
     try:
         from gapcast.edge.backends import select_backend
 

@@ -5,7 +5,7 @@ A snapshot is ONE file, a NumPy ``.npz`` archive (a zip of ``.npy`` members, eac
 
     {"format": "gapcast-window-state", "version": 1, "saved_s": 1700000000.0,
      "meta": {...the agent's compatibility keys: model version, channels, cadence_s, lookback...},
-     "stations": [{"name": "Dongsi", "meta": {"last_published_step_s": 1362096000, ...},
+     "stations": [{"name": "site-A", "meta": {"last_published_step_s": 1362096000, ...},
                    "arrays": {"values": {"key": "s0/values", "shape": [96, 13], "dtype": "float32"}, ...}}]}
 
 and the arrays are stored under the keys the header names. Writes are atomic (a temporary file in the same

@@ -15,6 +15,11 @@ __all__ = ["register"]
 def _export(args: argparse.Namespace) -> int:
     from gapcast.export import ExportError
 
+    if args.interpolation_only:
+        return _export_interpolation(args)
+    if args.run_dir is None:
+        msg = "give a RUN_DIR to export (or --interpolation-only --dataset SPEC for a bundle without a model)"
+        raise ExportError(msg)
     run = Path(args.run_dir)
     if not run.is_dir():
         why = "is a file, not a run folder" if run.exists() else "does not exist"
@@ -43,7 +48,8 @@ def _export(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     result = export_run(
-        args.run_dir, args.out, opts, sign_key=args.sign_key, data_root=args.data, overwrite=args.overwrite
+        args.run_dir, args.out, opts, sign_key=args.sign_key, data_root=args.data, overwrite=args.overwrite,
+        dataset=args.dataset,
     )
     card = result.card
     print(f"bundle: {result.path} ({'signed' if result.signed else 'UNSIGNED'})")
@@ -61,6 +67,30 @@ def _export(args: argparse.Namespace) -> int:
             )
     for name, why in (card.get("excluded_variants") or {}).items():
         print(f"excluded {name}: {why}", file=sys.stderr)
+    return 0
+
+
+def _export_interpolation(args: argparse.Namespace) -> int:
+    from gapcast.export import ExportError
+    from gapcast.export.pipeline import export_interpolation_only
+
+    if args.run_dir is not None:
+        msg = "--interpolation-only builds a bundle without a model: give --dataset SPEC, not a RUN_DIR"
+        raise ExportError(msg)
+    if args.dataset is None:
+        msg = "--interpolation-only needs --dataset SPEC (channels, cadence, time zone, normalisation)"
+        raise ExportError(msg)
+    if args.sign_key is None:
+        print("gapcast: WARNING: no --sign-key: the bundle will be UNSIGNED and gateways will refuse it",
+              file=sys.stderr)
+    result = export_interpolation_only(args.dataset, args.out, sign_key=args.sign_key, data_root=args.data,
+                                       lookback=args.lookback, horizon=args.horizon, model_name=args.model_name,
+                                       model_version=0 if args.version == 1 else args.version,
+                                       overwrite=args.overwrite)
+    card = result.card
+    print(f"bundle: {result.path} ({'signed' if result.signed else 'UNSIGNED'}), interpolation only (no model)")
+    print(f"channels: {', '.join(c['name'] for c in card['channels'])}; cadence {card['cadence_s']} s; "
+          f"time zone {card['calendar']['timezone']}; lookback {card['lookback']} / horizon {card['horizon']} steps")
     return 0
 
 
@@ -85,7 +115,14 @@ def register(subparsers) -> None:
             "card.json and sign it."
         ),
     )
-    p.add_argument("run_dir", type=Path, help="training run folder (best.pt, config.toml, metrics.json)")
+    p.add_argument("run_dir", type=Path, nargs="?", help="training run folder (best.pt, config.toml, metrics.json)")
+    p.add_argument("--dataset", help="dataset spec or preset: calibration/parity data of a run (default: the spec "
+                   "the run carries); with --interpolation-only the network the bundle is for")
+    p.add_argument("--interpolation-only", action="store_true",
+                   help="day one without a model: a signed bundle with the card and no network (the gateway "
+                   "interpolates); needs --dataset")
+    p.add_argument("--lookback", default="4d", help="with --interpolation-only: the window, a duration (4d)")
+    p.add_argument("--horizon", default="1d", help="with --interpolation-only: the forecast length (1d)")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     p.add_argument(
         "--target",

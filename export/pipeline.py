@@ -41,6 +41,7 @@ __all__ = [
     "ModelSpec",
     "WindowData",
     "export_bundle",
+    "export_interpolation_only",
     "export_run",
     "load_run_windows",
     "special_windows",
@@ -52,7 +53,8 @@ FP32_FILE = "model.onnx"
 INT8_QDQ_FILE = "model.int8.qdq.onnx"
 INT8_CPU_FILE = "model.int8.cpu.onnx"
 GOLDEN_FILE = "golden.npz"
-OUTAGE_STEPS = 72  # the 72 h outage of the parity and golden windows (hourly cadence)
+OUTAGE = "72h"  # the outage of the parity and golden windows (a duration: steps of the run's cadence)
+OUTAGE_STEPS = 72  # the same at hourly cadence (kept for callers of special_windows)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ class ModelSpec:
         channels: per channel ``{name, unit, valid_min, valid_max, mean, std}`` (physical units).
         calendar_features: names of the F calendar features, in column order.
         config: the model config dict (recorded in the card).
+        timezone: the stations' time zone (calendar features follow its clock changes), or None (fixed offset).
+        dataset: the whole dataset spec (``DatasetSpec.to_dict()``), recorded in the card.
     """
 
     lookback: int
@@ -134,6 +138,8 @@ class ModelSpec:
     channels: list[dict[str, Any]]
     calendar_features: tuple[str, ...]
     config: dict[str, Any] = field(default_factory=dict)
+    timezone: str | None = None
+    dataset: dict[str, Any] | None = None
 
     @property
     def n_channels(self) -> int:
@@ -301,7 +307,13 @@ def export_bundle(
         progress.set_description("export: parity")
         pv, po, pc = _sample(data.val, opts.parity_windows, rng)
         k = max(1, min(8, len(pv)))
-        v72, o72, vmc, omc = special_windows(pv[:k], po[:k], L)
+        from gapcast.duration import DurationError, steps_of
+
+        try:
+            outage_steps = steps_of(OUTAGE, spec.cadence_s, key="parity outage")
+        except DurationError:  # a cadence that does not divide 72 h: half the window instead
+            outage_steps = L // 2
+        v72, o72, vmc, omc = special_windows(pv[:k], po[:k], L, outage_steps=outage_steps)
         par_v = np.concatenate([pv, v72, vmc])
         par_o = np.concatenate([po, o72, omc])
         par_c = np.concatenate([pc, pc[:k], pc[:k]])
@@ -494,7 +506,7 @@ def export_bundle(
             "cadence_s": int(spec.cadence_s),
             "lookback": L,
             "horizon": H,
-            "calendar": {"features": list(spec.calendar_features), "utc_offset_s": int(spec.utc_offset_s)},
+            "calendar": _calendar_entry(spec),
             "inputs": inputs,
             "outputs": outputs,
             "variants": variants,
@@ -513,6 +525,7 @@ def export_bundle(
             "int8_delta": int8_delta,
             "cpu_variant_choice": cpu_choice,
             "evaluation": evaluation,
+            "dataset": spec.dataset,
             "export": {**_versions(), "exporter": exporter, "data": data.source, "run": run or {}},
             "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
         }
@@ -543,11 +556,22 @@ def export_bundle(
     return ExportResult(path=out, card=written, signed=sign_key is not None)
 
 
-def _channels_from_meta(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Channel specs (name, unit, valid range, mean, std) from checkpoint metadata."""
-    from gapcast.train.data import BEIJING_CHANNELS
+def _calendar_entry(spec: ModelSpec) -> dict[str, Any]:
+    """The card's calendar: feature names, the fixed offset (what older gateways read) and the time zone."""
+    entry: dict[str, Any] = {"features": list(spec.calendar_features), "utc_offset_s": int(spec.utc_offset_s)}
+    if spec.timezone:
+        entry["timezone"] = spec.timezone
+    return entry
 
-    known = {c.name: c for c in BEIJING_CHANNELS}
+
+def _channels_from_meta(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Channel specs (name, unit, valid range, group, mean, std) from checkpoint metadata (checkpoints from before
+    dataset specs: units and ranges from the ``beijing`` preset, which they were trained on)."""
+    known: dict[str, Any] = {}
+    if not meta.get("dataset"):
+        from gapcast.train.spec import load_spec
+
+        known = {c.name: c for c in load_spec("beijing").model_channels}
     norm = meta.get("normalizer") or {}
     mean, std = list(norm.get("mean", [])), list(norm.get("std", []))
     raw = list(meta.get("channels") or [])
@@ -570,6 +594,7 @@ def _channels_from_meta(meta: dict[str, Any]) -> list[dict[str, Any]]:
                     "valid_max": float(c.get("valid_max", ref.valid_max if ref else np.inf)),
                     "mean": float(mean[i]),
                     "std": float(std[i]),
+                    **({"group": str(c["group"])} if c.get("group") else {}),
                 }
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -584,33 +609,41 @@ def load_run_windows(
     *,
     data_root: str | os.PathLike | None = None,
     stations: list[str] | None = None,
-    stride: int = 24,
+    stride: int | None = None,
+    dataset=None,
 ) -> WindowData:
-    """Real Beijing windows for a run: training months (calibration) and validation months (parity, gate, golden).
+    """Real windows of the run's own dataset: training range (calibration) and validation range (parity, gate,
+    golden).
 
-    Uses the run's stations (``[data] stations`` in its config, empty = all), the checkpoint's normaliser,
-    the 28/10/10-month split, windows every ``stride`` steps whose past is at least half observed.
+    Uses the dataset spec the checkpoint carries (or ``dataset``), the run's stations (``[data] stations`` in its
+    config, empty = all), the checkpoint's normaliser, the spec's split, windows every ``stride`` steps (default:
+    one day) whose past is at least half observed.
 
     Raises:
         ExportError: the data cannot be loaded or yields no windows.
     """
     from gapcast import GapcastError
-    from gapcast.train.data import Normalizer, load_beijing, make_windows, time_split
+    from gapcast.duration import steps_of
+    from gapcast.train.data import Normalizer, make_windows
+    from gapcast.train.evaluate import spec_of_run
+    from gapcast.train.loader import load_dataset, split_indices
 
     cfg = meta["config"]
     L, H = int(cfg["lookback"]), int(cfg["horizon"])
     data_cfg = run_config.get("data", {}) if isinstance(run_config, dict) else {}
     wanted = stations or list(data_cfg.get("stations") or []) or None
     try:
-        series = load_beijing(data_root, wanted)
+        spec = spec_of_run(meta, dataset)
+        series = load_dataset(spec, data_root, wanted)
     except GapcastError as exc:
         msg = f"cannot load the real windows for calibration and parity: {exc}"
         raise ExportError(msg) from exc
+    stride = stride or steps_of("1d", spec.cadence_s, key="stride")
     norm = Normalizer.from_dict(meta["normalizer"])
     utc = int(meta.get("utc_offset_s", 0))
     parts: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
     for s in series.values():
-        sp = time_split(s.epoch_s)
+        sp = split_indices(spec, s)
         for name, sl in (("train", sp.train), ("val", sp.val)):
             parts[name][0].append(norm.transform(s.values[sl]))
             parts[name][1].append(s.epoch_s[sl])
@@ -618,15 +651,16 @@ def load_run_windows(
     for name, (vals, epochs) in parts.items():
         ws = make_windows(
             vals, epochs, lookback=L, horizon=H, stride=stride, min_observed=0.5, utc_offset_s=utc,
-            station_names=list(series),
+            station_names=list(series), timezone=spec.timezone,
         )
         if len(ws) == 0:
             msg = f"no {name} windows with at least half the past observed"
             raise ExportError(msg)
         out[name] = ws.batch(range(len(ws)))
     source = (
-        f"Beijing Multi-Site, stations {sorted(series)}, 28/10/10-month split; calibration from the training months, "
-        f"parity/gate/golden from the validation months; windows every {stride} h with >= 50 % of the past observed"
+        f"{spec.name}, stations {sorted(series)}, the spec's split; calibration from the training range, "
+        f"parity/gate/golden from the validation range; windows every {stride} steps with >= 50 % of the past "
+        "observed"
     )
     return WindowData(train=out["train"], val=out["val"], source=source)
 
@@ -639,8 +673,10 @@ def export_run(
     sign_key=None,
     data_root: str | os.PathLike | None = None,
     overwrite: bool = False,
+    dataset=None,
 ) -> ExportResult:
-    """``gapcast export RUN_DIR``: load ``best.pt``, real windows and ``metrics.json``, then :func:`export_bundle`.
+    """``gapcast export RUN_DIR``: load ``best.pt``, real windows of the run's own dataset and ``metrics.json``, then
+    :func:`export_bundle`.
 
     Raises:
         ExportError: no checkpoint, unreadable metadata, no data, or any failed export check.
@@ -667,19 +703,132 @@ def export_run(
             evaluation = json.loads((folder / "metrics.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("ignoring unreadable %s: %s", folder / "metrics.json", exc)
+    from gapcast.train.evaluate import spec_of_run
+
     cfg = meta["config"]
+    try:
+        dspec = spec_of_run(meta, dataset)
+    except GapcastError as exc:
+        raise ExportError(str(exc)) from exc
     spec = ModelSpec(
         lookback=int(cfg["lookback"]),
         horizon=int(cfg["horizon"]),
         n_calendar=int(cfg.get("n_calendar", len(CALENDAR_FEATURES))),
-        cadence_s=int(meta.get("cadence_s", 3600)),
+        cadence_s=int(meta.get("cadence_s", dspec.cadence_s)),
         utc_offset_s=int(meta.get("utc_offset_s", 0)),
         channels=_channels_from_meta(meta),
         calendar_features=CALENDAR_FEATURES,
         config=dict(cfg),
+        timezone=meta.get("timezone") or dspec.timezone,
+        dataset=dspec.to_dict(),
     )
-    data = load_run_windows(meta, run_config, data_root=data_root)
+    data = load_run_windows(meta, run_config, data_root=data_root, dataset=dspec)
     run = {"dir": str(folder.resolve()), "checkpoint": ckpt.name, "step": meta.get("step"), "best_val": meta.get("best_val")}
     return export_bundle(
         model, spec, data, out, options, sign_key=sign_key, evaluation=evaluation, run=run, overwrite=overwrite
     )
+
+
+def export_interpolation_only(
+    dataset,
+    out: str | Path,
+    *,
+    sign_key=None,
+    data_root: str | os.PathLike | None = None,
+    lookback: str = "4d",
+    horizon: str = "1d",
+    model_name: str = "interpolation",
+    model_version: int = 0,
+    overwrite: bool = False,
+) -> ExportResult:
+    """A day-one bundle without a network: the card (channels, cadence, time zone, valid ranges, normalisation
+    fitted on the history's training range) and no ONNX file. The gateway runs it with its interpolation backend
+    (linear interpolation inside the window, seasonal-naive forecast); a trained model with the same channels is
+    rolled out later with ``gapcast fleet publish``.
+
+    Args:
+        dataset: a :class:`~gapcast.train.spec.DatasetSpec`, a preset name or a spec path.
+        out: the bundle folder to create.
+        sign_key: Ed25519 private key (object or PEM path); None writes an unsigned bundle and warns.
+        data_root: data root for ``{data}`` in the spec.
+        lookback, horizon: the window the gateway keeps and the forecast length (durations).
+        model_name, model_version: the card's ``model`` entry (version 0: a later trained model, version >= 1,
+            is an update).
+        overwrite: replace an existing, non-empty ``out``.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ExportError: the data cannot be loaded, a duration is not a multiple of the cadence, ``out`` exists.
+    """
+    from gapcast import GapcastError
+    from gapcast.calendar import CALENDAR_FEATURES
+    from gapcast.duration import steps_of
+    from gapcast.edge.bundle import verify_bundle
+    from gapcast.export.card import channel_entries, io_entries, rfc3339_now, sign_bundle, write_card
+    from gapcast.train.data import Normalizer
+    from gapcast.train.loader import load_dataset, split_indices
+    from gapcast.train.spec import DatasetSpec, load_spec
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        msg = f"{out} exists and is not empty; pass --overwrite to replace it"
+        raise ExportError(msg)
+    try:
+        spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
+        L = steps_of(lookback, spec.cadence_s, key="--lookback")
+        H = steps_of(horizon, spec.cadence_s, key="--horizon")
+        series = load_dataset(spec, data_root)
+        norm = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
+    except GapcastError as exc:
+        msg = f"cannot build the interpolation bundle: {exc}"
+        raise ExportError(msg) from exc
+    mcs = spec.model_channels
+    inputs, outputs = io_entries(L, H, len(mcs), len(CALENDAR_FEATURES))
+    public_hex = None
+    if sign_key is not None:
+        from gapcast.export.keys import load_private_key, public_key_hex
+
+        sign_key = sign_key if hasattr(sign_key, "sign") else load_private_key(sign_key)
+        public_hex = public_key_hex(sign_key)
+    calendar: dict[str, Any] = {"features": list(CALENDAR_FEATURES), "utc_offset_s": spec.utc_offset_s,
+                                "timezone": spec.timezone}
+    card: dict[str, Any] = {
+        "model": {"name": model_name, "version": int(model_version), "kind": "interpolation", "config": {}},
+        "created": rfc3339_now(),
+        "channels": channel_entries([c.name for c in mcs], [c.unit for c in mcs], [c.valid_min for c in mcs],
+                                    [c.valid_max for c in mcs], norm.mean.tolist(), norm.std.tolist()),
+        "cadence_s": spec.cadence_s,
+        "lookback": L,
+        "horizon": H,
+        "calendar": calendar,
+        "inputs": inputs,
+        "outputs": outputs,
+        "variants": {},
+        "excluded_variants": {"fp32": "interpolation-only bundle: no trained model yet"},
+        "dataset": spec.to_dict(),
+        "export": {"data": f"{spec.name}: normalisation fitted on the training range of {sorted(series)}"},
+        "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_card(work, card)
+        if sign_key is not None:
+            sign_bundle(work, sign_key)
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            verify_bundle(work, [Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))])
+        else:
+            log.warning("NO SIGNING KEY: the bundle at %s is UNSIGNED; gateways refuse it", out)
+            verify_bundle(work, require_signature=False)
+        written = json.loads((work / "card.json").read_text())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        os.chmod(out, 0o755)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(path=out, card=written, signed=sign_key is not None)

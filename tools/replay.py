@@ -799,11 +799,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "out-of-order readings. By default: the Beijing test months (2016-05..2017-02) of every station."
         ),
     )
-    p.add_argument("--data", help="data root or beijing-multisite folder (default: $GAPCAST_DATA, then the cache)")
+    p.add_argument("--dataset", default="beijing",
+                   help="dataset spec (SPEC.toml) or preset: beijing, etth1, etth2 (default beijing)")
+    p.add_argument("--data", help="data root for {data} in the spec (default: $GAPCAST_DATA, then the cache)")
     p.add_argument("--broker", required=True, help="broker URL: mqtt://host:port, mqtts://user@host:8883")
     add_password_argument(p)
     p.add_argument("--stations", nargs="+", metavar="NAME", help="stations to replay (default: all in the data)")
-    p.add_argument("--start", help="first step, ISO 8601 (UTC unless an offset is given); default: the test months")
+    p.add_argument("--start", help="first step, ISO 8601 (UTC unless an offset is given); default: the start of the "
+                   "dataset's test range")
     end = p.add_mutually_exclusive_group()
     end.add_argument("--end", help="end of the range, exclusive, ISO 8601 or +Nd/+Nh from --start (default: data end)")
     end.add_argument("--days", type=float, help="replay this many days from --start")
@@ -819,8 +822,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="STATION:START:HOURS[:CHANNELS]",
         help=(
-            "inject an outage (repeatable): no message for the whole station, or for CHANNELS (comma list, "
-            "'pollutants' or 'all'); START is ISO 8601 or +Nd/+Nh from --start. "
+            "inject an outage (repeatable): no message for the whole station, or for CHANNELS (comma list of "
+            "channels or group names of the dataset spec, or 'all'); START is ISO 8601 or +Nd/+Nh from --start. "
             "E.g. Aotizhongxin:2016-06-01T00:72:pollutants"
         ),
     )
@@ -858,13 +861,27 @@ def _broker_with_password(args: argparse.Namespace) -> BrokerURL:
         raise ReplayError(str(exc)) from exc
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
-    from gapcast.train.data import BEIJING_CHANNELS, BEIJING_POLLUTANTS, load_beijing, time_split
+def _expand_groups(text: str, groups: dict[str, list[str]]) -> str:
+    """``STATION:START:HOURS:air,temp`` -> the group names in the CHANNELS part replaced by their channels (only
+    names that are group names change, so a spec without CHANNELS passes unchanged)."""
+    head, sep, chans = text.rpartition(":")
+    if not sep:
+        return text
+    parts = []
+    for name in chans.split(","):
+        parts.extend(groups.get(name, [name]))
+    return f"{head}:{','.join(parts)}"
 
-    series = load_beijing(args.data, args.stations)
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from gapcast.train.loader import load_dataset, split_indices
+    from gapcast.train.spec import load_spec
+
+    spec = load_spec(args.dataset)
+    series = load_dataset(spec, args.data, args.stations)
     first = next(iter(series.values()))
     start_s = (
-        parse_time(args.start) if args.start else int(first.epoch_s[time_split(first.epoch_s).test.start])
+        parse_time(args.start) if args.start else int(first.epoch_s[split_indices(spec, first, check=False).test.start])
     )
     if args.days is not None:
         end_s: int | None = start_s + round(args.days * 86400)
@@ -872,9 +889,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         end_s = parse_time(args.end, relative_to=start_s)
     else:
         end_s = None
-    names = [c.name for c in BEIJING_CHANNELS]
-    pollutants = [BEIJING_CHANNELS[i].name for i in BEIJING_POLLUTANTS]
-    outages = [parse_outage(o, channels=names, pollutants=pollutants, relative_to=start_s) for o in args.outage]
+    names = list(spec.channel_names)
+    groups = {g: [names[i] for i in idx] for g, idx in spec.groups.items()}
+    first_group = next(iter(groups.values()), [])
+    outages = [parse_outage(_expand_groups(o, groups), channels=names, pollutants=first_group, relative_to=start_s)
+               for o in args.outage]
     plan = plan_replay(
         series,
         start_s=start_s,

@@ -39,7 +39,7 @@ def build_meta(
         cfg: the model config.
         normalizer: ``Normalizer.to_dict()`` (per-channel mean/std, physical units).
         channels: one dict per channel: name, unit, valid_min, valid_max.
-        cadence_s: step length, seconds (3600 for hourly data).
+        cadence_s: step length, seconds (the dataset spec's cadence).
         utc_offset_s: the stations' local time offset, seconds (calendar features use it).
 
     Returns:

@@ -15,12 +15,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` and ``evaluate`` sub-commands."""
     p = subparsers.add_parser(
         "train",
-        help="train ConFill on the Beijing training months",
-        description="Train ConFill (masked imputation + reconstruction + forecast + contrastive losses). "
+        help="train ConFill on a dataset's training range",
+        description="Train ConFill (masked imputation + reconstruction + forecast + contrastive losses) on the "
+        "training range of a dataset spec (channels, groups, cadence, time zone and split come from the spec; the "
+        "--config holds only model and optimisation choices). "
         "Launch with torchrun to train with DistributedDataParallel; the command stays the same.",
+        epilog="examples:\n  gapcast train --dataset beijing --out runs/beijing --time-budget-min 40 --threads 1\n"
+        "  gapcast train --dataset my-city.toml --out runs/my-city --max-steps 2000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", help="data root holding beijing-multisite/ (default: $GAPCAST_DATA, then the cache)")
-    p.add_argument("--config", help="TOML config (default: the packaged beijing.toml)")
+    p.add_argument("--dataset", default="beijing",
+                   help="a dataset spec (SPEC.toml) or a preset: beijing, etth1, etth2 (default beijing)")
+    p.add_argument("--data", help="data root for {data} in the spec (default: $GAPCAST_DATA, then the cache)")
+    p.add_argument("--config", help="TOML training config (default: the packaged beijing.toml, any network)")
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, config.toml, normalization.json")
     p.add_argument("--max-steps", type=int, help="override optim.max_steps")
     p.add_argument("--time-budget-min", type=float, help="stop after this many minutes (checkpoints are written)")
@@ -37,15 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = subparsers.add_parser(
         "evaluate",
-        help="score a run on the test months against LOCF, linear interpolation and seasonal naive",
-        description="Run the evaluation protocol on the test months (point-10%, block 6/24/72 h, real pattern, "
-        "24 h forecast) and write RUN_DIR/metrics.json, metrics.md and PNG plots.",
+        help="score a run on the test range against LOCF, linear interpolation and seasonal naive",
+        description="Run the evaluation protocol on the dataset's test range (point-10%, blocks of 6 h / 24 h / 72 h "
+        "over each outage group and the whole station, real pattern, forecast over the horizon) and write "
+        "RUN_DIR/metrics.json, metrics.md and PNG plots (the first channel of each group).",
+        epilog="examples:\n  gapcast evaluate runs/beijing\n  gapcast evaluate runs/my-city --dataset my-city.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("run_dir", help="a training run folder (holds best.pt)")
-    e.add_argument("--data", help="data root holding beijing-multisite/")
+    e.add_argument("--dataset", help="dataset spec or preset (default: the spec the run was trained on)")
+    e.add_argument("--data", help="data root for {data} in the spec")
     e.add_argument("--stations", nargs="+", help="stations to score (default: all)")
     e.add_argument("--max-windows", type=_positive_int, help="at most this many test windows per station")
-    e.add_argument("--stride", type=int, default=24, help="steps between test window starts (default 24)")
+    e.add_argument("--stride", default="1d", help="duration between test window starts (default 1d)")
     e.add_argument("--seed", type=int, default=0, help="seed of the scenario masks")
     e.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default best.pt)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -136,19 +147,20 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gapcast.train.data import resolve_data_dir
+    from gapcast.train.spec import load_spec
     from gapcast.train.trainer import load_config, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    spec = load_spec(args.dataset)
+    cfg = load_config(args.config, spec)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, seed=args.seed))
-    data = resolve_data_dir(args.data)
     result = train(
         cfg,
         out_dir=args.out,
-        data=data,
+        data=args.data,
+        dataset=spec,
         max_steps=args.max_steps,
         time_budget_min=args.time_budget_min,
         resume=args.resume,
@@ -171,12 +183,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    stride = int(args.stride) if str(args.stride).isdigit() else args.stride
     report = evaluate_run(
         args.run_dir,
+        dataset=args.dataset,
         data=args.data,
         stations=args.stations,
         max_windows=args.max_windows,
-        stride=args.stride,
+        stride=stride,
         seed=args.seed,
         checkpoint=args.checkpoint,
         plots=not args.no_plots,

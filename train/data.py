@@ -1,8 +1,9 @@
-"""Real-data loaders: Beijing Multi-Site air quality (UCI 501) and ETTh1/ETTh2, the time split, normalisation
-and sliding windows with calendar features.
+"""Station series, normalisation and sliding windows with calendar features; the Beijing Multi-Site and ETT
+wrappers of before dataset specs (``load_beijing``, ``time_split``, ``load_ett``), kept for their callers.
 
-Beijing Multi-Site: one CSV per station (``PRSA_Data_<station>_20130301-20170228.csv``), hourly, in China Standard
-Time (UTC+8, no DST); ``NA`` marks a real sensor outage. Source: Zhang et al. (2017), Proc. R. Soc. A 473: 20170457.
+Any network loads through a dataset spec (:mod:`gapcast.train.spec`, :func:`gapcast.train.loader.load_dataset`);
+``load_beijing`` is the ``beijing`` preset through that path (its layout, time zone and channels live in
+``presets/beijing.toml``). Source: Zhang et al. (2017), Proc. R. Soc. A 473: 20170457.
 ETT: Zhou et al., "Informer" (AAAI 2021); the standard split is 12/4/4 months of 30 days (8,640/2,880/2,880 rows).
 """
 
@@ -41,7 +42,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BEIJING_UTC_OFFSET_S = 8 * 3600
 BEIJING_URL = "https://archive.ics.uci.edu/static/public/501/beijing+multi+site+air+quality+data.zip"
 ENV_VAR = "GAPCAST_DATA"
 
@@ -63,43 +63,39 @@ class Channel:
     valid_max: float
 
 
-# Valid ranges are physical bounds generous enough for Beijing's extremes (PM2.5 peaked near 1,000 ug/m3 and CO
-# near 10,000 ug/m3 in winter 2013-2017); a reading outside them is a sensor fault, not weather.
-BEIJING_CHANNELS: tuple[Channel, ...] = (
-    Channel("PM2.5", "ug/m3", 0.0, 2000.0),
-    Channel("PM10", "ug/m3", 0.0, 3000.0),
-    Channel("SO2", "ug/m3", 0.0, 1000.0),
-    Channel("NO2", "ug/m3", 0.0, 1000.0),
-    Channel("CO", "ug/m3", 0.0, 20000.0),
-    Channel("O3", "ug/m3", 0.0, 1500.0),
-    Channel("TEMP", "degC", -50.0, 55.0),
-    Channel("PRES", "hPa", 850.0, 1100.0),
-    Channel("DEWP", "degC", -60.0, 40.0),
-    Channel("RAIN", "mm", 0.0, 200.0),
-    Channel("WSPM", "m/s", 0.0, 60.0),
-    Channel("wd_sin", "1", -1.0, 1.0),
-    Channel("wd_cos", "1", -1.0, 1.0),
-)
-#: Indices of the pollutant channels (PM2.5, PM10, SO2, NO2, CO, O3): the ones block outages hide together.
-BEIJING_POLLUTANTS: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+def _beijing_preset():
+    from gapcast.train.spec import load_spec
 
-# 16-point compass rose, clockwise from north; direction the wind blows FROM, in degrees.
-_COMPASS = ("N", "NNE", "NE", "ENE", "E", "ESE", "SE", "SSE", "S", "SSW", "SW", "WSW", "W", "WNW", "NW", "NNW")
-_COMPASS_DEG = {name: 22.5 * i for i, name in enumerate(_COMPASS)}
+    return load_spec("beijing")
+
+
+# The Beijing specifics live in the preset (gapcast/train/presets/beijing.toml); these names stay for the code that
+# imported them before dataset specs existed.
+_PRESET = _beijing_preset()
+BEIJING_CHANNELS: tuple[Channel, ...] = tuple(
+    Channel(c.name, c.unit, c.valid_min, c.valid_max) for c in _PRESET.model_channels
+)
+#: Indices of the preset's first outage group (the channels block outages hide together).
+BEIJING_POLLUTANTS: tuple[int, ...] = next(iter(_PRESET.groups.values()))
+#: The preset's local time offset, seconds.
+BEIJING_UTC_OFFSET_S: int = _PRESET.utc_offset_s
 
 
 @dataclass
 class StationSeries:
-    """One station's aligned hourly history.
+    """One station's aligned history on its cadence grid.
 
     Attributes:
         station: station name (from the file name).
-        epoch_s: [T] int64, step start times, seconds since the epoch (UTC); strictly increasing, 3600 s apart.
+        epoch_s: [T] int64, step start times, seconds since the epoch (UTC); strictly increasing, one cadence apart.
         values: [T, C] float32, physical units, NaN where missing.
         observed: [T, C] bool, True where ``values`` holds a measurement.
         channels: the C channels, in column order.
         duplicates: rows dropped because their timestamp repeated an earlier row (first kept).
-        filled_rows: hourly steps absent from the file, inserted as all-missing.
+        filled_rows: steps absent from the file, inserted as all-missing.
+        off_grid: timestamps off the cadence grid, dropped (never moved).
+        out_of_range: readings outside their valid range, treated as missing.
+        native_cadence_s: the most common step between readings in the files (the cadence found).
     """
 
     station: str
@@ -109,6 +105,9 @@ class StationSeries:
     channels: tuple[Channel, ...]
     duplicates: int = 0
     filled_rows: int = 0
+    off_grid: int = 0
+    out_of_range: int = 0
+    native_cadence_s: int = 0
 
     @property
     def timestamps(self) -> np.ndarray:
@@ -195,7 +194,8 @@ def load_beijing(
     *,
     verify: bool = True,
 ) -> dict[str, StationSeries]:
-    """Load Beijing Multi-Site stations into aligned hourly UTC arrays.
+    """Load Beijing Multi-Site stations into aligned hourly UTC arrays: the ``beijing`` preset through the general
+    loader (:func:`gapcast.train.loader.load_dataset`).
 
     Wind direction (16 compass points) becomes ``wd_sin``/``wd_cos`` (missing when ``wd`` is NA). Duplicate
     timestamps keep the first row and are counted; absent hours are inserted as all-missing and counted; nothing is
@@ -207,12 +207,12 @@ def load_beijing(
         verify: check the files against ``SHA256SUMS`` when it is beside them.
 
     Returns:
-        Station name -> :class:`StationSeries` with the 13 ``BEIJING_CHANNELS``.
+        Station name -> :class:`StationSeries` with the preset's ``BEIJING_CHANNELS``.
 
     Raises:
         DataError: missing folder, unknown station, checksum mismatch or a malformed file.
     """
-    import pandas as pd
+    from gapcast.train.loader import load_dataset
 
     folder = beijing_dir(resolve_data_dir(data, dataset="beijing-multisite"))
     available = list_beijing_stations(folder)
@@ -224,72 +224,9 @@ def load_beijing(
     if unknown:
         msg = f"unknown station(s) {unknown}; {folder} has {available}"
         raise DataError(msg)
-    files = {s: next(folder.glob(f"PRSA_Data_{s}_*.csv")) for s in wanted}
     if verify:
-        _verify_sums(folder, files.values())
-    out: dict[str, StationSeries] = {}
-    for station, path in files.items():
-        try:
-            df = pd.read_csv(path, na_values=["NA"], keep_default_na=False)
-        except (OSError, ValueError) as exc:
-            msg = f"cannot read {path}: {exc}"
-            raise DataError(msg) from exc
-        needed = {"year", "month", "day", "hour", "wd"} | {c.name for c in BEIJING_CHANNELS[:11]}
-        if missing_cols := needed - set(df.columns):
-            msg = f"{path} lacks columns {sorted(missing_cols)}"
-            raise DataError(msg)
-        local = pd.to_datetime(df[["year", "month", "day", "hour"]])
-        epoch = local.to_numpy().astype("datetime64[s]").astype(np.int64) - BEIJING_UTC_OFFSET_S
-        out[station] = _align(station, epoch, df, path)
-    return out
-
-
-def _align(station: str, epoch: np.ndarray, df, path: Path) -> StationSeries:
-    base = np.empty((len(df), len(BEIJING_CHANNELS)), dtype=np.float64)
-    for j, ch in enumerate(BEIJING_CHANNELS[:11]):
-        base[:, j] = df[ch.name].to_numpy(dtype=np.float64)
-    wd = df["wd"].astype("string")
-    deg = wd.map(_COMPASS_DEG, na_action="ignore").to_numpy(dtype=np.float64, na_value=np.nan)
-    unknown = wd.notna().to_numpy() & np.isnan(deg)
-    if unknown.any():
-        log.warning("%s: %d unknown wind directions treated as missing", path.name, int(unknown.sum()))
-    base[:, 11] = np.sin(np.deg2rad(deg))
-    base[:, 12] = np.cos(np.deg2rad(deg))
-
-    order = np.argsort(epoch, kind="stable")
-    epoch, base = epoch[order], base[order]
-    keep = np.ones(len(epoch), dtype=bool)
-    keep[1:] = epoch[1:] != epoch[:-1]
-    duplicates = int((~keep).sum())
-    epoch, base = epoch[keep], base[keep]
-    if duplicates:
-        log.warning("%s: %d duplicate timestamps dropped (first row kept)", path.name, duplicates)
-    if np.any((epoch - epoch[0]) % 3600):
-        msg = f"{path}: timestamps not on the hour"
-        raise DataError(msg)
-    full = np.arange(epoch[0], epoch[-1] + 1, 3600, dtype=np.int64)
-    values = np.full((len(full), base.shape[1]), np.nan, dtype=np.float32)
-    values[(epoch - epoch[0]) // 3600] = base
-    filled = len(full) - len(epoch)
-    if filled:
-        log.warning("%s: %d absent hours inserted as missing", path.name, filled)
-    # Values outside the physical range are sensor faults: treat as missing, like the gateway does.
-    lo = np.array([c.valid_min for c in BEIJING_CHANNELS], dtype=np.float32)
-    hi = np.array([c.valid_max for c in BEIJING_CHANNELS], dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        bad = (values < lo) | (values > hi)
-    if bad.any():
-        log.warning("%s: %d values outside the valid range treated as missing", path.name, int(bad.sum()))
-        values[bad] = np.nan
-    return StationSeries(
-        station=station,
-        epoch_s=full,
-        values=values,
-        observed=~np.isnan(values),
-        channels=BEIJING_CHANNELS,
-        duplicates=duplicates,
-        filled_rows=filled,
-    )
+        _verify_sums(folder, [next(folder.glob(f"PRSA_Data_{s}_*.csv")) for s in wanted])
+    return load_dataset(_PRESET, folder.parent, wanted)
 
 
 @dataclass(frozen=True)
@@ -334,7 +271,8 @@ def time_split(
     b1 = _month_start(t0, train_months, utc_offset_s)
     b2 = _month_start(t0, train_months + val_months, utc_offset_s)
     b3 = _month_start(t0, train_months + val_months + test_months, utc_offset_s)
-    if int(epoch_s[-1]) < b3 - 3600:
+    step_s = int(epoch_s[1] - epoch_s[0]) if len(epoch_s) > 1 else 0
+    if int(epoch_s[-1]) < b3 - step_s:
         msg = f"series ends before the {train_months + val_months + test_months} months the split needs"
         raise ValueError(msg)
     i1, i2, i3 = (int(np.searchsorted(epoch_s, b)) for b in (b1, b2, b3))
@@ -410,8 +348,9 @@ class WindowSet:
         starts: [N, 2] int64 (series index, start row).
         lookback: L, steps.
         horizon: H, steps.
-        utc_offset_s: for calendar features.
+        utc_offset_s: for calendar features (when ``timezone`` is None).
         station_names: name of each series.
+        timezone: the stations' time zone for calendar features (daylight saving time included), or None.
     """
 
     values: list[np.ndarray]
@@ -421,6 +360,8 @@ class WindowSet:
     horizon: int
     utc_offset_s: int = 0
     station_names: list[str] = field(default_factory=list)
+    timezone: str | None = None
+    _calendar: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -436,7 +377,9 @@ class WindowSet:
         raw = self.values[k][s : s + n]
         obs = ~np.isnan(raw)
         vals = np.where(obs, raw, 0.0).astype(np.float32)
-        cal = calendar_features(self.epoch_s[k][s : s + n], self.utc_offset_s)
+        if k not in self._calendar:  # once per series: a time-zone lookup per window would dominate a batch
+            self._calendar[k] = calendar_features(self.epoch_s[k], self.utc_offset_s, self.timezone)
+        cal = self._calendar[k][s : s + n]
         return vals, obs.astype(np.float32), cal
 
     def batch(self, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -455,6 +398,7 @@ def make_windows(
     min_observed: float = 0.0,
     utc_offset_s: int = 0,
     station_names: Sequence[str] | None = None,
+    timezone: str | None = None,
 ) -> WindowSet:
     """Index sliding windows over normalised series.
 
@@ -467,6 +411,7 @@ def make_windows(
         min_observed: keep a window only if at least this share of its past [L, C] cells is observed.
         utc_offset_s: local time offset for calendar features, seconds.
         station_names: names for reporting.
+        timezone: time zone of the calendar features (overrides ``utc_offset_s``; DST included).
 
     Returns:
         A :class:`WindowSet`.
@@ -499,6 +444,7 @@ def make_windows(
         horizon=horizon,
         utc_offset_s=utc_offset_s,
         station_names=list(station_names or [f"series{k}" for k in range(len(values))]),
+        timezone=timezone,
     )
 
 

@@ -1,9 +1,10 @@
-"""The evaluation protocol on the Beijing test months, reusable with any imputer.
+"""The evaluation protocol on a dataset spec's test range, reusable with any imputer.
 
 Two steps, kept apart so benchmarks can score other imputers on exactly the same hidden values:
 
 1. :func:`build_scenarios` cuts the test months into windows and draws the fixed masks of every scenario
-   (point-10%, block 6 / 24 / 72 h over all pollutants of a station, real pattern) from one seed;
+   (point-10%, blocks of 6 h / 24 h / 72 h over each outage group and the whole station, real pattern) from one
+   seed;
 2. :func:`score_imputer` runs an imputer ``fn(values, observed, calendar) -> (imputed, forecast)`` on every scenario
    and on the forecast task and returns MAE / RMSE / MRE per channel in original units and on normalised values.
 
@@ -24,15 +25,14 @@ from typing import Any
 import numpy as np
 
 from gapcast.baselines import linear_interpolate, locf, seasonal_naive
+from gapcast.duration import format_duration, steps_of
 from gapcast.train import TrainError
 from gapcast.train.data import (
-    BEIJING_POLLUTANTS,
     Normalizer,
     StationSeries,
-    load_beijing,
     make_windows,
-    time_split,
 )
+from gapcast.train.spec import DatasetSpec, load_spec
 
 __all__ = [
     "EvalReport",
@@ -54,8 +54,13 @@ log = logging.getLogger(__name__)
 #: None)``, numpy float32, normalised; ``values`` is 0 where ``observed`` is 0.
 Imputer = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray | None]]
 
-BLOCK_HOURS = (6, 24, 72)
+#: Outage block lengths of the block scenarios (durations, converted with the dataset's cadence).
+BLOCKS = ("6h", "24h", "72h")
 POINT_RATE = 0.1
+
+
+def _spec_or_default(spec: DatasetSpec | None) -> DatasetSpec:
+    return spec if spec is not None else load_spec("beijing")
 
 
 @dataclass
@@ -110,16 +115,19 @@ class ScenarioSet:
         scenarios: the imputation scenarios, in report order.
         normalizer: the training normaliser (to go back to original units).
         channels: channel names.
-        pollutants: indices of the pollutant channels.
+        group: indices of the first outage group of the spec (the headline ``group_norm`` figures and the plain
+            ``block-6h`` / ``block-24h`` / ``block-72h`` scenarios are over it; all channels when the spec has none).
         protocol: the protocol as written into metrics.json (split, stride, seeds, ...).
+        groups: every outage group, name -> channel indices.
     """
 
     windows: EvalWindows
     scenarios: list[Scenario]
     normalizer: Normalizer
     channels: tuple[str, ...]
-    pollutants: tuple[int, ...] = BEIJING_POLLUTANTS
+    group: tuple[int, ...] = ()
     protocol: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def eval_windows(
@@ -128,18 +136,20 @@ def eval_windows(
     *,
     lookback: int,
     horizon: int,
-    utc_offset_s: int,
+    utc_offset_s: int = 0,
     stride: int = 24,
     max_windows: int | None = None,
     min_observed: float = 0.5,
+    spec: DatasetSpec | None = None,
 ) -> EvalWindows:
-    """Windows over the test months of each station (the split: the last 10 of 48 months).
+    """Windows over the test range of each station (the spec's split).
 
     Args:
         series: station name -> series.
         normalizer: the training normaliser.
         lookback, horizon: L and H, steps.
-        utc_offset_s: local time of the calendar features, seconds.
+        utc_offset_s: local time of the calendar features, seconds (the spec's time zone when ``spec`` is given).
+        spec: the dataset spec (split, time zone); the ``beijing`` preset when None.
         stride: steps between window starts.
         max_windows: at most this many windows per station (evenly spaced), None for all.
         min_observed: keep windows whose past has at least this share of cells observed.
@@ -150,14 +160,17 @@ def eval_windows(
     Raises:
         TrainError: if no window survives.
     """
+    from gapcast.train.loader import split_indices
+
+    spec = _spec_or_default(spec)
     names = sorted(series)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("v", "m", "c", "s", "t")}
     for k, name in enumerate(names):
         s = series[name]
-        sp = time_split(s.epoch_s)
+        sp = split_indices(spec, s)
         ws = make_windows(
             [normalizer.transform(s.values[sp.test])], [s.epoch_s[sp.test]], lookback=lookback, horizon=horizon,
-            stride=stride, min_observed=min_observed, utc_offset_s=utc_offset_s,
+            stride=stride, min_observed=min_observed, utc_offset_s=spec.utc_offset_s, timezone=spec.timezone,
         )
         idx = np.arange(len(ws))
         if max_windows is not None and len(idx) > max_windows:
@@ -180,12 +193,16 @@ def eval_windows(
     )
 
 
-def _donor_masks(series: dict[str, StationSeries], lookback: int, rng: np.random.Generator) -> np.ndarray:
-    """Real missing patterns: [D, L, C] bool observed masks of training/validation-month windows that have gaps."""
+def _donor_masks(series: dict[str, StationSeries], lookback: int, rng: np.random.Generator,
+                 spec: DatasetSpec | None = None) -> np.ndarray:
+    """Real missing patterns: [D, L, C] bool observed masks of training/validation windows that have gaps."""
+    from gapcast.train.loader import split_indices
+
+    spec = _spec_or_default(spec)
     donors = []
     for name in sorted(series):
         s = series[name]
-        sp = time_split(s.epoch_s)
+        sp = split_indices(spec, s)
         obs = s.observed[: sp.val.stop]
         starts = np.arange(0, len(obs) - lookback + 1, lookback // 2)
         for t0 in starts:
@@ -205,60 +222,81 @@ def build_scenarios(
     normalizer: Normalizer,
     *,
     channels: Sequence[str],
-    lookback: int = 96,
-    horizon: int = 24,
-    utc_offset_s: int = 8 * 3600,
+    lookback: int | None = None,
+    horizon: int | None = None,
+    utc_offset_s: int = 0,
     stride: int = 24,
     max_windows: int | None = None,
     seed: int = 0,
-    pollutants: tuple[int, ...] = BEIJING_POLLUTANTS,
+    spec: DatasetSpec | None = None,
 ) -> ScenarioSet:
     """Test windows and the fixed masks of every scenario (README, "Measured figures").
 
     * point-10%: each observed value of the past window is hidden with probability 0.1 (all channels);
-    * block-6h / 24h / 72h: one block over all pollutant channels at once, uniformly placed inside the past window
-      with at least one step before and after it (so interpolation has both sides);
-    * real-pattern: the observed mask of a window from the training/validation months (any station) that really
-      had gaps is transplanted: observed test values that the donor lacks are hidden.
+    * block-6h / 24h / 72h: one block over the spec's first outage group at once, uniformly placed inside the past
+      window with at least one step before and after it (so interpolation has both sides);
+    * real-pattern: the observed mask of a window from the training/validation range (any station) that really
+      had gaps is transplanted: observed test values that the donor lacks are hidden;
+    * block-6h:GROUP / ... for every further group, and block-6h:station / ... over the whole station (drawn after
+      the others, so the masks above do not depend on how many groups a spec has).
 
     Args:
-        series: station name -> series (all 48 months; only the test months are scored).
+        series: station name -> series (the whole history; only the test range is scored).
         normalizer: the training normaliser.
         channels: channel names, in column order.
-        lookback, horizon: L and H, steps.
-        utc_offset_s: local time of the calendar features.
+        lookback, horizon: L and H, steps (default 4 days / 1 day of the spec's cadence).
+        utc_offset_s: unused (the spec's time zone gives the calendar features); kept for old callers.
         stride: steps between window starts.
         max_windows: cap per station.
         seed: seed of every mask (same seed, same masks).
-        pollutants: channels hidden by the block scenarios.
+        spec: the dataset spec (split, time zone, groups, cadence); the ``beijing`` preset when None.
 
     Returns:
         :class:`ScenarioSet`.
     """
-    tw = eval_windows(series, normalizer, lookback=lookback, horizon=horizon, utc_offset_s=utc_offset_s,
-                      stride=stride, max_windows=max_windows)
+    spec = _spec_or_default(spec)
+    lookback = lookback or steps_of("4d", spec.cadence_s, key="lookback")
+    horizon = horizon or steps_of("1d", spec.cadence_s, key="horizon")
+    tw = eval_windows(series, normalizer, lookback=lookback, horizon=horizon, stride=stride,
+                      max_windows=max_windows, spec=spec)
     L = lookback
     obs = tw.observed[:, :L].astype(bool)
     N, _, C = obs.shape
     rng = np.random.default_rng(seed)
     scenarios = [Scenario("point-10%", obs & (rng.random(obs.shape) < POINT_RATE),
                           f"each observed past value hidden with probability {POINT_RATE}")]
-    pol = np.zeros(C, dtype=bool)
-    pol[list(pollutants)] = True
-    for hours in BLOCK_HOURS:
-        n = min(hours, L - 2)
-        t0 = rng.integers(1, L - n, size=N)  # block [t0, t0 + n) with >= 1 step either side
-        t = np.arange(L)
-        in_block = (t[None, :] >= t0[:, None]) & (t[None, :] < t0[:, None] + n)  # [N, L]
-        scenarios.append(Scenario(f"block-{hours}h", obs & in_block[:, :, None] & pol[None, None, :],
-                                  f"{n} consecutive steps of all pollutant channels hidden, inside the window"))
-    donors = _donor_masks(series, L, rng)
+    groups = dict(spec.groups)
+    first_name, first = next(iter(groups.items())) if groups else ("station", tuple(range(C)))
+
+    def blocks(chan_idx: tuple[int, ...], label: str, suffix: str) -> None:
+        sel = np.zeros(C, dtype=bool)
+        sel[list(chan_idx)] = True
+        for text in BLOCKS:
+            n = min(steps_of(text, spec.cadence_s, key="evaluation block"), L - 2)
+            t0 = rng.integers(1, L - n, size=N)  # block [t0, t0 + n) with >= 1 step either side
+            t = np.arange(L)
+            in_block = (t[None, :] >= t0[:, None]) & (t[None, :] < t0[:, None] + n)  # [N, L]
+            scenarios.append(Scenario(f"block-{text}{suffix}", obs & in_block[:, :, None] & sel[None, None, :],
+                                      f"{n} consecutive steps of {label} hidden, inside the window"))
+
+    blocks(first, f"every channel of the group {first_name!r}", "")
+    donors = _donor_masks(series, L, rng, spec)
     pick = rng.integers(0, len(donors), size=N)
     scenarios.append(Scenario("real-pattern", obs & ~donors[pick],
                               "the observed mask of a training/validation window with 2-60% missing transplanted"))
+    for gname, gidx in list(groups.items())[1:]:
+        blocks(gidx, f"every channel of the group {gname!r}", f":{gname}")
+    if groups:
+        blocks(tuple(range(C)), "every channel (the whole station)", ":station")
+    split = (f"shares {list(spec.split.shares)} of each station's span" if spec.split.shares else
+             f"train {list(spec.split.train)}, validation {list(spec.split.validation)}, test {list(spec.split.test)}"
+             f" ({spec.timezone}, end exclusive)")
     protocol = {
-        "dataset": "Beijing Multi-Site (UCI 501), hourly",
-        "split": "by time: first 28 months train, next 10 validation, last 10 test; normalisation fitted on train",
+        "dataset": f"{spec.name}, cadence {spec.cadence}, time zone {spec.timezone}",
+        "split": f"by time: {split}; normalisation fitted on train",
+        "cadence_s": spec.cadence_s,
+        "groups": {k: [channels[i] for i in v] for k, v in groups.items()},
+        "headline_group": first_name,
         "eval_windows": int(N),
         "stations": tw.stations,
         "lookback_L": L,
@@ -270,14 +308,14 @@ def build_scenarios(
         "scored_on": "only values that were observed and then hidden; forecast on observed future values",
         "scenarios": {s.name: s.description for s in scenarios},
         "forecast": f"H = {horizon} from L = {L}, the window's real observed mask only",
-        "headline": "MAE on normalised values over the hidden (pollutant, for blocks) values",
+        "headline": f"MAE on normalised values over the hidden values (blocks: the group {first_name!r})",
     }
     return ScenarioSet(windows=tw, scenarios=scenarios, normalizer=normalizer, channels=tuple(channels),
-                       pollutants=tuple(pollutants), protocol=protocol)
+                       group=tuple(first), protocol=protocol, groups=groups)
 
 
 def _errors(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray, ss: ScenarioSet) -> dict[str, Any]:
-    """MAE / RMSE / MRE over the selected cells: overall and pollutants (normalised), per channel (both units)."""
+    """MAE / RMSE / MRE over the selected cells: overall and over the first group (normalised), per channel."""
     sel = sel.astype(bool)
     err = pred - truth
     std = ss.normalizer.std.astype(np.float64)
@@ -292,8 +330,8 @@ def _errors(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray, ss: ScenarioSe
         return {"n": n, "mae": float(np.abs(e).mean()), "rmse": float(np.sqrt((e**2).mean())),
                 "mre": float(np.abs(e).sum() / max(np.abs(truth[mask]).sum(), 1e-12))}
 
-    pol = np.zeros(sel.shape[-1], dtype=bool)
-    pol[list(ss.pollutants)] = True
+    grp = np.zeros(sel.shape[-1], dtype=bool)
+    grp[list(ss.group) if ss.group else slice(None)] = True
     per_channel = {}
     for j, name in enumerate(ss.channels):
         mj = sel[..., j]
@@ -311,7 +349,7 @@ def _errors(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray, ss: ScenarioSe
             "mae_norm": float(np.abs(e_n).mean()),
             "rmse_norm": float(np.sqrt((e_n**2).mean())),
         }
-    return {"all_norm": agg(sel), "pollutants_norm": agg(sel & pol), "per_channel": per_channel}
+    return {"all_norm": agg(sel), "group_norm": agg(sel & grp), "per_channel": per_channel}
 
 
 def score_imputer(fn: Imputer, ss: ScenarioSet, *, name: str = "imputer") -> dict[str, Any]:
@@ -323,7 +361,7 @@ def score_imputer(fn: Imputer, ss: ScenarioSet, *, name: str = "imputer") -> dic
         name: label for logs.
 
     Returns:
-        ``{scenario name: errors, ..., "forecast": errors}``; errors hold ``all_norm`` and ``pollutants_norm``
+        ``{scenario name: errors, ..., "forecast": errors}``; errors hold ``all_norm`` and ``group_norm``
         ({n, mae, rmse, mre} on normalised values) and ``per_channel`` ({n, mae, rmse, mre} in original units plus
         mae_norm, rmse_norm). A part the imputer does not do is absent.
 
@@ -419,16 +457,17 @@ def _fmt(x: float) -> str:
 
 def _markdown(metrics: dict[str, Any], ss: ScenarioSet) -> str:
     res = metrics["results"]
-    lines = ["# ConFill evaluation (Beijing Multi-Site test months)", ""]
+    lines = [f"# ConFill evaluation ({ss.protocol['dataset']}, test range)", ""]
     p = ss.protocol
     lines += [f"Protocol: {p['split']}. {p['eval_windows']} windows of L={p['lookback_L']} (+H={p['horizon_H']}) "
               f"steps, stride {p['stride_steps']}, {len(p['stations'])} stations, mask seed {p['seed']}. "
               f"Scored {p['scored_on']}.", ""]
-    lines += ["## Imputation: MAE on normalised values (blocks: pollutant channels)", "",
+    lines += [f"## Imputation: MAE on normalised values (block-*: the group {p['headline_group']!r}; "
+              "block-*:GROUP: that group; :station: every channel)", "",
               "| scenario | hidden values | ConFill | LOCF | linear | ConFill vs best baseline |",
               "|---|---:|---:|---:|---:|---:|"]
     for sc in ss.scenarios:
-        key = "pollutants_norm" if sc.name.startswith("block") else "all_norm"
+        key = "all_norm"
         ours = res["confill"][sc.name][key]["mae"]
         lo, li = res["locf"][sc.name][key]["mae"], res["linear"][sc.name][key]["mae"]
         best = min(lo, li)
@@ -438,23 +477,24 @@ def _markdown(metrics: dict[str, Any], ss: ScenarioSet) -> str:
     lines += ["", "## Imputation: RMSE on normalised values", "",
               "| scenario | ConFill | LOCF | linear |", "|---|---:|---:|---:|"]
     for sc in ss.scenarios:
-        key = "pollutants_norm" if sc.name.startswith("block") else "all_norm"
+        key = "all_norm"
         lines.append("| " + sc.name + " | " + " | ".join(_fmt(res[m][sc.name][key]["rmse"])
                                                         for m in ("confill", "locf", "linear")) + " |")
     lines += ["", f"## Forecast: H = {p['horizon_H']} from L = {p['lookback_L']}, observed targets, normalised", "",
               "| channels | ConFill MAE | seasonal naive MAE | persistence MAE | ConFill RMSE | seasonal naive RMSE "
               "| ConFill vs seasonal naive |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for key, label in (("all_norm", "all"), ("pollutants_norm", "pollutants")):
+    for key, label in (("all_norm", "all"), ("group_norm", p["headline_group"])):
         o, s, pe = (res[m]["forecast"][key] for m in ("confill", "seasonal_naive", "locf"))
         rel = f"{100 * (o['mae'] - s['mae']) / s['mae']:+.1f}%"
         lines.append(f"| {label} | {_fmt(o['mae'])} | {_fmt(s['mae'])} | {_fmt(pe['mae'])} | {_fmt(o['rmse'])} "
                      f"| {_fmt(s['rmse'])} | {rel} |")
-    lines += ["", "## Per channel, original units: MAE (ConFill / linear) on block-24h and block-72h; forecast MAE "
-              "(ConFill / seasonal naive)", "",
+    lines += ["", "## Per channel, original units: MAE (ConFill / linear) on block-24h and block-72h (station "
+              "blocks where the spec has groups); forecast MAE (ConFill / seasonal naive)", "",
               "| channel | block-24h | block-72h | point-10% | forecast |", "|---|---:|---:|---:|---:|"]
     for ch in ss.channels:
         cells = []
-        for sc, base in (("block-24h", "linear"), ("block-72h", "linear"), ("point-10%", "linear"),
+        suffix = ":station" if "block-24h:station" in res["confill"] else ""
+        for sc, base in ((f"block-24h{suffix}", "linear"), (f"block-72h{suffix}", "linear"), ("point-10%", "linear"),
                          ("forecast", "seasonal_naive")):
             o = res["confill"].get(sc, {}).get("per_channel", {}).get(ch, {})
             b = res[base].get(sc, {}).get("per_channel", {}).get(ch, {})
@@ -470,8 +510,8 @@ def _markdown(metrics: dict[str, Any], ss: ScenarioSet) -> str:
 def _targets(res: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for sc in ("block-24h", "block-72h"):
-        o = res["confill"][sc]["pollutants_norm"]["mae"]
-        b = min(res["linear"][sc]["pollutants_norm"]["mae"], res["locf"][sc]["pollutants_norm"]["mae"])
+        o = res["confill"][sc]["all_norm"]["mae"]
+        b = min(res["linear"][sc]["all_norm"]["mae"], res["locf"][sc]["all_norm"]["mae"])
         out[f"{sc} MAE >= 20% below linear and LOCF"] = {
             "met": bool(o <= 0.8 * b), "detail": f"{100 * (o - b) / b:+.1f}% vs the better of the two"}
     o, b = res["confill"]["point-10%"]["all_norm"]["mae"], res["linear"]["point-10%"]["all_norm"]["mae"]
@@ -482,7 +522,10 @@ def _targets(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plots(run_dir: Path, ss: ScenarioSet, preds: dict[str, dict[str, np.ndarray]]) -> list[Path]:
+def _plots(run_dir: Path, ss: ScenarioSet, preds: dict[str, dict[str, np.ndarray]],
+           units: Sequence[str] | None, cadence_s: int) -> list[Path]:
+    """For the first channel of each outage group: the median window through the longest block of that group,
+    and the median forecast window."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,49 +533,61 @@ def _plots(run_dir: Path, ss: ScenarioSet, preds: dict[str, dict[str, np.ndarray
 
     tw = ss.windows
     L, H = tw.lookback, tw.horizon
-    ch = 0  # PM2.5
-    std, mean = float(ss.normalizer.std[ch]), float(ss.normalizer.mean[ch])
     paths = []
-    sc = next(s for s in ss.scenarios if s.name == "block-72h")
-    i = _median_window(preds["confill"]["block-72h"][:, :, ch], tw.values[:, :L, ch], sc.hidden[:, :, ch])
-    hours = np.arange(L)
-    obs = tw.observed[i, :L, ch].astype(bool)
-    truth = np.where(obs, tw.values[i, :L, ch] * std + mean, np.nan)
-    hid = sc.hidden[i, :, ch]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(hours, truth, "k.-", lw=1, ms=3, label="truth (observed)")
-    for key, style, label in (("confill", "C1-", "ConFill"), ("linear", "C0--", "linear interpolation")):
-        series = preds[key]["block-72h"][i, :, ch] * std + mean
-        ax.plot(hours[hid], series[hid], style, lw=2, label=label)
-    ax.axvspan(hours[hid].min() - 0.5, hours[hid].max() + 0.5, color="0.9", label="72 h outage (all pollutants)")
-    start = np.datetime64(int(tw.start_epoch_s[i]), "s")
-    ax.set(title=f"{tw.stations[tw.station[i]]}: PM2.5 through a 72 h outage, window from {start} UTC "
-           "(the median window by ConFill error)",
-           xlabel="hour in window", ylabel="PM2.5 (ug/m3)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    paths.append(run_dir / "plot_block72_PM2.5.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    longest = BLOCKS[-1]
+    step_h = cadence_s / 3600.0
+    targets = [(g, idx[0], f"block-{longest}" + ("" if k == 0 else f":{g}")) for k, (g, idx) in
+               enumerate(ss.groups.items())] or [("station", 0, f"block-{longest}")]
+    for gname, ch, sc_name in targets:
+        name = ss.channels[ch]
+        unit = units[ch] if units else ""
+        std, mean = float(ss.normalizer.std[ch]), float(ss.normalizer.mean[ch])
+        sc = next(s for s in ss.scenarios if s.name == sc_name)
+        if sc.hidden[:, :, ch].any():
+            i = _median_window(preds["confill"][sc_name][:, :, ch], tw.values[:, :L, ch], sc.hidden[:, :, ch])
+            hours = np.arange(L) * step_h
+            obs = tw.observed[i, :L, ch].astype(bool)
+            truth = np.where(obs, tw.values[i, :L, ch] * std + mean, np.nan)
+            hid = sc.hidden[i, :, ch]
+            fig, ax = plt.subplots(figsize=(10, 4))
+            ax.plot(hours, truth, "k.-", lw=1, ms=3, label="truth (observed)")
+            for key, style, label in (("confill", "C1-", "ConFill"), ("linear", "C0--", "linear interpolation")):
+                series = preds[key][sc_name][i, :, ch] * std + mean
+                ax.plot(hours[hid], series[hid], style, lw=2, label=label)
+            if hid.any():
+                ax.axvspan(hours[hid].min() - step_h / 2, hours[hid].max() + step_h / 2, color="0.9",
+                           label=f"{longest} outage (group {gname})")
+            start = np.datetime64(int(tw.start_epoch_s[i]), "s")
+            ax.set(title=f"{tw.stations[tw.station[i]]}: {name} through a {longest} outage, window from {start} UTC "
+                   "(the median window by ConFill error)", xlabel="hours in window", ylabel=f"{name} ({unit})")
+            ax.legend(loc="upper left", fontsize=8)
+            fig.tight_layout()
+            paths.append(run_dir / f"plot_block{longest}_{name}.png")
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
 
-    i = _median_window(preds["confill"]["forecast"][:, :, ch], tw.values[:, L:, ch], tw.observed[:, L:, ch] > 0)
-    t = np.arange(-L, H)
-    hist = np.where(tw.observed[i, :L, ch] > 0, tw.values[i, :L, ch] * std + mean, np.nan)
-    fut = np.where(tw.observed[i, L:, ch] > 0, tw.values[i, L:, ch] * std + mean, np.nan)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(t[:L], hist, "k.-", lw=1, ms=3, label="history (observed)")
-    ax.plot(t[L:], fut, "ko-", lw=1, ms=3, label="truth")
-    ax.plot(t[L:], preds["confill"]["forecast"][i, :, ch] * std + mean, "C1-", lw=2, label="ConFill")
-    ax.plot(t[L:], preds["seasonal_naive"]["forecast"][i, :, ch] * std + mean, "C2--", lw=1.5,
-            label="seasonal naive (24 h)")
-    ax.axvline(-0.5, color="0.6", lw=1)
-    ax.set(title=f"{tw.stations[tw.station[i]]}: 24 h PM2.5 forecast (the median window by ConFill error)", xlabel="hours from issue time",
-           ylabel="PM2.5 (ug/m3)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    paths.append(run_dir / "plot_forecast24_PM2.5.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        sel = tw.observed[:, L:, ch] > 0
+        if not sel.any():
+            continue
+        i = _median_window(preds["confill"]["forecast"][:, :, ch], tw.values[:, L:, ch], sel)
+        t = np.arange(-L, H) * step_h
+        hist = np.where(tw.observed[i, :L, ch] > 0, tw.values[i, :L, ch] * std + mean, np.nan)
+        fut = np.where(tw.observed[i, L:, ch] > 0, tw.values[i, L:, ch] * std + mean, np.nan)
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.plot(t[:L], hist, "k.-", lw=1, ms=3, label="history (observed)")
+        ax.plot(t[L:], fut, "ko-", lw=1, ms=3, label="truth")
+        ax.plot(t[L:], preds["confill"]["forecast"][i, :, ch] * std + mean, "C1-", lw=2, label="ConFill")
+        ax.plot(t[L:], preds["seasonal_naive"]["forecast"][i, :, ch] * std + mean, "C2--", lw=1.5,
+                label="seasonal naive (1 day)")
+        ax.axvline(-step_h / 2, color="0.6", lw=1)
+        horizon = format_duration(H * cadence_s)
+        ax.set(title=f"{tw.stations[tw.station[i]]}: {horizon} {name} forecast (the median window by ConFill error)",
+               xlabel="hours from issue time", ylabel=f"{name} ({unit})")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        paths.append(run_dir / f"plot_forecast{horizon}_{name}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
 
 
@@ -562,11 +617,12 @@ def _recording(fn: Imputer, ss: ScenarioSet, store: dict[str, np.ndarray]) -> Im
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
+    dataset: DatasetSpec | str | os.PathLike | None = None,
     data: str | os.PathLike | None = None,
     series: dict[str, StationSeries] | None = None,
     stations: Sequence[str] | None = None,
     max_windows: int | None = None,
-    stride: int = 24,
+    stride: int | str = "1d",
     seed: int = 0,
     checkpoint: str = "best.pt",
     plots: bool = True,
@@ -577,11 +633,13 @@ def evaluate_run(
 
     Args:
         run_dir: the run folder.
+        dataset: the dataset spec (or preset name / path); None: the spec the checkpoint carries (the ``beijing``
+            preset for checkpoints from before dataset specs).
         data: data root (ignored when ``series`` is given).
         series: already loaded stations (tests).
         stations: restrict to these stations.
         max_windows: cap of test windows per station.
-        stride: steps between test windows.
+        stride: between test window starts: steps (int) or a duration (``"1d"``).
         seed: seed of the scenario masks.
         checkpoint: checkpoint file name in ``run_dir``.
         plots: write the PNG plots.
@@ -596,18 +654,24 @@ def evaluate_run(
         TrainError: missing checkpoint or no test data.
     """
     from gapcast.train.checkpoint import load_checkpoint
+    from gapcast.train.loader import load_dataset
 
     run = Path(run_dir)
     model, meta = load_checkpoint(run / checkpoint)
     cfg = model.cfg
+    spec = spec_of_run(meta, dataset)
     if series is None:
-        series = load_beijing(data, stations or None)
+        series = load_dataset(spec, data, stations or None)
     elif stations:
         series = {k: v for k, v in series.items() if k in stations}
     normalizer = Normalizer.from_dict(meta["normalizer"])
     channels = [c["name"] for c in meta["channels"]]
+    if tuple(channels) != spec.channel_names:
+        msg = f"the run's channels {channels} are not the dataset {spec.name}'s {list(spec.channel_names)}"
+        raise TrainError(msg)
+    stride_steps = stride if isinstance(stride, int) else steps_of(stride, spec.cadence_s, key="--stride")
     ss = build_scenarios(series, normalizer, channels=channels, lookback=cfg.lookback, horizon=cfg.horizon,
-                         utc_offset_s=int(meta["utc_offset_s"]), stride=stride, max_windows=max_windows, seed=seed)
+                         stride=stride_steps, max_windows=max_windows, seed=seed, spec=spec)
     imputers = {"confill": model_imputer(model, progress=progress), **baseline_imputers(cfg.horizon)}
     results, preds = {}, {}
     for name, fn in imputers.items():
@@ -623,20 +687,35 @@ def evaluate_run(
     md = _markdown(metrics, ss)
     if len(series) > 1 and network_trials > 0:  # outages by what the neighbours see (issue 20)
         from gapcast.calendar import calendar_features
+        from gapcast.train.loader import split_indices
         from gapcast.train.network_eval import evaluate_network, network_markdown
 
-        utc_offset_s = int(meta["utc_offset_s"])
+        group_name = next(iter(spec.groups), "all channels")
         metrics["network"] = evaluate_network(
-            series, normalizer, channels=channels, group=ss.pollutants, group_name="pollutants",
+            series, normalizer, channels=channels, group=ss.group, group_name=group_name,
             lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
             models={"ConFill": model_imputer(model, progress=False)},
-            calendar=lambda e: calendar_features(e, utc_offset_s))
+            calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
+            split=lambda s: split_indices(spec, s, check=False))
         md += network_markdown(metrics["network"])
     json_path, md_path = run / "metrics.json", run / "metrics.md"
     json_path.write_text(json.dumps(metrics, indent=2, default=_json_default))
     md_path.write_text(md)
-    plot_paths = _plots(run, ss, preds) if plots else []
+    units = [str(c.get("unit", "")) for c in meta["channels"]]
+    plot_paths = _plots(run, ss, preds, units, spec.cadence_s) if plots else []
     return EvalReport(metrics=metrics, markdown=md, json_path=json_path, markdown_path=md_path, plots=plot_paths)
+
+
+def spec_of_run(meta: dict[str, Any], dataset: DatasetSpec | str | os.PathLike | None = None) -> DatasetSpec:
+    """The dataset spec for a run: the one given, else the one its checkpoint carries, else the ``beijing``
+    preset (checkpoints from before dataset specs were Beijing runs)."""
+    if isinstance(dataset, DatasetSpec):
+        return dataset
+    if dataset is not None:
+        return load_spec(dataset)
+    if meta.get("dataset"):
+        return DatasetSpec.from_dict(meta["dataset"])
+    return load_spec("beijing")
 
 
 def _json_default(o: Any) -> Any:

@@ -1,7 +1,8 @@
 """Artificial outages for masked-imputation training, and the contrastive sampler (anchor / positive / negative).
 
 Outages imitate what stations really do (docs/ARCHITECTURE.md, "The model"): scattered lost readings, and contiguous blocks
-where one sensor, several sensors, every pollutant analyser, or the whole station goes silent for an hour up to
+where one sensor, several sensors, one group of sensors (the dataset spec's groups, e.g. every pollutant
+analyser), or the whole station goes silent for an hour up to
 several days. Blocks are drawn with a bias toward long ones, because long gaps are where interpolation fails and
 what the evaluation measures.
 
@@ -12,6 +13,7 @@ same station and the anchor with its segments shuffled (its values out of step w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +45,11 @@ class MaskConfig:
         long_share: share of blocks drawn uniformly from [long_from, max_block]; the rest are log-uniform in
             [min_block, long_from).
         long_from: where "long" blocks start, steps.
-        kind_weights: relative weights of the block kinds (one channel, several channels, all pollutants,
-            whole station).
+        kind_weights: relative weights of the block kinds (one channel, several channels, one outage group of the
+            dataset spec, whole station).
+
+    Block lengths are steps here; a training config writes them as durations (``max_block = "80h"``), converted
+    with the dataset's cadence (``gapcast.train.trainer.TrainConfig.from_dict``).
     """
 
     point_rate: float = 0.15
@@ -84,7 +89,7 @@ def outage_mask(
     observed: np.ndarray,
     rng: np.random.Generator,
     cfg: MaskConfig,
-    pollutants: tuple[int, ...],
+    groups: Sequence[int] | Sequence[Sequence[int]],
 ) -> np.ndarray:
     """Draw artificial outages for a batch of windows.
 
@@ -92,7 +97,8 @@ def outage_mask(
         observed: [B, L, C] bool or 0/1, the real observed mask.
         rng: the random generator (the caller owns the seed).
         cfg: the outage distribution.
-        pollutants: channel indices hidden together by an "all pollutants" block.
+        groups: the dataset spec's outage groups as channel-index tuples (a "one group" block hides one of them,
+            drawn uniformly); a flat tuple of indices is one group. Empty: "one group" blocks hide the station.
 
     Returns:
         hide: [B, L, C] bool, True where an observed value is artificially hidden (always a subset of observed).
@@ -102,7 +108,9 @@ def outage_mask(
     rates = rng.uniform(0.0, cfg.point_rate, size=(B, 1, 1))
     hide = rng.random((B, L, C)) < rates
     kind_p = np.asarray(cfg.kind_weights) / sum(cfg.kind_weights)
-    pol = np.asarray(pollutants, dtype=np.int64)
+    if len(groups) and np.ndim(groups[0]) == 0:
+        groups = [groups]  # type: ignore[list-item]
+    group_idx = [np.asarray(g, dtype=np.int64) for g in groups if len(g)] or [np.arange(C)]
     for b in range(B):
         if rng.random() >= cfg.block_prob:
             continue
@@ -115,7 +123,7 @@ def outage_mask(
             elif kind == 1:
                 chans = rng.choice(C, size=int(rng.integers(2, max(3, C))), replace=False)
             elif kind == 2:
-                chans = pol
+                chans = group_idx[int(rng.integers(0, len(group_idx)))] if len(group_idx) > 1 else group_idx[0]
             else:
                 chans = np.arange(C)
             hide[b, t0 : t0 + n, chans] = True

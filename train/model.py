@@ -210,18 +210,17 @@ class GapInterpolator(nn.Module):
     more steps its narrow width is one-sided and its wider ones average a neighbourhood, which on smooth channels
     (TEMP, PRES) is worse than a straight line. This module gives the imputation head the straight line itself.
 
-    No scan and no CumSum: with c_t the number of observed steps up to t (a MatMul with a fixed triangular matrix),
-    the nearest observed step j <= t is the observed j with c_j = c_t, selected by relu(1 - |c_t - c_j|) in an
-    [L, L] matrix (likewise to the right with the count from the end). ONNX: MatMul, Sub, Abs, Relu, Mul, Div, Clip.
+    Memory grows linearly in L: with c_t = CumSum of the observed mask (observed steps up to t), the k-th observed
+    step's position and value are scattered into slot k of a [B, C, 2L + 1] table (ScatterElements), and the nearest
+    observed step on the left of t is slot c_t, on the right slot n - r_t + 1 (r_t: observed steps from t on; n: all),
+    read back with GatherElements. The outputs equal the earlier [B, C, L, L] selection-matrix form (tested against
+    it); at a 10-minute cadence and a 4-day lookback (L = 576) that form needed L * L = 331,776 floats per channel
+    and window. ONNX: CumSum, ScatterElements, GatherElements, Sub, Mul, Div, Clip, Where, Cast.
     """
 
     def __init__(self, length: int) -> None:
         super().__init__()
-        t = torch.arange(length, dtype=torch.float32)
-        self.register_buffer("upto", (t[:, None] <= t[None, :]).to(torch.float32), persistent=False)  # [L(j), L(t)]
-        self.register_buffer("before", self.upto.t().contiguous(), persistent=False)  # [L(t), L(j)]: j <= t
-        self.register_buffer("after", (t[None, :] >= t[:, None]).to(torch.float32), persistent=False)  # j >= t
-        self.register_buffer("steps", t, persistent=False)  # [L]
+        self.register_buffer("steps", torch.arange(length, dtype=torch.float32), persistent=False)  # [L]
 
     def forward(self, masked_values: torch.Tensor, observed: torch.Tensor):
         """Args:
@@ -233,19 +232,26 @@ class GapInterpolator(nn.Module):
             observed step, 0 for a channel without any observation in the window) and 1 where the channel has at
             least one observation in the window.
         """
-        x = masked_values.transpose(1, 2).unsqueeze(-2)  # [B, C, 1, L(j)]
+        x = masked_values.transpose(1, 2)  # [B, C, L]
         m = observed.transpose(1, 2)  # [B, C, L]
-        left_count = torch.matmul(m, self.upto)  # [B, C, L]: observed steps j <= t
-        right_count = torch.matmul(m, self.before)  # observed steps j >= t
-        m_j = m.unsqueeze(-2)  # [B, C, 1, L(j)]
-
-        def nearest(count: torch.Tensor, side: torch.Tensor):
-            same = torch.relu(1.0 - torch.abs(count.unsqueeze(-1) - count.unsqueeze(-2)))  # [B, C, L(t), L(j)]
-            pick = same * side * m_j  # exactly one 1 per row where an observed step exists on that side
-            return (pick * x).sum(-1), torch.matmul(pick, self.steps), pick.sum(-1)  # value, position, found
-
-        lv, lp, has_l = nearest(left_count, self.before)
-        rv, rp, has_r = nearest(right_count, self.after)
+        L = m.shape[-1]
+        left_count = torch.cumsum(m, dim=-1)  # [B, C, L]: observed steps j <= t
+        total = left_count[..., -1:]  # [B, C, 1]
+        right_count = total - left_count + m  # observed steps j >= t
+        # The k-th observed step (k = 1..n) goes to slot k of [B, C, 2L + 1]; an unobserved step j to its own slot
+        # L + 1 + j (never read), so every slot is written once. Slot 0 stays 0: "no observation on that side".
+        steps = self.steps.expand_as(m)  # [B, C, L]
+        slot = torch.where(m > 0, left_count, self.steps + (L + 1)).to(torch.int64)
+        pos = torch.zeros(m.shape[:-1] + (2 * L + 1,), dtype=m.dtype, device=m.device)
+        val = torch.zeros_like(pos)
+        pos = pos.scatter(-1, slot, steps)
+        val = val.scatter(-1, slot, x)
+        has_l = torch.clamp(left_count, max=1.0)
+        has_r = torch.clamp(right_count, max=1.0)
+        k_l = left_count.to(torch.int64)  # nearest observed step at or before t: the left_count-th
+        k_r = ((total - right_count + 1.0) * has_r).to(torch.int64)  # nearest at or after t (0 when none)
+        lv, lp = val.gather(-1, k_l), pos.gather(-1, k_l)
+        rv, rp = val.gather(-1, k_r), pos.gather(-1, k_r)
         frac = (self.steps - lp) / torch.clamp(rp - lp, min=1.0)
         both = has_l * has_r
         est = both * (lv + (rv - lv) * frac) + has_l * (1.0 - has_r) * lv + has_r * (1.0 - has_l) * rv
@@ -388,9 +394,12 @@ class ConFillConfig:
         interp_source: also mix in the :class:`GapInterpolator` estimate (linear interpolation across the gap);
             needs ``smoother_widths``. False keeps the layout of models trained without it.
         dropout: dropout rate in training.
+        level_norm: per-window level normalisation (RevIN-style, Kim et al., ICLR 2022): the encoder and the heads
+            see each window's channels centred and scaled by their own observed mean and spread; the head outputs
+            are restored to the global normalisation. For stations whose levels differ from the training ones.
     """
 
-    n_channels: int = 13
+    n_channels: int = 1  # C: set from the dataset spec (TrainConfig.from_dict); 1 only so the dataclass has a default
     lookback: int = 96
     horizon: int = 24
     n_calendar: int = 6
@@ -405,6 +414,7 @@ class ConFillConfig:
     smoother_widths: tuple[int, ...] = (3, 9, 25, 73)
     interp_source: bool = False
     dropout: float = 0.1
+    level_norm: bool = False
 
     def __post_init__(self) -> None:
         positive = ("n_channels", "lookback", "horizon", "n_calendar", "d_model", "n_heads", "n_encoder_layers",
@@ -510,7 +520,33 @@ class ConFill(nn.Module):
         """[N] softmax weights of the encoder depths (sum to 1)."""
         return torch.softmax(self.depth_logits, dim=0)
 
+    @staticmethod
+    def window_level(values: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-window, per-channel level of the observed past: (mean [B, 1, C], spread [B, 1, C]), normalised units.
+
+        The spread is sqrt(variance + 0.01) (a floor for flat or single-reading windows); a channel with no
+        observation in the window gets mean 0 and spread 1 (the global normalisation). ONNX: ReduceSum, Div, Sqrt,
+        Where.
+        """
+        count = observed.sum(dim=1, keepdim=True)  # [B, 1, C]
+        n = torch.clamp(count, min=1.0)
+        mean = (values * observed).sum(dim=1, keepdim=True) / n
+        var = (((values - mean) * observed) ** 2).sum(dim=1, keepdim=True) / n
+        seen = count > 0
+        return torch.where(seen, mean, torch.zeros_like(mean)), torch.where(seen, torch.sqrt(var + 0.01),
+                                                                             torch.ones_like(var))
+
     def encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
+        """Embed and encode the past window (level-normalised first with ``level_norm``).
+
+        Args: as :meth:`_encode`.
+        """
+        if self.cfg.level_norm:
+            mean, spread = self.window_level(values, observed)
+            values = (values - mean) / spread
+        return self._encode(values, observed, calendar)
+
+    def _encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
         """Embed and encode the past window.
 
         Args:
@@ -547,8 +583,14 @@ class ConFill(nn.Module):
             ``interp_source`` the :class:`GapInterpolator` estimate is one more source, after the head's.
         """
         L, C = self.cfg.lookback, self.cfg.n_channels
-        memory, key_allowed = self.encode(values, observed, calendar)
+        if self.cfg.level_norm:
+            mean, spread = self.window_level(values, observed)  # [B, 1, C] each
+            memory, key_allowed = self._encode((values - mean) / spread, observed, calendar)
+        else:
+            memory, key_allowed = self._encode(values, observed, calendar)
         x_hat = self.impute_head(memory)
+        if self.cfg.level_norm:
+            x_hat = x_hat * spread + mean  # back to the global normalisation before mixing with the estimates
         if self.smoother is not None:
             est, avail = self.smoother(values * observed, observed)  # [B, L, C, W] each
             sources = torch.cat([est, x_hat.unsqueeze(-1)], dim=-1)  # [B, L, C, W+1]
@@ -563,7 +605,10 @@ class ConFill(nn.Module):
         q = self.query_emb + self.dec_cal_emb(calendar[:, L:])  # [B, H, d]
         for layer in self.decoder:
             q = layer(q, memory, key_allowed)
-        return x_hat, self.forecast_head(q), memory
+        forecast = self.forecast_head(q)
+        if self.cfg.level_norm:
+            forecast = forecast * spread + mean
+        return x_hat, forecast, memory
 
     def forward(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
         """Fill the window's gaps and forecast the horizon.

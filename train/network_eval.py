@@ -108,14 +108,20 @@ class AlignedNetwork:
         return ~np.isnan(self.values)
 
 
+def _default_split(series: StationSeries) -> Any:
+    """The calendar-month split of :func:`gapcast.train.data.time_split` over a series' timestamps."""
+    return time_split(series.epoch_s)
+
+
 def align_network(series: Mapping[str, StationSeries], part: str, *,
-                  split: Callable[[np.ndarray], Any] = time_split) -> AlignedNetwork:
+                  split: Callable[[StationSeries], Any] = _default_split) -> AlignedNetwork:
     """Align the stations' ``part`` range (``train`` / ``val`` / ``test`` of ``split``) on the union of their steps.
 
     Args:
         series: station name -> series (same channels).
         part: the split attribute to take.
-        split: ``epoch_s [T] -> object with train/val/test slices`` (default :func:`data.time_split`).
+        split: ``series -> object with train/val/test slices`` (the dataset spec's split,
+            ``lambda s: loader.split_indices(spec, s)``; default :func:`data.time_split` of its timestamps).
 
     Returns:
         :class:`AlignedNetwork`.
@@ -127,7 +133,7 @@ def align_network(series: Mapping[str, StationSeries], part: str, *,
     if not names:
         msg = "no station to align"
         raise TrainError(msg)
-    parts = {n: getattr(split(series[n].epoch_s), part) for n in names}
+    parts = {n: getattr(split(series[n]), part) for n in names}
     epochs = [series[n].epoch_s[parts[n]] for n in names]
     steps = np.unique(np.concatenate([np.diff(e) for e in epochs if len(e) > 1]))
     if len(steps) == 0:
@@ -435,7 +441,7 @@ def evaluate_network(
     coordinates: Mapping[str, Sequence[float]] | None = None,
     models: Mapping[str, Callable] | None = None,
     calendar: Callable[[np.ndarray], np.ndarray] | None = None,
-    split: Callable[[np.ndarray], Any] = time_split,
+    split: Callable[[StationSeries], Any] = _default_split,
 ) -> dict[str, Any]:
     """The network section of ``gapcast evaluate`` and ``gapcast bench accuracy``.
 

@@ -1,4 +1,4 @@
-"""ConFill training on the Beijing Multi-Site training months, validated on the validation months.
+"""ConFill training on a dataset spec's training range, validated on its validation range.
 
 One step: draw a batch of training windows, hide artificial outages in their past part, run the model once on the
 batch together with the contrastive views of a share of it (anchors, positives, negatives in one pass), and add the
@@ -28,23 +28,19 @@ import tomllib
 import torch
 import torch.nn as nn
 
+from gapcast.duration import DurationError, steps_of
 from gapcast.train import TrainError
 from gapcast.train.checkpoint import build_meta, read_checkpoint, save_checkpoint
 from gapcast.train.data import (
-    BEIJING_CHANNELS,
-    BEIJING_POLLUTANTS,
-    BEIJING_UTC_OFFSET_S,
     Normalizer,
     StationSeries,
     WindowSet,
-    fit_beijing_normalizer,
-    load_beijing,
     make_windows,
-    time_split,
 )
 from gapcast.train.losses import LossWeights, ProjectionHead, info_nce, masked_mae
 from gapcast.train.masking import ContrastConfig, ContrastiveSampler, MaskConfig, outage_mask
 from gapcast.train.model import ConFill, ConFillConfig
+from gapcast.train.spec import DatasetSpec, load_spec
 
 __all__ = [
     "DataConfig",
@@ -60,7 +56,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CADENCE_S = 3600
+#: Lookback and horizon when the training config does not set them (durations, converted with the cadence).
+DEFAULT_LOOKBACK = "4d"
+DEFAULT_HORIZON = "1d"
+#: Keys written as durations in a training config, converted to steps of the dataset's cadence.
+DURATION_KEYS = {
+    "model": ("lookback", "horizon"),
+    "masking": ("min_block", "max_block", "long_from"),
+    "contrast": ("adjacent_min", "adjacent_max", "distant_min"),
+}
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], spec: DatasetSpec | None = None) -> TrainConfig:
         """Build from nested dicts (a parsed TOML file).
 
+        With a dataset spec, durations (``lookback = "4d"``, ``max_block = "72h"``, ``distant_min = "30d"``) are
+        converted to steps of its cadence, lookback / horizon default to 4 days / 1 day, and ``model.n_channels``
+        comes from the spec's channels (a config that states another number is refused). Plain integers are
+        steps, as before.
+
         Raises:
-            TrainError: unknown table or key, or a value the section rejects.
+            TrainError: unknown table or key, a duration that is not a multiple of the cadence (naming the key),
+                or a value the section rejects.
         """
+        d = _with_steps(d, spec if spec is not None else load_spec("beijing"))
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         types = {"model": ConFillConfig, "data": DataConfig, "masking": MaskConfig, "contrast": ContrastConfig,
                  "loss": LossWeights, "optim": OptimConfig}
@@ -162,13 +173,47 @@ class TrainConfig:
         return out
 
 
+def _with_steps(d: dict[str, Any], spec: DatasetSpec | None) -> dict[str, Any]:
+    """Convert the duration keys of a raw config to steps of the spec's cadence (a copy; ints pass through)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    model = d.setdefault("model", {}) if spec is not None else d.get("model", {})
+    if spec is not None:
+        model.setdefault("lookback", DEFAULT_LOOKBACK)
+        model.setdefault("horizon", DEFAULT_HORIZON)
+        n = len(spec.model_channels)
+        if "n_channels" in model and int(model["n_channels"]) != n:
+            msg = (f"[model] n_channels = {model['n_channels']}, but the dataset {spec.name} has {n} channels "
+                   f"({', '.join(spec.channel_names)}): leave n_channels out, the spec sets it")
+            raise TrainError(msg)
+        model["n_channels"] = n
+    for table, keys in DURATION_KEYS.items():
+        tab = d.get(table)
+        if not isinstance(tab, dict):
+            continue
+        for key in keys:
+            v = tab.get(key)
+            if isinstance(v, str):
+                if spec is None:
+                    msg = f"[{table}] {key} = {v!r} is a duration: it needs the dataset's cadence (--dataset)"
+                    raise TrainError(msg)
+                try:
+                    tab[key] = steps_of(v, spec.cadence_s, key=f"[{table}] {key}")
+                except DurationError as exc:
+                    raise TrainError(str(exc)) from exc
+    return d
+
+
 def default_config_path() -> Path:
-    """The packaged default config (``gapcast/train/configs/beijing.toml``)."""
+    """The packaged default config (``gapcast/train/configs/beijing.toml``: model and optimisation; any network)."""
     return Path(str(resources.files("gapcast.train") / "configs" / "beijing.toml"))
 
 
-def load_config(path: str | os.PathLike | None = None) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, spec: DatasetSpec | None = None) -> TrainConfig:
     """Read a TOML training config (the packaged ``beijing.toml`` when ``path`` is None).
+
+    Args:
+        path: the config file.
+        spec: the dataset spec (cadence for durations, channel count); the ``beijing`` preset when None.
 
     Raises:
         TrainError: missing or malformed file, unknown keys, invalid values.
@@ -180,7 +225,7 @@ def load_config(path: str | os.PathLike | None = None) -> TrainConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         msg = f"cannot read config {path}: {exc}"
         raise TrainError(msg) from exc
-    return TrainConfig.from_dict(raw)
+    return TrainConfig.from_dict(raw, spec if spec is not None else load_spec("beijing"))
 
 
 def _toml_value(v: Any) -> str:
@@ -216,12 +261,13 @@ class PreparedData:
     stations: list[str]
 
 
-def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig) -> PreparedData:
-    """Normalise the stations and index training / validation windows (the split: 28 / 10 / 10 months).
+def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig, spec: DatasetSpec | None = None) -> PreparedData:
+    """Normalise the stations and index training / validation windows (the spec's split).
 
     Args:
-        series: station name -> series (``load_beijing``).
+        series: station name -> series (``load_dataset``).
         cfg: the training config (lookback, horizon, window filters).
+        spec: the dataset spec (split, time zone); the ``beijing`` preset when None.
 
     Returns:
         :class:`PreparedData`.
@@ -229,18 +275,23 @@ def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig) -> Prepared
     Raises:
         TrainError: if no training or validation window survives the filters.
     """
-    normalizer = fit_beijing_normalizer(series)
+    from gapcast.train.loader import split_indices
+
+    spec = spec if spec is not None else load_spec("beijing")
     names = sorted(series)
+    splits = {name: split_indices(spec, series[name]) for name in names}
+    normalizer = Normalizer.fit([series[n].values[splits[n].train] for n in names])
     tr_v, tr_t, va_v, va_t = [], [], [], []
     for name in names:
         s = series[name]
-        sp = time_split(s.epoch_s)
+        sp = splits[name]
         tr_v.append(normalizer.transform(s.values[sp.train]))
         tr_t.append(s.epoch_s[sp.train])
         va_v.append(normalizer.transform(s.values[sp.val]))
         va_t.append(s.epoch_s[sp.val])
     L, H = cfg.model.lookback, cfg.model.horizon
-    common = {"lookback": L, "horizon": H, "utc_offset_s": BEIJING_UTC_OFFSET_S, "station_names": names}
+    common = {"lookback": L, "horizon": H, "utc_offset_s": spec.utc_offset_s, "timezone": spec.timezone,
+              "station_names": names}
     train_ws = make_windows(tr_v, tr_t, stride=1, min_observed=cfg.data.min_observed, **common)
     val_ws = make_windows(va_v, va_t, stride=cfg.data.val_stride, min_observed=cfg.data.min_observed, **common)
     if len(train_ws) == 0 or len(val_ws) == 0:
@@ -313,14 +364,14 @@ class _ValSet:
     future_obs: torch.Tensor  # [N, H, C]
 
 
-def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int) -> _ValSet:
+def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int, groups: list[tuple[int, ...]]) -> _ValSet:
     """A fixed validation set: evenly spaced windows with outages drawn once from a fixed seed."""
     n = min(len(ws), cfg.data.val_windows)
     idx = np.linspace(0, len(ws) - 1, n).round().astype(np.int64)
     v, m, c = ws.batch(idx)
     L = cfg.model.lookback
     rng = np.random.default_rng(seed + 7919)
-    hide = outage_mask(m[:, :L], rng, cfg.masking, BEIJING_POLLUTANTS).astype(np.float32)
+    hide = outage_mask(m[:, :L], rng, cfg.masking, groups).astype(np.float32)
     m_in = m[:, :L] * (1.0 - hide)
     return _ValSet(*_to_t(v[:, :L] * m_in, m_in, c, v, hide, m[:, L:]))
 
@@ -350,7 +401,7 @@ def _dist_info() -> tuple[int, int]:
 
 def _model_config(state: dict[str, Any]) -> dict[str, Any]:
     """The model config saved in a checkpoint, with the defaults of keys added since (``interp_source``)."""
-    return {"interp_source": False, **dict(state.get("config") or {})}
+    return {"interp_source": False, "level_norm": False, **dict(state.get("config") or {})}
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -363,6 +414,7 @@ def train(
     out_dir: str | os.PathLike,
     data: str | os.PathLike | None = None,
     series: dict[str, StationSeries] | None = None,
+    dataset: DatasetSpec | str | os.PathLike | None = None,
     max_steps: int | None = None,
     time_budget_min: float | None = None,
     resume: bool = False,
@@ -374,8 +426,10 @@ def train(
     Args:
         cfg: the training config (``optim.seed`` is the run's seed).
         out_dir: the run folder: best.pt, last.pt, config.toml, normalization.json, history.jsonl.
-        data: data root for ``load_beijing`` (ignored when ``series`` is given).
+        data: data root for ``{data}`` in the spec's file patterns (ignored when ``series`` is given).
         series: already loaded stations (tests pass a subset).
+        dataset: the dataset spec (or a preset name / spec path); the ``beijing`` preset when None. Channels,
+            groups, cadence, time zone and split come from it; the checkpoint carries it whole.
         max_steps: overrides ``optim.max_steps``.
         time_budget_min: stop (validate, write checkpoints) once this many minutes of this invocation have
             passed; the learning-rate cosine then ends with the budget (whichever of steps and time runs out first).
@@ -412,21 +466,30 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
+    from gapcast.train.loader import load_dataset
+
+    spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
     if series is None:
-        series = load_beijing(data, cfg.data.stations or None)
+        series = load_dataset(spec, data, cfg.data.stations or None)
     elif cfg.data.stations:
         series = {k: v for k, v in series.items() if k in cfg.data.stations}
-    prepared = prepare_data(series, cfg)
-    if cfg.model.n_channels != len(BEIJING_CHANNELS):
-        msg = f"model.n_channels is {cfg.model.n_channels}, the Beijing data has {len(BEIJING_CHANNELS)}"
+    prepared = prepare_data(series, cfg, spec)
+    n_ch = len(spec.model_channels)
+    if cfg.model.n_channels != n_ch:
+        msg = f"model.n_channels is {cfg.model.n_channels}, the dataset {spec.name} has {n_ch} channels"
         raise TrainError(msg)
+    groups = list(spec.groups.values())
     meta = build_meta(
         cfg.model,
         normalizer=prepared.normalizer.to_dict(),
-        channels=[dataclasses.asdict(c) for c in BEIJING_CHANNELS],
-        cadence_s=CADENCE_S,
-        utc_offset_s=BEIJING_UTC_OFFSET_S,
+        channels=[{**dataclasses.asdict(c), "group": mc.group}
+                  for c, mc in zip(series[prepared.stations[0]].channels, spec.model_channels, strict=True)],
+        cadence_s=spec.cadence_s,
+        utc_offset_s=spec.utc_offset_s,
     )
+    meta["timezone"] = spec.timezone
+    meta["groups"] = {k: list(v) for k, v in spec.groups.items()}
+    meta["dataset"] = spec.to_dict()
     meta["train_config"] = cfg.to_dict()
     meta["stations"] = prepared.stations
 
@@ -436,7 +499,7 @@ def train(
     net = _TrainNet(model, view_grad=cfg.contrast.view_grad)
     opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
     sampler = ContrastiveSampler(prepared.train, cfg.contrast)
-    valset = _make_valset(prepared.val, cfg, oc.seed)
+    valset = _make_valset(prepared.val, cfg, oc.seed, groups)
 
     step, epoch, best, bad_epochs, history = 0, 0, math.inf, 0, []
     elapsed_before = 0.0
@@ -475,7 +538,7 @@ def train(
     if rank == 0:
         (out / "config.toml").write_text(dump_toml(cfg.to_dict()))
         (out / "normalization.json").write_text(
-            json.dumps({**prepared.normalizer.to_dict(), "channels": [c.name for c in BEIJING_CHANNELS]}, indent=2)
+            json.dumps({**prepared.normalizer.to_dict(), "channels": list(spec.channel_names)}, indent=2)
         )
 
     runner: nn.Module = net
@@ -502,7 +565,7 @@ def train(
             g["lr"] = _lr_at(step, elapsed, oc, schedule_s)
         idx = rng.integers(0, len(prepared.train), size=oc.batch_size)
         v, m, c = prepared.train.batch(idx)
-        hide = outage_mask(m[:, :L], rng, cfg.masking, BEIJING_POLLUTANTS).astype(np.float32)
+        hide = outage_mask(m[:, :L], rng, cfg.masking, groups).astype(np.float32)
         m_in = m[:, :L] * (1.0 - hide)
         extra = None
         if n_anchor:

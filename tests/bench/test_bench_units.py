@@ -184,5 +184,5 @@ def test_bench_runtime_smoke_writes_positive_figures(tmp_path, data_root):
         assert engine["per_batch"][b]["calls"] >= 5
     assert engine["file_bytes"] == (bundle / "model.onnx").stat().st_size > 0
     assert engine["peak_rss_mb"] >= engine["rss_before_mb"] > 0
-    assert "real Beijing test-month windows" in res["inputs"]
+    assert "real beijing-multisite test-range windows" in res["inputs"]
     assert (out / "runtime.md").read_text().count("onnxruntime fp32") >= 1

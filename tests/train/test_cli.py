@@ -82,7 +82,7 @@ def test_evaluate_help_shows_single_percent(capsys):
         main(["evaluate", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "(point-10%, block 6/24/72 h" in " ".join(out.split()) and "%%" not in out
+    assert "(point-10%, blocks of 6 h / 24 h / 72 h" in " ".join(out.split()) and "%%" not in out
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "x"])

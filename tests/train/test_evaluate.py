@@ -38,7 +38,7 @@ def _constructed() -> ScenarioSet:
                      lookback=L, horizon=H)
     norm = Normalizer(mean=np.array([10.0, 10.0], np.float32), std=np.array([2.0, 2.0], np.float32))
     return ScenarioSet(windows=tw, scenarios=[Scenario("block", hidden, "hand-made")], normalizer=norm,
-                       channels=("ramp", "flat"), pollutants=(0,))
+                       channels=("ramp", "flat"), group=(0,))
 
 
 def test_baselines_score_hand_checked_values():
@@ -59,7 +59,7 @@ def test_baselines_score_hand_checked_values():
     # MRE on normalised truth: sum |err| / sum |truth| = 11 / (3 + 4 + 5 + 6 + 5 + 1).
     assert r["all_norm"]["mre"] == pytest.approx(11 / 24)
     # Pollutants = channel 0 only.
-    assert r["pollutants_norm"]["mae"] == pytest.approx(11 / 5)
+    assert r["group_norm"]["mae"] == pytest.approx(11 / 5)
     # Original units: errors x std 2; MRE against truth 2 t + 10: (2 * 11) / sum(2 * [3, 4, 5, 6, 5] + 10).
     ramp = r["per_channel"]["ramp"]
     assert ramp["mae"] == pytest.approx(2 * 11 / 5) and ramp["mae_norm"] == pytest.approx(11 / 5)
@@ -67,10 +67,10 @@ def test_baselines_score_hand_checked_values():
     assert r["per_channel"]["flat"]["mae"] == 0.0
     # Forecasts: persistence repeats the last value 11; seasonal naive (season 4) repeats t = 8..11.
     # Truth is 12..15: persistence errors 1..4 (ramp), 0 (flat); seasonal errors 4 everywhere on the ramp.
-    f_lo = lo["forecast"]["pollutants_norm"]
+    f_lo = lo["forecast"]["group_norm"]
     assert f_lo["n"] == 8 and f_lo["mae"] == pytest.approx(2.5)
     sn = score_imputer(base["seasonal_naive"], ss)
-    assert sn["forecast"]["pollutants_norm"]["mae"] == pytest.approx(4.0)
+    assert sn["forecast"]["group_norm"]["mae"] == pytest.approx(4.0)
     assert sn["forecast"]["all_norm"]["mae"] == pytest.approx(2.0)
     assert "block" not in sn
 
@@ -107,7 +107,11 @@ def test_real_scenarios_follow_the_protocol(one_station):
     # Test months only: Dingling's test part starts 2016-05-01 local time.
     assert tw.start_epoch_s.min() >= np.datetime64("2016-04-30T16:00", "s").astype(np.int64)
     names = [s.name for s in ss.scenarios]
-    assert names == ["point-10%", "block-6h", "block-24h", "block-72h", "real-pattern"]
+    # The first group's blocks and the real pattern first (the masks of before dataset specs), then the other group
+    # of the preset and the whole station.
+    assert names == ["point-10%", "block-6h", "block-24h", "block-72h", "real-pattern",
+                     "block-6h:weather", "block-24h:weather", "block-72h:weather",
+                     "block-6h:station", "block-24h:station", "block-72h:station"]
     obs = tw.observed[:, :96].astype(bool)
     for sc, sc2 in zip(ss.scenarios, again.scenarios, strict=True):
         assert np.array_equal(sc.hidden, sc2.hidden)  # same seed, same masks
@@ -122,6 +126,11 @@ def test_real_scenarios_follow_the_protocol(one_station):
             assert len(idx) <= hours and idx.min() >= 1 and idx.max() <= 94
         assert steps.sum(axis=1).max() == hours
     assert ss.scenarios[4].hidden.sum() > 0
+    for sc in ss.scenarios[5:8]:
+        assert not sc.hidden[:, :, :6].any() and sc.hidden[:, :, 6:].any()  # the weather group only
+    for sc, hours in zip(ss.scenarios[8:], (6, 24, 72), strict=True):
+        steps = sc.hidden.any(axis=2)
+        assert steps.sum(axis=1).max() == hours and sc.hidden[:, :, :6].any() and sc.hidden[:, :, 6:].any()
 
 
 @pytest.fixture(scope="module")
@@ -159,4 +168,5 @@ def test_evaluate_run_writes_metrics_and_plots(tiny_run, one_station):
     assert len(m["targets"]) == 4
     for p in rep.plots:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
-    assert len(rep.plots) == 2
+    assert sorted(p.name for p in rep.plots) == ["plot_block72h_PM2.5.png", "plot_block72h_TEMP.png",
+                                                 "plot_forecast1d_PM2.5.png", "plot_forecast1d_TEMP.png"]

@@ -3,6 +3,8 @@ fully missing windows and checkpoint round trips."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -245,3 +247,65 @@ def test_interp_source_warm_start_keeps_the_forecast_and_isolated_gaps():
         base.load_without_interp(base.state_dict())
     with pytest.raises(ValueError):
         ConFillConfig(smoother_widths=(), interp_source=True)
+
+
+def _quadratic_interpolator(masked_values, observed):
+    """The [B, C, L, L] selection-matrix form of GapInterpolator of before issue 13, as the reference."""
+    L = observed.shape[1]
+    t = torch.arange(L, dtype=torch.float32)
+    upto = (t[:, None] <= t[None, :]).float()
+    before, after, steps = upto.t(), (t[None, :] >= t[:, None]).float(), t
+    x = masked_values.transpose(1, 2).unsqueeze(-2)
+    m = observed.transpose(1, 2)
+    left_count, right_count, m_j = m @ upto, m @ before, m.unsqueeze(-2)
+
+    def nearest(count, side):
+        pick = torch.relu(1.0 - torch.abs(count.unsqueeze(-1) - count.unsqueeze(-2))) * side * m_j
+        return (pick * x).sum(-1), pick @ steps, pick.sum(-1)
+
+    lv, lp, has_l = nearest(left_count, before)
+    rv, rp, has_r = nearest(right_count, after)
+    frac = (steps - lp) / torch.clamp(rp - lp, min=1.0)
+    est = has_l * has_r * (lv + (rv - lv) * frac) + has_l * (1 - has_r) * lv + has_r * (1 - has_l) * rv
+    return est.transpose(1, 2), torch.clamp(has_l + has_r, max=1.0).transpose(1, 2)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 96])
+def test_gap_interpolator_linear_memory_form_equals_the_quadratic_one(length):
+    from gapcast.train.model import GapInterpolator
+
+    g = torch.Generator().manual_seed(length)
+    interp = GapInterpolator(length)
+    for p_missing in (0.0, 0.3, 0.8, 1.0):
+        v = torch.randn(5, length, 3, generator=g)
+        m = (torch.rand(5, length, 3, generator=g) >= p_missing).float()
+        m[0, :, 0] = 0.0  # a channel without any observation
+        est, avail = interp(v * m, m)
+        ref_est, ref_avail = _quadratic_interpolator(v * m, m)
+        torch.testing.assert_close(est, ref_est, atol=1e-5, rtol=1e-5)
+        assert torch.equal(avail, ref_avail)
+    # Hand-checked: observed 0 at t=0 and 3 at t=3 -> 1, 2 in between; LOCF after the last observation.
+    m = torch.tensor([[[1.0], [0.0], [0.0], [1.0], [0.0]]])
+    v = torch.tensor([[[0.0], [0.0], [0.0], [3.0], [0.0]]])
+    est, _ = GapInterpolator(5)(v, m)
+    torch.testing.assert_close(est[0, :, 0], torch.tensor([0.0, 1.0, 2.0, 3.0, 3.0]))
+
+
+def test_level_norm_follows_a_shift_of_the_station_level():
+    """With per-window level normalisation a station whose level is k higher gets imputations and forecasts
+    exactly k higher (the encoder sees the same centred window); without it, it does not."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, CFG.lookback, CFG.n_channels, generator=g)
+    m = (torch.rand(2, CFG.lookback, CFG.n_channels, generator=g) > 0.2).float()
+    m[:, 0] = 1.0  # every channel observed at least once
+    c = torch.randn(2, CFG.lookback + CFG.horizon, CFG.n_calendar, generator=g)
+    shift = torch.zeros(1, 1, CFG.n_channels)
+    shift[..., 0] = 2.5
+    for level_norm in (True, False):
+        torch.manual_seed(0)
+        net = ConFill(dataclasses.replace(CFG, level_norm=level_norm, dropout=0.0)).eval()
+        with torch.no_grad():
+            imp, fc = net(v * m, m, c)
+            imp2, fc2 = net((v + shift) * m, m, c)
+        same = torch.allclose(fc2, fc + shift, atol=1e-4) and torch.allclose(imp2, imp + shift, atol=1e-4)
+        assert same == level_norm

@@ -127,8 +127,8 @@ def test_align_network_on_a_union_grid():
         return StationSeries(station=name, epoch_s=e, values=v, observed=~np.isnan(v), channels=BEIJING_CHANNELS[:1])
 
     class Whole:
-        def __init__(self, e):
-            self.test = slice(0, len(e))
+        def __init__(self, series):
+            self.test = slice(0, len(series.epoch_s))
 
     net = align_network({"b": st("b", 2 * HOUR, 3, 2.0), "a": st("a", 0, 3, 1.0)}, "test", split=Whole)
     assert net.stations == ["a", "b"] and net.cadence_s == HOUR
