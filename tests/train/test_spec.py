@@ -202,3 +202,12 @@ def test_beijing_preset_matches_an_independent_reading(beijing):
         ref[(ref < lo) | (ref > hi)] = np.nan
     np.testing.assert_array_equal(s.values, ref)
     np.testing.assert_array_equal(s.observed, ~np.isnan(ref))
+
+
+@pytest.mark.parametrize("name", ["etth1", "etth2"])
+def test_ett_presets_give_the_standard_split(name, data_root):
+    spec = load_spec(name)
+    s = load_dataset(spec, data_root)[spec.source.station_name]
+    sp = split_indices(spec, s)
+    assert len(s.epoch_s) == 17_420 and s.duplicates == 0 and s.filled_rows == 0
+    assert (sp.train.stop, sp.val.stop - sp.val.start, sp.test.stop - sp.test.start) == (8_640, 2_880, 2_880)
