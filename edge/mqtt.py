@@ -411,8 +411,9 @@ class MqttAgent:
         m1 = self.mono()
         if m1 - m0 > self.clock_watch.step_s / 4:  # the reading pair was interrupted: not comparable
             return
-        if m1 - self._probe_cache[0] >= 1.0:
-            self._probe_cache = (m1, self._clock_probe() if self._clock_probe is not None else None)
+        real = time.monotonic()  # the probe reads a file: at most once a second of real time
+        if real - self._probe_cache[0] >= 1.0 or real < self._probe_cache[0]:
+            self._probe_cache = (real, self._clock_probe() if self._clock_probe is not None else None)
         wm = self.core.watermark_s
         floor = wm - self.cfg.input.max_future_s if wm is not None else None
         verdict = self.clock_watch.observe(wall, (m0 + m1) / 2, probe=self._probe_cache[1], floor_s=floor)
