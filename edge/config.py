@@ -224,6 +224,7 @@ class OutboxSettings:
         drop_order: kinds dropped first when full, oldest first.
         synchronous: SQLite ``PRAGMA synchronous`` (``FULL`` survives power loss).
         rate_per_s, burst: the token bucket that paces a backlog flush, messages/s and messages.
+        min_free_bytes: free-space reserve of the state file system, bytes (``gapcast.edge.outbox.OutboxConfig``).
     """
 
     kind: str = "sqlite"
@@ -233,6 +234,7 @@ class OutboxSettings:
     synchronous: str = "FULL"
     rate_per_s: float = 200.0
     burst: int = 500
+    min_free_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -633,6 +635,7 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         synchronous=(o.str_("synchronous", "FULL", choices=("FULL", "NORMAL", "EXTRA")) or "FULL"),
         rate_per_s=o.float_("rate_per_s", 200.0, 0.001),
         burst=o.int_("burst", 500, 1),
+        min_free_bytes=o.int_("min_free_bytes", 64 * 1024 * 1024, 0),
     )
     o.done()
 

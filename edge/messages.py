@@ -97,7 +97,7 @@ DEFAULT_READINGS_TOPIC = "{prefix}/stations/{station}/readings"
 #: The contract id each payload kind carries in its ``schema`` field (the JSON Schema's ``$id`` ends with it).
 SCHEMA_IDS = {
     kind: f"gapcast/{kind}/1"
-    for kind in ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest")
+    for kind in ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "notice")
 }
 
 # fullmatch, ASCII digits only: "$" would let a trailing newline through, "\d" every Unicode digit.

@@ -20,8 +20,16 @@ What it does (issue 5, docs/ARCHITECTURE.md "Contracts"):
   CONNACK, a half-open link, counts as a failed attempt too), and paho's own per-loop "Client is not connected"
   error line is filtered out of the ``gapcast.edge.paho`` logger;
 - every outgoing message goes through an outbox and leaves it only on the broker's PUBACK (``on_publish``);
-- ticks run on ``time.monotonic()``, mapped once to event time (:class:`EventClock`), so a wall-clock jump neither
-  skips nor repeats steps.
+- ticks run on ``time.monotonic()``, mapped to event time (:class:`EventClock`); a wall-clock correction beyond
+  ``clock_step_s`` re-anchors it once, and a wall clock that is not believable (a sync probe says "not yet", or it
+  reads earlier than the newest reading held) puts the agent in ``clock: unsynced``: readings are held, not rejected
+  (``gapcast.edge.clock``, issue 18);
+- a full disk (``gapcast.edge.outbox.OutboxFull``) never stops the agent: the outputs wait in memory, readings stay
+  unacknowledged (the broker keeps them: QoS 1 back-pressure), no snapshot is taken, and everything is stored and
+  acknowledged when space returns; a full disk at start-up starts the same way (status ``disk_full``);
+- a broker that reports no session although this agent had one (a broker restarted with lost persistence) is a
+  WARNING, a counter, a status field and a notice on ``{prefix}/gateways/{gateway}/notice``
+  (``"schema": "gapcast/notice/1"``) with the time span whose readings are at risk.
 
 Threads: paho's network thread (``loop_start``) runs every ``_on_*`` callback; they only put items on queues. The
 main thread (:meth:`MqttAgent.run`) owns the core, the outbox writes and the publishing: the core is never touched
@@ -31,6 +39,7 @@ from two threads.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import ssl
@@ -42,10 +51,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gapcast.edge.agent import AgentCore
+from gapcast.edge.clock import DEFAULT_STEP_S, ClockWatch, EventClock, timesyncd_synced
 from gapcast.edge.config import EdgeConfig
 from gapcast.edge.messages import RetainedFilter, mark_replayed, offline_payload
+from gapcast.edge.outbox import Outbox, OutboxFull
+from gapcast.timefmt import format_rfc3339
 
-__all__ = ["ConnectFailureLog", "EventClock", "MqttAgent", "make_outbox"]
+__all__ = ["NOTICE_SCHEMA", "ConnectFailureLog", "EventClock", "MqttAgent", "make_outbox", "notice_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +110,6 @@ class ConnectFailureLog:
         self._last_error = ""
 
 
-class EventClock:
-    """Event time from monotonic time: ``now(mono) = wall_at_start + (mono - mono_at_start)``.
-
-    Anchored once, at start-up, so later steps or slews of the wall clock (NTP, a manual change) neither skip nor
-    repeat steps. Pure: the caller passes the clock readings.
-
-    Args:
-        wall_s: wall-clock time at the anchor, seconds since the epoch.
-        mono_s: monotonic time at the anchor, seconds.
-    """
-
-    def __init__(self, wall_s: float, mono_s: float) -> None:
-        self.offset_s = float(wall_s) - float(mono_s)
-
-    def now(self, mono_s: float) -> float:
-        """Event time, seconds since the epoch, for monotonic time ``mono_s``."""
-        return float(mono_s) + self.offset_s
-
-
 @dataclass
 class _Inbound:
     topic: str
@@ -127,11 +120,36 @@ class _Inbound:
     epoch: int
 
 
-def make_outbox(cfg: EdgeConfig):
+#: The schema of gateway notices (``{prefix}/gateways/{gateway}/notice``).
+NOTICE_SCHEMA = "gapcast/notice/1"
+
+#: While the outbox cannot store (full disk), a retry at most this often, seconds (monotonic).
+_STORE_RETRY_S = 1.0
+
+
+def notice_topic(status_topic: str) -> str:
+    """The gateway's notice topic, beside its status topic: ``{prefix}/gateways/{gateway}/notice``."""
+    return status_topic.rsplit("/", 1)[0] + "/notice"
+
+
+@dataclass(frozen=True)
+class _Notice:
+    """A notice for the operator, stored in the outbox like any output (kind ``notice``: never dropped first)."""
+
+    topic: str
+    payload: bytes
+    kind: str = "notice"
+    qos: int = 1
+    retain: bool = False
+    msg_id: str = ""
+    created_s: float = 0.0
+
+
+def make_outbox(cfg: EdgeConfig) -> Outbox:
     """The outbox the config asks for: the durable SQLite one (``gapcast.edge.outbox``) or :class:`MemoryOutbox`.
 
     Raises:
-        gapcast.edge.EdgeError: the SQLite outbox cannot be opened.
+        gapcast.edge.EdgeError: the SQLite outbox cannot be opened (a full disk does not raise: it starts degraded).
     """
     o = cfg.outbox
     if o.kind == "sqlite":
@@ -147,6 +165,7 @@ def make_outbox(cfg: EdgeConfig):
                 synchronous=o.synchronous,
                 rate_per_s=o.rate_per_s,
                 burst=o.burst,
+                min_free_bytes=o.min_free_bytes,
             )
         )
     from gapcast.edge.outbox_memory import MemoryOutbox
@@ -160,8 +179,9 @@ class MqttAgent:
     Args:
         cfg: the gateway configuration.
         core: the pure agent core (built from the verified bundle's card).
-        outbox: where outgoing messages wait for their PUBACK (see ``gapcast.edge.outbox_memory.Outbox``).
-        wall: wall clock (seconds since the epoch), read once to anchor :class:`EventClock`; injectable in tests.
+        outbox: where outgoing messages wait for their PUBACK (:class:`gapcast.edge.outbox.Outbox`).
+        wall: wall clock (seconds since the epoch): anchors :class:`EventClock` and is watched for corrections
+            (:class:`gapcast.edge.clock.ClockWatch`); injectable in tests.
         mono: monotonic clock, seconds; injectable in tests.
         snapshot_path: where window snapshots go (None: ``state_dir/windows.npz``; "" disables them).
         update_link: fleet model updates (``gapcast.edge.guard.UpdateLink``), or None.
@@ -169,13 +189,15 @@ class MqttAgent:
             ``metrics.listen`` is set.
         notifier: systemd notification (``gapcast.edge.sdnotify.Notifier``); None: from ``NOTIFY_SOCKET``, a no-op
             without it. READY once the step loop runs, WATCHDOG from the step loop, STATUS on (dis)connects.
+        clock_probe: a sync probe, True/False/None (unknown); default: systemd-timesyncd's flag file.
+        clock_step_s: a wall/event difference beyond this is a wall-clock correction, seconds.
     """
 
     def __init__(
         self,
         cfg: EdgeConfig,
         core: AgentCore,
-        outbox: Any,
+        outbox: Outbox,
         *,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
@@ -183,6 +205,8 @@ class MqttAgent:
         update_link: Any = None,
         metrics: Any = None,
         notifier: Any = None,
+        clock_probe: Callable[[], bool | None] = timesyncd_synced,
+        clock_step_s: float = DEFAULT_STEP_S,
     ) -> None:
         self.cfg = cfg
         if metrics is None and cfg.metrics.listen:
@@ -202,11 +226,15 @@ class MqttAgent:
         self.core = core
         self.outbox = outbox
         self.mono = mono
+        self.wall = wall
         self.clock = EventClock(wall(), mono())
+        self.clock_watch = ClockWatch(self.clock, clock_step_s)
+        self._clock_probe = clock_probe
+        self._probe_cache: tuple[float, bool | None] = (-float("inf"), None)
         self.started_mono = mono()
         self._inbound: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
-        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[str | tuple[str, dict]] = queue.SimpleQueue()
         self._pending: dict[int, int] = {}  # paho mid -> outbox id, owned by the main thread
         self._pending_lock = threading.Lock()
         self.connected = threading.Event()
@@ -217,13 +245,29 @@ class MqttAgent:
         self._retained = RetainedFilter()  # 3.1.1 re-sends retained readings on every reconnect: dead-letter once
         self._retained_logged_epoch = -1
         self._connack = False  # the current connection got a CONNACK (network thread)
+        # Outputs (and journal entries) the outbox could not store (full disk) and the readings behind them, which
+        # are acknowledged only once those are stored. Main thread only.
+        self._unstored: list = []
+        self._unjournaled: list[tuple] = []
+        self._unacked: list[_Inbound] = []
+        self._store_retry_mono = -float("inf")
+        # Broker sessions (network thread writes, main thread reads): lost ones are told (issue 18).
+        self._had_session = False
+        self._last_up_wall: float | None = None  # wall clock when the connection was last known good
+        self._session: dict[str, Any] = {"lost": 0, "last_lost": None}
         self.client = self._build_client()
         self.snapshots = None
+        self.snapshots_state = "off"  # "on", "off" (disabled), or "off: <why>" (shown in the status)
         # A durable outbox also journals the core's inputs (issue 6): replayed after a crash on top of the snapshot.
-        self._journal = callable(getattr(outbox, "journal_entries", None))
+        self._journal = bool(outbox.durable)
         path = snapshot_path if snapshot_path is not None else str(cfg.agent.state_dir / "windows.npz")
+        self._deferred_snapshot_path: str | None = None
         if path:
-            self._setup_snapshots(path)
+            if outbox.ready:
+                self._setup_snapshots(path)
+            else:  # a full disk at start-up: restore the windows and replay the journal once the outbox opens
+                self._deferred_snapshot_path = path
+                self.snapshots_state = "off: waiting for the outbox (disk full)"
 
     # -- set-up ----------------------------------------------------------------------------------------------
 
@@ -278,17 +322,17 @@ class MqttAgent:
 
     def _setup_snapshots(self, path: str) -> None:
         try:
-            from gapcast.edge.state import SnapshotScheduler, StationState, load_snapshot
-        except ImportError:  # the reliability part is optional for the shell
-            log.warning("gapcast.edge.state is not available: window snapshots are off")
+            from gapcast.edge.state import SnapshotScheduler, StationState, load_snapshot, replay_journal
+        except ImportError as exc:  # numpy-only module: missing only in a broken install; said, never silent
+            self.snapshots_state = f"off: gapcast.edge.state cannot be imported ({exc})"
+            self.counters["snapshot_import_errors"] += 1
+            log.error("window snapshots are OFF: gapcast.edge.state cannot be imported: %s", exc)
             return
         snap = load_snapshot(path, expect_meta=self.core.state_meta())
         if snap is not None:
             n = self.core.restore_state({k: (s.arrays, s.meta) for k, s in snap.stations.items()})
             log.info("restored %d station window(s) from %s", n, path)
         if self._journal:
-            from gapcast.edge.state import replay_journal
-
             since = int(snap.meta.get("journal_seq", 0)) if snap is not None else 0
             replay_journal(self.core, self.outbox.journal_entries(since))
 
@@ -306,16 +350,118 @@ class MqttAgent:
         self.snapshots = SnapshotScheduler(
             path, collect, interval_s=self.cfg.agent.snapshot_interval_s, on_saved=saved
         )
+        self.snapshots_state = "on"
 
     def _store(self, out: list, journal: list[tuple]) -> None:
         """Put outputs in the outbox; a journaling outbox also records, in the same transaction, the core inputs
-        ``(op, now_s, topic, payload, retained)`` that produced them (main thread)."""
+        ``(op, now_s, topic, payload, retained)`` that produced them (main thread).
+
+        Raises:
+            OutboxFull: nothing was stored (the caller keeps them: :meth:`_store_or_hold`).
+        """
         if self._journal and self.snapshots is not None:
             self.outbox.put_many(out, journal=journal)
         elif out:
             self.outbox.put_many(out)
         if self.metrics is not None and out:
             self.metrics.count_outputs(out)
+
+    def _store_or_hold(self, out: list, journal: list[tuple], items: list[_Inbound]) -> bool:
+        """Store outputs and acknowledge the readings behind them; on a full disk keep all three in memory (the
+        readings unacknowledged, so the broker keeps them) and retry with :meth:`_retry_unstored`. Main thread.
+
+        Returns:
+            Whether everything (held ones included) is stored now.
+        """
+        if self._unstored or self._unjournaled or self._unacked:
+            self._unstored += out
+            self._unjournaled += journal
+            self._unacked += items
+            return self._retry_unstored(force=True)
+        try:
+            self._store(out, journal)
+        except OutboxFull as exc:
+            self._unstored, self._unjournaled, self._unacked = list(out), list(journal), list(items)
+            self._store_retry_mono = self.mono()
+            self.counters["store_blocked"] += 1
+            log.error(
+                "outbox full (%s): holding %d output(s) in memory and NOT acknowledging %d reading(s) (the broker keeps "
+                "them); no step closes until space returns", exc, len(out), len(items),
+            )
+            return False
+        self._ack_inbound(items)
+        return True
+
+    def _retry_unstored(self, force: bool = False) -> bool:
+        """Try again to store what a full disk held back (at most every second unless ``force``)."""
+        if not (self._unstored or self._unjournaled or self._unacked):
+            return True
+        mono = self.mono()
+        if not force and mono - self._store_retry_mono < _STORE_RETRY_S:
+            return False
+        self._store_retry_mono = mono
+        try:
+            self._store(self._unstored, self._unjournaled)
+        except OutboxFull:
+            return False
+        n_out, items = len(self._unstored), self._unacked
+        self._unstored, self._unjournaled, self._unacked = [], [], []
+        self._ack_inbound(items)
+        log.warning("outbox writable again: stored %d held output(s), acknowledged %d reading(s)", n_out, len(items))
+        return True
+
+    def _ack_inbound(self, items: list[_Inbound]) -> None:
+        """PUBACK readings whose outputs are stored (those of an earlier connection are re-sent by the broker)."""
+        epoch = self.epoch
+        for it in items:
+            if it.qos > 0 and it.epoch == epoch:
+                self.client.ack(it.mid, it.qos)
+
+    def _blocked(self) -> str:
+        """Why the core must not take inputs now ("" when it may): the clock is not believable, or the outbox
+        cannot store (full disk). Readings then stay queued and unacknowledged. Main thread."""
+        if self._deferred_snapshot_path is not None:
+            if not self.outbox.ready:
+                return "disk_full"
+            path, self._deferred_snapshot_path = self._deferred_snapshot_path, None
+            log.warning("outbox opened: restoring the windows and replaying the journal now")
+            self._setup_snapshots(path)
+        if not self._retry_unstored():
+            return "disk_full"
+        if not self.clock_watch.synced:
+            return "clock_unsynced"
+        return ""
+
+    def _watch_clock(self) -> None:
+        """Compare the wall clock with the event clock (:class:`ClockWatch`): re-anchor on a correction, turn
+        ``unsynced`` when it is not believable. Main thread, every loop."""
+        m0 = self.mono()
+        wall = self.wall()
+        m1 = self.mono()
+        if m1 - m0 > self.clock_watch.step_s / 4:  # the reading pair was interrupted: not comparable
+            return
+        real = time.monotonic()  # the probe reads a file: at most once a second of real time
+        if real - self._probe_cache[0] >= 1.0 or real < self._probe_cache[0]:
+            self._probe_cache = (real, self._clock_probe() if self._clock_probe is not None else None)
+        wm = self.core.watermark_s
+        floor = wm - self.cfg.input.max_future_s if wm is not None else None
+        verdict = self.clock_watch.observe(wall, (m0 + m1) / 2, probe=self._probe_cache[1], floor_s=floor)
+        if verdict.shift_s:
+            self.counters["clock_corrections"] += 1
+
+    def _put_status(self) -> None:
+        """The status through the outbox; straight to paho when the outbox cannot store it (full disk)."""
+        msg = self._status()
+        try:
+            self.outbox.put(msg)
+        except OutboxFull:
+            self._publish_direct(msg)
+
+    def _publish_direct(self, msg: Any) -> None:
+        """Hand a message to paho without the outbox (QoS 1; lost if the process dies first). Main thread."""
+        if self.connected.is_set():
+            self.client.publish(msg.topic, msg.payload, qos=1, retain=bool(msg.retain))
+            self.counters["published_direct"] += 1
 
     # -- paho callbacks (network thread) ---------------------------------------------------------------------
 
@@ -329,8 +475,21 @@ class MqttAgent:
         self.replay_before_s = self.now()
         self._connect_failures.connected()
         self.connected.set()
-        present = bool(getattr(flags, "session_present", False))
+        present = bool(flags.session_present)
         log.info("connected to %s:%d (session present: %s)", self.cfg.broker.host, self.cfg.broker.port, present)
+        now_wall = self.wall()
+        if self._had_session and not present:
+            since = self._last_up_wall if self._last_up_wall is not None else now_wall
+            lost = {"from": format_rfc3339(since), "to": format_rfc3339(now_wall), "epoch_from_s": round(since, 3),
+                    "epoch_to_s": round(now_wall, 3)}
+            log.warning(
+                "broker %s:%d has NO session for this agent although it had one (persistence lost?): readings it "
+                "acknowledged between %s and %s may be lost; re-send them from the stations or the cloud",
+                self.cfg.broker.host, self.cfg.broker.port, lost["from"], lost["to"],
+            )
+            self._events.put(("session_lost", lost))
+        self._had_session = True
+        self._last_up_wall = None
         if self.cfg.broker.mqtt_version == "5":
             from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -357,6 +516,8 @@ class MqttAgent:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         """The connection dropped or was closed. Runs on paho's network thread; paho reconnects with back-off."""
+        if self.connected.is_set():  # a dead link is noticed up to 1.5 keep-alives late: the span starts earlier
+            self._last_up_wall = self.wall() - 1.5 * self.cfg.broker.keepalive_s
         self.connected.clear()
         if self._connack:
             self._connack = False
@@ -408,20 +569,58 @@ class MqttAgent:
                 return
             if ev == "connected":
                 self.counters["connects"] += 1
-                self.outbox.put(self._status())
+                self._put_status()
+            elif isinstance(ev, tuple) and ev[0] == "session_lost":
+                self._session_lost(ev[1])
+                continue
             b = self.cfg.broker
             self.notifier.status(
                 f"{'connected to' if ev == 'connected' else 'disconnected from'} {b.host}:{b.port}; "
                 f"{len(self.core.windows)} stations; {self.core.counters['filled']:,} steps filled; backend {self.core.backend.name}"
             )
 
+
+    def _session_lost(self, span: dict) -> None:
+        """The broker forgot this agent's session: count it, show it in the status and tell the operator on the
+        notice topic which span of readings is at risk (main thread)."""
+        self.counters["sessions_lost"] += 1
+        self._session["lost"] += 1
+        self._session["last_lost"] = span
+        body = {
+            "schema": NOTICE_SCHEMA,
+            "gateway": self.cfg.gateway_id,
+            "kind": "session_lost",
+            "reason": "the broker reported no session for this agent although it had one (its persistence was lost): "
+            "readings it acknowledged to the stations in this span and had not delivered may be gone; re-send them",
+            "at_risk": {"from": span["from"], "to": span["to"]},
+            "broker": f"{self.cfg.broker.host}:{self.cfg.broker.port}",
+            "ts": format_rfc3339(self.wall()),
+        }
+        note = _Notice(notice_topic(self.core.topics.status), json.dumps(body, sort_keys=True).encode(),
+                       msg_id=f"{self.cfg.gateway_id}/session_lost/{span['epoch_to_s']}")
+        try:
+            self.outbox.put(note)
+        except OutboxFull:
+            self._publish_direct(note)
+        self._put_status()
+
     def _status_extra(self) -> dict[str, Any]:
+        ob = self.outbox.stats()
+        clk = self.clock_watch.status()
         extra = {
             "connected": self.connected.is_set(),
             "uptime_s": round(self.mono() - self.started_mono, 1),
             "shell": dict(self.counters),
-            "outbox": self.outbox.stats(),
+            "outbox": ob,
+            "wall_clock": clk,
+            "disk_full": bool(ob.get("disk_full")) or bool(self._unstored or self._unjournaled or self._unacked),
+            "free_bytes": ob.get("free_bytes"),
+            "held": {"outputs": len(self._unstored), "readings": len(self._unacked) + self._inbound.qsize()},
+            "session": dict(self._session),
+            "snapshots": self.snapshots_state,
         }
+        if clk["state"] == "unsynced":
+            extra["clock"] = "unsynced"  # over the core's closing-clock mode while the wall clock is not believable
         if self.update_link is not None:
             extra["update"] = self.update_link.updater.status()
         if self.metrics is not None:
@@ -450,7 +649,14 @@ class MqttAgent:
         self._round_s = 0.0
 
     def _drain(self, timeout_s: float, max_n: int = 5000) -> int:
-        """Ingest up to ``max_n`` queued readings (waiting at most ``timeout_s`` for the first)."""
+        """Ingest up to ``max_n`` queued readings (waiting at most ``timeout_s`` for the first). While
+        :meth:`_blocked` (clock not believable, full disk) nothing is taken: the readings stay queued, unacknowledged.
+
+        Group commit: every reading drained here, the tick they make due and all their outputs go into ONE outbox
+        transaction (one fsync); the readings are acknowledged after it committed."""
+        if self._blocked():
+            time.sleep(max(min(timeout_s, 0.05), 0.0))
+            return 0
         items: list[_Inbound] = []
         try:
             items.append(self._inbound.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._inbound.get_nowait())
@@ -482,12 +688,8 @@ class MqttAgent:
             out += self.core.tick(now)
             journal.append(("tick", now, "", b"", False))
         self._round_s += time.perf_counter() - t0
-        self._store(out, journal)
         # Inbound PUBACKs only after the outputs are stored: a crash before this re-delivers the readings.
-        epoch = self.epoch
-        for it in items:
-            if it.qos > 0 and it.epoch == epoch:
-                self.client.ack(it.mid, it.qos)
+        self._store_or_hold(out, journal, items)
         self.counters["inbound"] += len(items)
         return len(items)
 
@@ -513,7 +715,7 @@ class MqttAgent:
         room = self.cfg.broker.max_inflight - len(self._pending)
         if room <= 0:
             return 0
-        bucket = getattr(self.outbox, "bucket", None)
+        bucket = self.outbox.bucket
         if bucket is not None:
             room = bucket.take(room, self.mono())
             if room <= 0:
@@ -562,6 +764,7 @@ class MqttAgent:
         self.notifier.ready(f"serving {len(self.core.windows)} stations; connecting to {b.host}:{b.port}")
         try:
             while not stop.is_set():
+                self._watch_clock()
                 mono = self.mono()
                 # From the step loop only: a hung step (a stuck backend call) stops the pings and systemd restarts us.
                 self.notifier.watchdog(mono)
@@ -569,22 +772,23 @@ class MqttAgent:
                 self._drain(wait)
                 self._handle_events()
                 mono = self.mono()
-                if mono >= next_tick:
+                blocked = self._blocked()
+                if mono >= next_tick and not blocked:  # no step closes on a clock that is not believable
                     now = self.clock.now(mono)
                     t0 = time.perf_counter()
                     out = self.core.tick(now)
                     self._round_s += time.perf_counter() - t0
                     if out:
-                        self._store(out, [("tick", now, "", b"", False)])
+                        self._store_or_hold(out, [("tick", now, "", b"", False)], [])
                     next_tick = mono + a.tick_interval_s
                     self._update_metrics()
                 self._log_round()
                 if mono >= next_status:
-                    self.outbox.put(self._status())
+                    self._put_status()
                     next_status = mono + a.status_interval_s
                 self._process_acks()
                 self._pump()
-                if self.snapshots is not None:
+                if self.snapshots is not None and not blocked:  # never a snapshot ahead of what is stored
                     self.snapshots.maybe_save(mono)
         finally:
             self.shutdown(drain_timeout_s)
@@ -612,7 +816,14 @@ class MqttAgent:
         self.client.loop_stop()
         if self.update_link is not None and self.update_link.updater is not None:
             self.update_link.updater.close(timeout_s=0)  # stop the chunk re-request timer; a staging worker is a daemon
-        if self.snapshots is not None:
+        if not self._retry_unstored(force=True):
+            # Not stored: no snapshot either, so after the restart the journal on disk and the broker's re-delivery
+            # of the unacknowledged readings rebuild exactly these outputs.
+            log.error(
+                "stopping with %d output(s) not stored (disk full): %d reading(s) stay unacknowledged at the broker "
+                "and are processed again after the restart", len(self._unstored), len(self._unacked),
+            )
+        elif self.snapshots is not None:
             self.snapshots.save_now()
         self.outbox.close()
         if self.metrics is not None:

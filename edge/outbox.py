@@ -31,7 +31,9 @@ RFC 2697/2698 (single rate, without colour marking).
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -39,11 +41,22 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gapcast.edge import EdgeError
 
-__all__ = ["JournalEntry", "OutboxConfig", "OutboxError", "OutboxMessage", "SQLiteOutbox", "TokenBucket"]
+__all__ = [
+    "DEFAULT_MIN_FREE_BYTES",
+    "JournalEntry",
+    "Outbox",
+    "OutboxConfig",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxMessage",
+    "SQLiteOutbox",
+    "TokenBucket",
+    "is_disk_full",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +65,29 @@ _SCHEMA_VERSION = 1
 _ACK_FLUSH_EVERY = 64
 
 
+#: Default free-space reserve of the state file system, bytes: room for the WAL (1 MiB), a window snapshot of a few
+#: thousand stations and the system's own logs on a small (16 GB) eMMC.
+DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
 class OutboxError(EdgeError):
     """The outbox database cannot be opened or written (disk full, wrong schema, unreadable file)."""
+
+
+class OutboxFull(OutboxError):
+    """The outbox cannot store right now: the file system is full (``ENOSPC``, SQLite ``SQLITE_FULL``) or the
+    database could not be opened for lack of space. Nothing was stored and the caller's state is unchanged; the
+    MQTT shell keeps the outputs in memory, stops acknowledging readings and retries (QoS 1 back-pressure)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an SQLite or OS error means "no space left" (``SQLITE_FULL``, ``ENOSPC``, ``EDQUOT``)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL:
+        return True
+    return "disk is full" in str(exc) or "No space left" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -104,6 +138,87 @@ class JournalEntry:
     retained: bool = False
 
 
+class Outbox(Protocol):
+    """What the MQTT shell needs from an outbox; :class:`SQLiteOutbox` and
+    ``gapcast.edge.outbox_memory.MemoryOutbox`` implement it (``tests/edge/test_outbox_contract.py`` runs one
+    contract suite over both).
+
+    Attributes:
+        durable: the content survives the process. The shell journals the core's inputs only into a durable outbox
+            and replays them after a restart.
+        bucket: the token bucket that paces a backlog flush, or None for no pacing.
+
+    Thread model: ``put``/``put_many``/``next_batch``/``journal_*`` from the agent's main thread; ``ack`` and
+    ``release`` may come from paho's network thread.
+    """
+
+    durable: bool
+    bucket: TokenBucket | None
+
+    @property
+    def ready(self) -> bool:
+        """The store is open (False while a full disk kept it from opening at start-up; each call retries)."""
+        ...
+
+    def put(self, msg: Any) -> int:
+        """Store one message; its outbox id (-1: larger than the whole cap, dropped and counted).
+
+        Raises:
+            OutboxFull: no space to store it (nothing stored). OutboxError: any other write failure.
+        """
+        ...
+
+    def put_many(self, msgs: Iterable[Any], journal: Iterable[tuple] = ()) -> list[int]:
+        """Store messages, and the core inputs ``(op, now_s, topic, payload, retained)`` that produced them, in ONE
+        transaction; their ids in order.
+
+        Raises:
+            OutboxFull: no space (nothing stored). OutboxError: any other write failure.
+        """
+        ...
+
+    def next_batch(self, n: int) -> list[tuple[int, OutboxMessage]]:
+        """Up to ``n`` oldest messages not in flight, as ``(outbox_id, message)``, now marked in flight."""
+        ...
+
+    def ack(self, outbox_id: int) -> None:
+        """The broker acknowledged it (PUBACK): it leaves the outbox."""
+        ...
+
+    def release(self, outbox_ids: Iterable[int] | None = None) -> int:
+        """Put in-flight messages back in the queue (all when None); how many."""
+        ...
+
+    def journal_seq(self) -> int:
+        """The newest journal sequence number (0: nothing journaled)."""
+        ...
+
+    def journal_entries(self, after_seq: int = 0) -> list[JournalEntry]:
+        """Journal entries newer than ``after_seq``, oldest first."""
+        ...
+
+    def journal_truncate(self, through_seq: int) -> int:
+        """Forget journal entries up to ``through_seq``; how many."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the status message: ``depth``, ``bytes``, ``inflight``, ``oldest_age_s``, ``max_bytes``,
+        per-kind ``put``/``acked``/``dropped``/``expired``, ``dropped_total``, ``disk_full``, ``free_bytes``."""
+        ...
+
+    def flush(self) -> None:
+        """Make pending state durable (a no-op in memory)."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources."""
+        ...
+
+    def __len__(self) -> int:
+        """Messages waiting, in flight included."""
+        ...
+
+
 @dataclass(frozen=True)
 class OutboxConfig:
     """Bounds and durability of the outbox.
@@ -112,13 +227,20 @@ class OutboxConfig:
         path: the SQLite database file (its ``-wal`` and ``-shm`` siblings live beside it).
         max_bytes: cap on the stored messages' payload + topic bytes; the database files stay within about twice
             the cap plus 2 MiB (SQLite page and index overhead, a WAL checkpointed every 1 MiB).
-        max_age_s: messages older than this (wall clock, seconds) are dropped as ``expired``; 0 disables.
+        max_age_s: messages older than this are dropped as ``expired``, seconds; 0 disables. Age is the agent's
+            running time since the message was stored (the monotonic clock within a run; across a restart an entry
+            keeps the age it had reached, the time the agent was stopped does not count), so no wall-clock step,
+            while running or while off, can expire anything.
         drop_order: kinds dropped first, in this order, oldest first within a kind, when a message does not fit;
             kinds not listed (``filled``, ``revision``...) are dropped oldest-first only when nothing listed is left.
         synchronous: SQLite ``PRAGMA synchronous``: ``FULL`` survives power loss (an fsync per commit), ``NORMAL``
             survives a crash of the process and may lose the last commits on power loss.
         rate_per_s: steady publish rate the shell's :class:`TokenBucket` allows when flushing, messages/second.
         burst: token bucket depth, messages.
+        min_free_bytes: free-space reserve of the file system holding the database, bytes. Below it the outbox
+            stops growing for the kinds in ``drop_order`` (each new one replaces the oldest droppable message, or is
+            dropped itself, counted as ``dropped`` and ``reserve_dropped``); filled values and the journal still go
+            into the reserve, and when a write fails for lack of space :class:`OutboxFull` is raised.
     """
 
     path: Path
@@ -128,6 +250,7 @@ class OutboxConfig:
     synchronous: str = "FULL"
     rate_per_s: float = 200.0
     burst: int = 500
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
@@ -141,6 +264,9 @@ class OutboxConfig:
             raise ValueError(msg)
         if self.rate_per_s <= 0 or self.burst < 1:
             msg = f"outbox rate_per_s must be > 0 and burst >= 1, got {self.rate_per_s}, {self.burst}"
+            raise ValueError(msg)
+        if self.min_free_bytes < 0:
+            msg = f"outbox min_free_bytes must be >= 0, got {self.min_free_bytes}"
             raise ValueError(msg)
 
 
@@ -196,39 +322,148 @@ class _Counters:
     acked: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     expired: Counter = field(default_factory=Counter)
+    reserve_dropped: int = 0
+    disk_full: int = 0
+
+
+def _statvfs_free(folder: Path) -> Callable[[], int]:
+    def free() -> int:
+        st = os.statvfs(folder)
+        return int(st.f_bavail * st.f_frsize)
+
+    return free
+
+
+# How often a database that could not be opened (full disk at start-up) is tried again, seconds (monotonic).
+_REOPEN_EVERY_S = 2.0
 
 
 class SQLiteOutbox:
-    """The durable outbox (drop-in for the in-memory ``MemoryOutbox``).
+    """The durable outbox (the other implementation of :class:`Outbox` is the in-memory ``MemoryOutbox``).
 
     Args:
-        config: bounds, durability and rate (see :class:`OutboxConfig`).
-        clock: wall-clock source, Unix seconds, used only to stamp messages and apply ``max_age_s``
-            (injected in tests).
+        config: bounds, durability, rate and free-space reserve (see :class:`OutboxConfig`).
+        clock: the age clock, seconds; must not step (default ``time.monotonic``). Ages are measured on it and,
+            across restarts, on a running-time total stored in the database (see ``max_age_s``).
+        wall: wall clock, Unix seconds, only to stamp ``created_s`` on messages that carry none (information).
+        connect: opens the SQLite connection (``sqlite3.connect``; tests inject faults through it).
+        free_bytes: free bytes of the database's file system (default: ``os.statvfs``; tests inject it).
 
     Raises:
-        OutboxError: the database cannot be opened, or it was written by an incompatible schema.
+        OutboxError: the database cannot be opened (other than for lack of space), or it was written by an
+            incompatible schema. A FULL disk at start-up does not raise: the outbox starts not :attr:`ready`, says so
+            in its stats, and opens as soon as space returns.
     """
 
-    def __init__(self, config: OutboxConfig, clock: Callable[[], float] = time.time) -> None:
+    durable = True
+
+    def __init__(
+        self,
+        config: OutboxConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        wall: Callable[[], float] = time.time,
+        connect: Callable[..., Any] = sqlite3.connect,
+        free_bytes: Callable[[], int] | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._wall = wall
+        self._connect = connect
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
         self._acked: set[int] = set()
         self._counters = _Counters()
-        self.bucket = TokenBucket(config.rate_per_s, config.burst)
-        path = Path(config.path)
+        self.bucket: TokenBucket | None = TokenBucket(config.rate_per_s, config.burst)
+        self._path = Path(config.path)
+        self._free = free_bytes or _statvfs_free(self._path.parent)
+        self._db: Any = None
+        self._bytes = self._count = 0
+        self._run_base_s = 0.0
+        self._clock0 = clock()
+        self._last_open_try = -float("inf")
+        self._full_since: float | None = None
+        self._open_error = ""
+        # Counter updates of the open transaction: applied on COMMIT, forgotten on ROLLBACK (see _begin/_commit).
+        self._txn_counts: list[tuple[Counter, Counter]] = []
+        self._txn_acked: set[int] = set()
+        with self._lock:
+            self._open_locked(first=True)
+
+    # -- opening -------------------------------------------------------------------------------------------------
+
+    def _open_locked(self, *, first: bool = False) -> bool:
+        """Open (or retry opening) the database. A full disk leaves it closed; other failures raise."""
+        self._last_open_try = self._clock()
+        db = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = self._connect(str(self._path), check_same_thread=False, isolation_level=None)
+            self._db = db
             self._setup()
-        except sqlite3.Error as exc:
-            msg = f"cannot open the outbox database {path}: {exc}"
-            raise OutboxError(msg) from exc
-        self._bytes, self._count = self._db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM outbox").fetchone()
+            self._bytes, self._count = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM outbox").fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key = 'run_s'").fetchone()
+            self._run_base_s = float(row[0]) if row else 0.0
+            self._clock0 = self._clock()
+        except (sqlite3.Error, OSError, OutboxError) as exc:
+            self._db = None
+            if db is not None:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+            if isinstance(exc, OutboxError):
+                raise
+            if not self._no_space(exc):
+                msg = f"cannot open the outbox database {self._path}: {exc}"
+                raise OutboxError(msg) from exc
+            if first or not self._open_error:
+                log.error(
+                    "outbox %s cannot be opened, the disk is full (%s; %s bytes free): starting degraded, readings "
+                    "stay unacknowledged at the broker until space returns", self._path, exc, self._free_or_none(),
+                )
+            self._open_error = str(exc)
+            self._mark_full_locked()
+            return False
+        if self._open_error:
+            log.warning("outbox %s opened: space is back", self._path)
+            self._open_error = ""
+        self._full_since = None
         if self._count:
-            log.info("outbox %s: %d message(s), %d bytes waiting from the previous run", path, self._count, self._bytes)
+            log.info("outbox %s: %d message(s), %d bytes waiting from the previous run", self._path, self._count, self._bytes)
+        return True
+
+    def _no_space(self, exc: BaseException) -> bool:
+        """A full disk: ENOSPC/SQLITE_FULL, or an I/O error while free space is below the reserve (SQLite reports
+        a failed ``-shm``/``-wal`` creation on a full file system as a generic I/O error)."""
+        if is_disk_full(exc):
+            return True
+        free = self._free_or_none()
+        return isinstance(exc, sqlite3.OperationalError) and free is not None and free < max(self.config.min_free_bytes, 1)
+
+    def _free_or_none(self) -> int | None:
+        try:
+            return int(self._free())
+        except OSError:
+            return None
+
+    def _mark_full_locked(self) -> None:
+        if self._full_since is None:
+            self._full_since = self._clock()
+            self._counters.disk_full += 1
+
+    @property
+    def ready(self) -> bool:
+        """The database is open. While it is not (full disk at start-up), each call retries at most every 2 s."""
+        with self._lock:
+            return self._ready_locked()
+
+    def _ready_locked(self) -> bool:
+        if self._db is not None:
+            return True
+        if self._clock() - self._last_open_try < _REOPEN_EVERY_S:
+            return False
+        return self._open_locked()
 
     def _setup(self) -> None:
         db = self._db
@@ -247,10 +482,13 @@ class SQLiteOutbox:
             "CREATE TABLE IF NOT EXISTS outbox ("
             " id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,"
             " qos INTEGER NOT NULL, retain INTEGER NOT NULL, kind TEXT NOT NULL, msg_id TEXT NOT NULL,"
-            " created_s REAL NOT NULL, bytes INTEGER NOT NULL)"
+            " created_s REAL NOT NULL, bytes INTEGER NOT NULL, born_run_s REAL NOT NULL DEFAULT 0)"
         )
+        cols = {r[1] for r in db.execute("PRAGMA table_info(outbox)").fetchall()}
+        if "born_run_s" not in cols:  # a database of an agent that aged by the wall clock: its rows start at age 0
+            db.execute("ALTER TABLE outbox ADD COLUMN born_run_s REAL NOT NULL DEFAULT 0")
         db.execute("CREATE INDEX IF NOT EXISTS outbox_kind ON outbox (kind, id)")
-        db.execute("CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_s)")
+        db.execute("CREATE INDEX IF NOT EXISTS outbox_born ON outbox (born_run_s)")
         db.execute(
             "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,"
             " now_s REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL, retained INTEGER NOT NULL)"
@@ -263,6 +501,10 @@ class SQLiteOutbox:
             msg = f"outbox schema version {row[0]} is not supported (this agent writes {_SCHEMA_VERSION})"
             raise OutboxError(msg)
 
+    def run_s(self) -> float:
+        """The outbox's running time, seconds: the total of earlier runs plus the age clock since this one opened."""
+        return self._run_base_s + max(self._clock() - self._clock0, 0.0)
+
     # -- writing -------------------------------------------------------------------------------------------------
 
     def put(self, msg: Any) -> int:
@@ -273,11 +515,12 @@ class SQLiteOutbox:
                 ``qos``, ``retain``, ``kind``, ``msg_id``.
 
         Returns:
-            The outbox id of the message (``ack`` takes it), or -1 when the message alone exceeds ``max_bytes``
-            (dropped, counted and logged).
+            The outbox id of the message (``ack`` takes it), or -1 when the message alone exceeds ``max_bytes`` or
+            was dropped by the free-space reserve (dropped, counted and logged).
 
         Raises:
-            OutboxError: the database write failed (e.g. the disk is full).
+            OutboxFull: no space left (nothing stored).
+            OutboxError: the database write failed otherwise.
         """
         return self.put_many([msg])[0]
 
@@ -290,54 +533,79 @@ class SQLiteOutbox:
                 same transaction (see :class:`JournalEntry`).
 
         Returns:
-            Their outbox ids, in the same order (-1 for a message larger than the whole cap).
+            Their outbox ids, in the same order (-1 for a message larger than the whole cap or dropped by the
+            free-space reserve).
 
         Raises:
-            OutboxError: the database write failed.
+            OutboxFull: no space left, or the database is not open (full disk at start-up); nothing was stored.
+            OutboxError: the database write failed otherwise.
         """
         items = [self._coerce(m) for m in msgs]
+        journal = list(journal)
         ids: list[int] = []
         with self._lock:
+            if not self._ready_locked():
+                msg = f"outbox {self._path} is not open: the disk is full ({self._open_error})"
+                raise OutboxFull(msg)
+            free = self._free_or_none()
+            low = free is not None and free < self.config.min_free_bytes
+            droppable = set(self.config.drop_order)
+            born = self.run_s()
+            dropped: Counter = Counter()
+            stored: Counter = Counter()
+            reserve = 0
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._begin_locked()
                 self._flush_acks_locked()
                 self._expire_locked()
                 self._db.executemany(
                     "INSERT INTO journal (op, now_s, topic, payload, retained) VALUES (?, ?, ?, ?, ?)",
                     [(str(op), float(now), str(t), bytes(p), int(bool(r))) for op, now, t, p, r in journal],
                 )
-                dropped: Counter = Counter()
-                stored: Counter = Counter()
                 for m in items:
                     size = m.size_bytes
                     if size > self.config.max_bytes:
                         dropped[m.kind] += 1
                         ids.append(-1)
                         continue
+                    if low and m.kind in droppable and not self._make_reserve_room_locked(size, dropped):
+                        dropped[m.kind] += 1
+                        reserve += 1
+                        ids.append(-1)
+                        continue
                     self._make_room_locked(size, dropped)
                     cur = self._db.execute(
-                        "INSERT INTO outbox (topic, payload, qos, retain, kind, msg_id, created_s, bytes)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.msg_id, m.created_s, size),
+                        "INSERT INTO outbox (topic, payload, qos, retain, kind, msg_id, created_s, bytes, born_run_s)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.msg_id, m.created_s, size, born),
                     )
                     ids.append(int(cur.lastrowid))
                     self._bytes += size
                     self._count += 1
                     stored[m.kind] += 1
-                self._db.execute("COMMIT")
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('run_s', ?)", (repr(born),))
+                self._commit_locked()
                 self._counters.put.update(stored)
             except sqlite3.Error as exc:
                 self._rollback_locked()
+                if self._no_space(exc):
+                    self._mark_full_locked()
+                    msg = f"outbox write failed, no space left ({exc}; {self._free_or_none()} bytes free)"
+                    raise OutboxFull(msg) from exc
                 msg = f"outbox write failed: {exc}"
                 raise OutboxError(msg) from exc
+            if self._full_since is not None:
+                log.warning("outbox: writes succeed again after %.0f s of a full disk", self._clock() - self._full_since)
+                self._full_since = None
+            if reserve:
+                self._counters.reserve_dropped += reserve
             if dropped:
                 self._counters.dropped.update(dropped)
-                log.warning(
-                    "outbox full (%d bytes cap): dropped %s; totals dropped %s",
-                    self.config.max_bytes,
-                    dict(dropped),
-                    dict(self._counters.dropped),
+                why = (
+                    f"free space {free} bytes below outbox.min_free_bytes {self.config.min_free_bytes}"
+                    if low else f"{self.config.max_bytes} bytes cap"
                 )
+                log.warning("outbox full (%s): dropped %s; totals dropped %s", why, dict(dropped), dict(self._counters.dropped))
         return ids
 
     def _coerce(self, m: Any) -> OutboxMessage:
@@ -356,8 +624,38 @@ class SQLiteOutbox:
             retain=bool(getattr(m, "retain", False)),
             kind=str(getattr(m, "kind", "other") or "other"),
             msg_id=str(getattr(m, "msg_id", "") or getattr(m, "id", "") or ""),
-            created_s=float(getattr(m, "created_s", 0.0) or self._clock()),
+            created_s=float(getattr(m, "created_s", 0.0) or self._wall()),
         )
+
+    def _make_reserve_room_locked(self, size: int, dropped: Counter) -> bool:
+        """Below the free-space reserve: delete the oldest messages of the ``drop_order`` kinds (not in flight)
+        until ``size`` bytes are freed inside the database file (SQLite reuses the freed pages, so the file does not
+        grow). Returns False when there is not enough droppable content. Caller holds the lock + txn."""
+        need = size
+        chosen: list[tuple[int, str, int]] = []
+        for kind in self.config.drop_order:
+            after = -1
+            while need > 0:
+                rows = self._db.execute(
+                    "SELECT id, kind, bytes FROM outbox WHERE kind = ? AND id > ? ORDER BY id LIMIT 32", (kind, after)
+                ).fetchall()
+                if not rows:
+                    break
+                for r in rows:
+                    after = r[0]
+                    if r[0] in self._inflight or r[0] in self._acked:
+                        continue
+                    chosen.append(r)
+                    need -= r[2]
+                    if need <= 0:
+                        break
+            if need <= 0:
+                break
+        if need > 0:
+            return False
+        self._delete_rows_locked(chosen, dropped)
+        self._counters.reserve_dropped += len(chosen)
+        return True
 
     def _make_room_locked(self, size: int, dropped: Counter) -> None:
         """Delete the oldest rows by the drop policy until ``size`` more bytes fit. Caller holds the lock + txn."""
@@ -397,21 +695,56 @@ class SQLiteOutbox:
     def _expire_locked(self) -> None:
         if not self.config.max_age_s:
             return
-        cutoff = self._clock() - self.config.max_age_s
-        rows = self._db.execute("SELECT id, kind, bytes FROM outbox WHERE created_s < ?", (cutoff,)).fetchall()
+        cutoff = self.run_s() - self.config.max_age_s
+        rows = self._db.execute("SELECT id, kind, bytes FROM outbox WHERE born_run_s < ?", (cutoff,)).fetchall()
         if rows:
             expired: Counter = Counter()
             self._delete_rows_locked(rows, expired)
-            self._counters.expired.update(expired)
+            self._txn_counts.append((self._counters.expired, expired))
             log.warning("outbox: %s message(s) older than %.0f s expired: %s", len(rows), self.config.max_age_s, dict(expired))
+
+    def _begin_locked(self) -> None:
+        self._txn_counts = []
+        self._txn_acked = set(self._acked)
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _commit_locked(self) -> None:
+        self._db.execute("COMMIT")
+        for target, delta in self._txn_counts:
+            target.update(delta)
+        self._txn_counts = []
 
     def _rollback_locked(self) -> None:
         try:
             self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+        self._txn_counts = []
+        # Acknowledged rows whose delete was rolled back stay acknowledged (never handed out again).
+        self._acked |= self._txn_acked
+        self._txn_acked = set()
         # Resynchronise the in-memory totals with what is really stored.
-        self._bytes, self._count = self._db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM outbox").fetchone()
+        try:
+            self._bytes, self._count = self._db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM outbox").fetchone()
+        except sqlite3.Error as exc:  # pragma: no cover - a read after a rollback fails only on a broken file
+            log.error("outbox: cannot re-read its totals after a failed write: %s", exc)
+
+    def _housekeeping_locked(self) -> None:
+        """Delete acknowledged and expired rows; best effort (a full disk only delays it: the rows are skipped)."""
+        if not self._acked and not self.config.max_age_s:
+            return
+        try:
+            self._begin_locked()
+            self._flush_acks_locked()
+            self._expire_locked()
+            self._commit_locked()
+        except sqlite3.Error as exc:
+            self._rollback_locked()
+            if self._no_space(exc):
+                self._mark_full_locked()
+                log.debug("outbox: housekeeping postponed, no space: %s", exc)
+            else:
+                log.error("outbox: could not delete acknowledged/expired messages (they will be re-sent): %s", exc)
 
     # -- reading and acknowledging -------------------------------------------------------------------------------
 
@@ -422,7 +755,7 @@ class SQLiteOutbox:
             n: the most messages to return (the shell passes what the token bucket granted).
 
         Returns:
-            ``[(outbox_id, message), ...]`` in the order they were put.
+            ``[(outbox_id, message), ...]`` in the order they were put (empty while the database is not open).
 
         Raises:
             OutboxError: the database read failed.
@@ -430,11 +763,10 @@ class SQLiteOutbox:
         if n <= 0:
             return []
         with self._lock:
+            if not self._ready_locked():
+                return []
+            self._housekeeping_locked()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._flush_acks_locked()
-                self._expire_locked()
-                self._db.execute("COMMIT")
                 busy = self._inflight | self._acked
                 out: list[tuple[int, OutboxMessage]] = []
                 after = -1
@@ -467,7 +799,7 @@ class SQLiteOutbox:
         out again, and a crash before the flush only causes one duplicate after the restart.
         """
         with self._lock:
-            if outbox_id < 0:
+            if outbox_id < 0 or self._db is None:
                 return
             if outbox_id in self._inflight:
                 self._inflight.discard(outbox_id)
@@ -477,13 +809,7 @@ class SQLiteOutbox:
                 return
             self._acked.add(outbox_id)
             if len(self._acked) >= _ACK_FLUSH_EVERY:
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._flush_acks_locked()
-                    self._db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    self._rollback_locked()
-                    log.error("outbox: could not delete acknowledged messages (they will be re-sent): %s", exc)
+                self._housekeeping_locked()
 
     def _flush_acks_locked(self) -> None:
         if not self._acked:
@@ -496,7 +822,7 @@ class SQLiteOutbox:
             rows += self._db.execute(f"SELECT id, kind, bytes FROM outbox WHERE id IN ({marks})", chunk).fetchall()
         acked: Counter = Counter()
         self._delete_rows_locked(rows, acked)
-        self._counters.acked.update(acked)
+        self._txn_counts.append((self._counters.acked, acked))
         self._acked.clear()
 
     def release(self, outbox_ids: Iterable[int] | None = None) -> int:
@@ -517,14 +843,18 @@ class SQLiteOutbox:
     # -- the input journal ------------------------------------------------------------------------------------
 
     def journal_seq(self) -> int:
-        """The newest journal sequence number (0 when nothing was ever journaled)."""
+        """The newest journal sequence number (0 when nothing was ever journaled, or the database is not open)."""
         with self._lock:
+            if not self._ready_locked():
+                return 0
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'").fetchone()
             return int(row[0]) if row else 0
 
     def journal_entries(self, after_seq: int = 0) -> list[JournalEntry]:
-        """Journal entries newer than ``after_seq``, oldest first."""
+        """Journal entries newer than ``after_seq``, oldest first (none while the database is not open)."""
         with self._lock:
+            if not self._ready_locked():
+                return []
             rows = self._db.execute(
                 "SELECT seq, op, now_s, topic, payload, retained FROM journal WHERE seq > ? ORDER BY seq", (after_seq,)
             ).fetchall()
@@ -534,34 +864,40 @@ class SQLiteOutbox:
         """Forget journal entries up to ``through_seq`` (a snapshot now covers them). Returns how many.
 
         Raises:
-            OutboxError: the delete failed.
+            OutboxFull: no space for the delete (retried after the next snapshot).
+            OutboxError: the delete failed otherwise.
         """
         with self._lock:
+            if not self._ready_locked():
+                return 0
             try:
                 cur = self._db.execute("DELETE FROM journal WHERE seq <= ?", (through_seq,))
             except sqlite3.Error as exc:
                 msg = f"outbox journal truncate failed: {exc}"
+                if self._no_space(exc):
+                    raise OutboxFull(msg) from exc
                 raise OutboxError(msg) from exc
             return cur.rowcount
 
     def flush(self) -> None:
         """Write pending ack deletes and return freed pages to the file system (call on shutdown, or when idle)."""
         with self._lock:
+            if self._db is None:
+                return
+            self._housekeeping_locked()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._flush_acks_locked()
-                self._db.execute("COMMIT")
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('run_s', ?)", (repr(self.run_s()),))
                 self._db.execute("PRAGMA incremental_vacuum")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
-                self._rollback_locked()
                 log.error("outbox flush failed: %s", exc)
 
     def close(self) -> None:
         """Flush and close the database. The outbox cannot be used afterwards."""
         self.flush()
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
 
     # -- reporting -----------------------------------------------------------------------------------------------
 
@@ -575,37 +911,42 @@ class SQLiteOutbox:
 
         Returns:
             ``depth`` (messages waiting, in flight included), ``bytes`` (their size), ``inflight``,
-            ``oldest_age_s`` (seconds, 0 when empty), ``max_bytes``, and per-kind dicts ``put``, ``acked``,
-            ``dropped`` (cap), ``expired`` (age), plus ``dropped_total`` (dropped + expired, all kinds).
+            ``oldest_age_s`` (running-time seconds, 0 when empty), ``max_bytes``, per-kind dicts ``put``,
+            ``acked``, ``dropped`` (cap and free-space reserve), ``expired`` (age), ``dropped_total`` (dropped +
+            expired, all kinds), ``reserve_dropped`` (of those, by the reserve), ``disk_full`` (a write is failing
+            for lack of space now, or the database could not be opened), ``disk_full_episodes``, ``free_bytes``,
+            ``min_free_bytes`` and ``ready``.
         """
         with self._lock:
-            if self._acked:
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._flush_acks_locked()
-                    self._db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    self._rollback_locked()
-                    log.error("outbox: could not delete acknowledged messages (they will be re-sent): %s", exc)
-            row = self._db.execute("SELECT MIN(created_s) FROM outbox").fetchone()
-            oldest = row[0]
+            ready = self._ready_locked()
+            oldest = None
+            if ready:
+                if self._acked:
+                    self._housekeeping_locked()
+                oldest = self._db.execute("SELECT MIN(born_run_s) FROM outbox").fetchone()[0]
             c = self._counters
             return {
                 "depth": max(self._count - len(self._acked), 0),
                 "bytes": self._bytes,
                 "inflight": len(self._inflight),
-                "oldest_age_s": round(max(self._clock() - oldest, 0.0), 3) if oldest is not None else 0.0,
+                "oldest_age_s": round(max(self.run_s() - oldest, 0.0), 3) if oldest is not None else 0.0,
                 "max_bytes": self.config.max_bytes,
                 "put": dict(c.put),
                 "acked": dict(c.acked),
                 "dropped": dict(c.dropped),
                 "expired": dict(c.expired),
                 "dropped_total": sum(c.dropped.values()) + sum(c.expired.values()),
+                "reserve_dropped": c.reserve_dropped,
+                "disk_full": self._full_since is not None,
+                "disk_full_episodes": c.disk_full,
+                "free_bytes": self._free_or_none(),
+                "min_free_bytes": self.config.min_free_bytes,
+                "ready": ready,
             }
 
     def disk_bytes(self) -> int:
         """Bytes the database uses on disk: the main file plus its WAL and shared-memory files."""
-        p = Path(self.config.path)
+        p = self._path
         return sum(q.stat().st_size for q in (p, p.with_name(p.name + "-wal"), p.with_name(p.name + "-shm")) if q.exists())
 
     def __enter__(self) -> SQLiteOutbox:

@@ -16,6 +16,7 @@ status         out        ``{prefix}/gateways/{gateway}/status`` (retained; the 
 model          out        ``{prefix}/gateways/{gateway}/model`` (retained; fleet update stages)
 deadletter     out        ``{prefix}/deadletter/{gateway}``
 manifest       in         ``{prefix}/fleet/{fleet}/manifest`` (retained signed release envelope)
+notice         out        ``{prefix}/gateways/{gateway}/notice`` (an event to act on: a lost broker session)
 =============  =========  ==========================================================================
 
 Source: JSON Schema 2020-12 (https://json-schema.org/draft/2020-12/json-schema-core).
@@ -34,7 +35,7 @@ from gapcast import GapcastError
 __all__ = ["NAMES", "load_schema", "name_of", "register", "schema_text"]
 
 #: Every contract, in the order ``gapcast schema`` lists them.
-NAMES = ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest")
+NAMES = ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "notice")
 
 
 def schema_text(name: str) -> str:
