@@ -581,6 +581,8 @@ class MqttAgent:
                 self._log_round()
                 if mono >= next_status:
                     self.outbox.put(self._status())
+                    if (skill := self.core.skill_message(self.now())) is not None:  # retained rolling skill
+                        self.outbox.put(skill)
                     next_status = mono + a.status_interval_s
                 self._process_acks()
                 self._pump()

@@ -16,6 +16,8 @@ status         out        ``{prefix}/gateways/{gateway}/status`` (retained; the 
 model          out        ``{prefix}/gateways/{gateway}/model`` (retained; fleet update stages)
 deadletter     out        ``{prefix}/deadletter/{gateway}``
 manifest       in         ``{prefix}/fleet/{fleet}/manifest`` (retained signed release envelope)
+skill          out        ``{prefix}/gateways/{gateway}/skill`` (retained; rolling forecast skill)
+drift          out        ``{prefix}/gateways/{gateway}/drift`` (retained; stations whose model lost to naive)
 =============  =========  ==========================================================================
 
 Source: JSON Schema 2020-12 (https://json-schema.org/draft/2020-12/json-schema-core).
@@ -34,7 +36,7 @@ from gapcast import GapcastError
 __all__ = ["NAMES", "load_schema", "name_of", "register", "schema_text"]
 
 #: Every contract, in the order ``gapcast schema`` lists them.
-NAMES = ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest")
+NAMES = ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "skill", "drift")
 
 
 def schema_text(name: str) -> str:
