@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.small_agent import CADENCE, PREFIX, HoldableBackend, Publisher, RunningAgent, current_step, small_config, wait_for
+from support.small_agent import (
+    CADENCE,
+    PREFIX,
+    HoldableBackend,
+    Publisher,
+    RunningAgent,
+    current_step,
+    small_config,
+    wait_for,
+)
 
 from gapcast.edge.dashboard import DashboardServer, DashboardState, mqtt_feed
 from gapcast.edge.messages import Topics, drift_message, filled_message, forecast_message, revision_message
