@@ -389,7 +389,7 @@ class DashboardServer:
         self._thread.join(5)
 
 
-def mqtt_feed(state: DashboardState, broker: str, *, client_id: str | None = None):
+def mqtt_feed(state: DashboardState, broker: Any, *, client_id: str | None = None, ca_file: str | None = None):
     """A started paho client that feeds ``state`` with every gateway output (stop it with ``loop_stop``).
 
     Raises:
@@ -411,7 +411,7 @@ def mqtt_feed(state: DashboardState, broker: str, *, client_id: str | None = Non
     if url.username:
         c.username_pw_set(url.username, url.password)
     if url.tls:
-        c.tls_set()
+        c.tls_set(ca_certs=ca_file)
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
@@ -426,6 +426,30 @@ def mqtt_feed(state: DashboardState, broker: str, *, client_id: str | None = Non
     c.connect_async(url.host, url.port, keepalive=30)
     c.loop_start()
     return c
+
+
+def start_in_agent(cfg: Any):
+    """``[dashboard] listen = "HOST:PORT"`` in edge.toml: the dashboard inside the agent process, fed by its own
+    subscription to the gateway's broker (same host, port, TLS and credentials). Returns a ``stop()`` callable.
+
+    Raises:
+        DashboardError: a bad listen address or a port in use.
+    """
+    from gapcast.brokerurl import BrokerURL
+
+    b = cfg.broker
+    state = DashboardState(cfg.topic_prefix)
+    server = DashboardServer(state, cfg.skill.dashboard_listen).start()
+    url = BrokerURL(host=b.host, port=b.port, tls=b.tls.enabled, username=b.username, password=b.password)
+    client = mqtt_feed(state, url, client_id=f"{cfg.client_id}-dashboard",
+                       ca_file=str(b.tls.ca_file) if b.tls.ca_file else None)
+
+    def stop() -> None:
+        client.loop_stop()
+        client.disconnect()
+        server.stop()
+
+    return server, stop
 
 
 def _sink_path(spec: str | None) -> Path | None:

@@ -200,3 +200,19 @@ def test_a_good_model_never_drifts_on_beijing(beijing):
     for name in STATIONS:
         figs = core.skill.station_mae(name)
         assert figs["n"] > 1000 and figs["ratio"] < 1.0, figs
+
+
+def test_skill_section_of_edge_toml(tmp_path):
+    from gapcast.edge import ConfigError
+    from gapcast.edge.config import parse_config
+
+    base = {"gateway": {"id": "gw"}, "stations": {"names": ["s1"]}, "agent": {"state_dir": str(tmp_path)}}
+    cfg = parse_config({**base, "skill": {"span": "3d", "drift_after": "12h", "min_count": 50, "shadow_share": 0.05}})
+    assert (cfg.skill.span_s, cfg.skill.drift_after_s, cfg.skill.min_count, cfg.skill.shadow_share) == (259200.0, 43200.0, 50, 0.05)
+    settings = CoreSettings.from_config(cfg)
+    assert (settings.skill_span_s, settings.drift_after_s, settings.shadow_share) == (259200.0, 43200.0, 0.05)
+    assert parse_config(base).skill.span_s == 7 * 86400 and parse_config(base).skill.shadow_share == 0.0
+    with pytest.raises(ConfigError, match="skill.span"):
+        parse_config({**base, "skill": {"span": 7}})  # a duration carries its unit
+    with pytest.raises(ConfigError, match="skill.colour"):
+        parse_config({**base, "skill": {"colour": "red"}})

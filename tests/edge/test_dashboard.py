@@ -161,3 +161,21 @@ def test_the_page_in_headless_chromium_shows_a_live_agent(broker, tmp_path):
         feed_client.disconnect()
         srv.stop()
         ra.stop()
+
+
+@pytest.mark.broker
+def test_dashboard_section_of_edge_toml_serves_the_page_beside_the_agent(broker, tmp_path):
+    from gapcast.edge.dashboard import start_in_agent
+
+    cfg = small_config(broker.host, broker.port, tmp_path / "state", dashboard={"listen": "127.0.0.1:0"})
+    assert cfg.skill.dashboard_listen == "127.0.0.1:0" and cfg.skill.enabled and cfg.skill.shadow_share == 0.0
+    ra = RunningAgent(cfg, HoldableBackend()).start()
+    server, stop = start_in_agent(cfg)
+    try:
+        wait_for(lambda: "gw-01" in _get(server.url + "api/state")["gateways"], what="the agent's status on the page")
+        gw = _get(server.url + "api/state")["gateways"]["gw-01"]
+        assert gw["status"]["state"] == "online" and gw["status"]["backend"] == "fake"
+        wait_for(lambda: "skill" in _get(server.url + "api/state")["gateways"]["gw-01"], what="the retained skill message")
+    finally:
+        stop()
+        ra.stop()
