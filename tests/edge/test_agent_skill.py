@@ -216,3 +216,24 @@ def test_skill_section_of_edge_toml(tmp_path):
         parse_config({**base, "skill": {"span": 7}})  # a duration carries its unit
     with pytest.raises(ConfigError, match="skill.colour"):
         parse_config({**base, "skill": {"colour": "red"}})
+
+
+def test_skill_on_the_metrics_endpoint(make_core):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from gapcast.edge.metrics import Metrics
+    from gapcast.tools.localbroker import free_port
+
+    core = make_core(backend=ConstBackend(), skill_min_count=1000)
+    replay(core)
+    m = Metrics(f"127.0.0.1:{free_port()}", gateway="gw", fleet="default")
+    assert m.start()
+    try:
+        m.update(core.status_body())
+        lines = set(generate_latest(m.registry).decode().splitlines())
+    finally:
+        m.close()
+    assert 'gapcast_skill_mae{bucket="2h-3h",method="model"} 0.8' in lines
+    assert 'gapcast_skill_mae{bucket="2h-3h",method="persistence"} 0.6' in lines
+    assert "gapcast_drift_stations 0.0" in lines
