@@ -174,26 +174,25 @@ class SkillTracker:
             ok_seas = np.asarray(seasonal_observed, dtype=bool) & np.isfinite(seas)
         else:
             seas, ok_seas = None, np.ones_like(ok_truth)
+        origins = [o for o in st.pending if 1 <= step - o <= self.H]
+        if not origins:
+            return 0
+        # Every pending forecast that covered the step at once: [n, C] (one numpy pass, not one per forecast).
+        model = np.stack([st.pending[o][0][step - o - 1] for o in origins]).astype(np.float64)
+        pers = np.stack([st.pending[o][1] for o in origins]).astype(np.float64)
+        ok = ok_truth & ok_seas & np.isfinite(pers) & np.isfinite(model)
+        if not ok.any():
+            return 0
         row = self._bin_row(st, step)
-        n = 0
-        for origin, (fc, last) in st.pending.items():
-            h = step - origin
-            if not 1 <= h <= self.H:
-                continue
-            model = fc[h - 1].astype(np.float64)
-            pers = last.astype(np.float64)
-            ok = ok_truth & ok_seas & np.isfinite(pers) & np.isfinite(model)
-            if not ok.any():
-                continue
-            k = self._bucket_of[h]
-            err = np.stack(
-                [np.abs(model - truth), np.abs(pers - truth), np.abs((seas if seas is not None else pers) - truth)],
-                axis=-1,
-            ) / self.scale[:, None]
-            st.sums[row, k][ok] += err[ok]
-            st.counts[row, k][ok] += 1
-            n += int(ok.sum())
-        return n
+        ref = np.broadcast_to(seas, model.shape) if seas is not None else pers
+        err = np.stack([np.abs(model - truth), np.abs(pers - truth), np.abs(ref - truth)], axis=-1) / self.scale[:, None]
+        err = np.where(ok[..., None], err, 0.0)
+        ks = self._bucket_of[np.array([step - o for o in origins])]
+        for k in np.unique(ks):
+            sel = ks == k
+            st.sums[row, k] += err[sel].sum(axis=0)
+            st.counts[row, k] += ok[sel].sum(axis=0)
+        return int(ok.sum())
 
     def observe_fill(
         self, station: str, step: int, fill: np.ndarray, truth: np.ndarray, hidden: np.ndarray, locf: np.ndarray,
