@@ -179,3 +179,30 @@ def test_dashboard_section_of_edge_toml_serves_the_page_beside_the_agent(broker,
     finally:
         stop()
         ra.stop()
+
+
+def test_history_at_page_load_comes_from_the_sink_store(tmp_path):
+    import sqlite3
+
+    from gapcast.sink.stores import SQLiteStore
+
+    db = tmp_path / "sink.db"
+    SQLiteStore(db).close()  # the tables exactly as gapcast sink creates them
+    t = 1_700_000_000 // CADENCE * CADENCE
+    con = sqlite3.connect(db)
+    con.executemany(
+        "INSERT INTO series VALUES (?, ?, ?, ?, ?, 3, 0, 'ug/m3', ?)",
+        [("s1", "PM2.5", t + k * CADENCE, 10.0 + k, st, f"id{k}")
+         for k, st in enumerate(("observed", "filled", "revised"))],
+    )
+    con.commit()
+    con.close()
+    state = DashboardState(PREFIX, sink_db=db)
+    # a dashboard started after the sink: nothing live yet, the page still gets the stored steps
+    data = state.station("s1")
+    assert [(s["epoch_s"] - t, s["status"], s["values"]["PM2.5"], s["imputed"]) for s in data["steps"]] == [
+        (0, "observed", 10.0, []), (CADENCE, "filled", 11.0, ["PM2.5"]), (2 * CADENCE, "revised", 12.0, ["PM2.5"])]
+    assert data["history_steps"] == 3
+    # live messages win over the stored rows of the same step
+    feed(state, [filled_message(TOPICS, "s1", t + 2 * CADENCE, CADENCE, CH, np.array([99.0]), np.array([False]), "model", 3, t)])
+    assert state.station("s1")["steps"][-1]["values"] == {"PM2.5": 99.0}
