@@ -41,9 +41,10 @@ mosquitto:
 
 # The other servers and tools the tests start or run privately (temporary configs, free ports): Prometheus scrapes
 # the agent's metrics, RabbitMQ is the second MQTT implementation,
-# InfluxDB 1.x is the sink's external target, shellcheck / systemd-analyze check the deployment
+# InfluxDB 1.x is the sink's external target, chromium + chromedriver load the dashboard page headless,
+# shellcheck / systemd-analyze check the deployment
 # files. Debian/Ubuntu packages, installed when missing; nothing is started or enabled by installing.
-TEST_SERVERS := prometheus:prometheus rabbitmq-server:rabbitmq-server influxd:influxdb
+TEST_SERVERS := prometheus:prometheus rabbitmq-server:rabbitmq-server influxd:influxdb chromium:chromium chromedriver:chromium-driver
 LINT_TOOLS := shellcheck:shellcheck systemd-analyze:systemd
 APT_ENSURE = missing=""; for pair in $(1); do bin=$${pair%%:*}; pkg=$${pair\#\#*:}; \
 		command -v $$bin >/dev/null 2>&1 || test -x /usr/sbin/$$bin || test -x /usr/bin/$$bin || missing="$$missing $$pkg"; done; \

@@ -530,6 +530,7 @@ class GatewayState:
         update_version: the version that stage is about.
         reason: why, for rejected / rolled_back.
         status: the raw status message (counters...).
+        drift: stations whose model is in drift (its retained ``drift`` notice, else its status's ``skill``).
     """
 
     gateway: str
@@ -540,6 +541,7 @@ class GatewayState:
     update_version: int | None
     reason: str | None
     status: dict[str, Any]
+    drift: tuple[str, ...] = ()
 
 
 def _json(payload: bytes) -> dict[str, Any]:
@@ -576,7 +578,7 @@ def fleet_status(client: FleetClient, prefix: str, fleet: str) -> list[GatewaySt
     except ValueError as exc:
         raise FleetError(str(exc)) from exc
     base = f"{prefix}/gateways"
-    filters = [Topics(prefix).status, FleetTopics.gateway_model(prefix, "+")]  # every gateway's
+    filters = [Topics(prefix).status, FleetTopics.gateway_model(prefix, "+"), Topics(prefix).drift]  # every gateway's
     got = client.retained(filters, probe_base=topics.base)
     per: dict[str, dict[str, dict[str, Any]]] = {}
     for topic, payload in got.items():
@@ -595,6 +597,12 @@ def fleet_status(client: FleetClient, prefix: str, fleet: str) -> list[GatewaySt
             continue
         model = st.get("model") if isinstance(st.get("model"), dict) else {}
         version = model.get("version", st.get("model_version", upd.get("model_version", md.get("running_version"))))
+        dn = per[gw].get("drift", {})
+        skill = st.get("skill") if isinstance(st.get("skill"), dict) else {}
+        if isinstance(dn.get("stations"), list):
+            drift = tuple(str(d.get("station")) for d in dn["stations"] if isinstance(d, dict))
+        else:
+            drift = tuple(str(x) for x in skill.get("drift") or () if isinstance(x, str))
         rows.append(
             GatewayState(
                 gateway=gw,
@@ -605,6 +613,7 @@ def fleet_status(client: FleetClient, prefix: str, fleet: str) -> list[GatewaySt
                 update_version=md.get("version"),
                 reason=md.get("reason"),
                 status=st,
+                drift=drift,
             )
         )
     return rows
@@ -618,6 +627,8 @@ def format_status(rows: list[GatewayState]) -> str:
         last = "-" if r.stage is None else f"{r.stage} v{r.update_version}" if r.update_version else r.stage
         if r.reason:
             last += f" ({r.reason})"
+        if r.drift:  # the gateway's model is worse than a naive forecast on these stations
+            last += f"  DRIFT: {', '.join(r.drift[:5])}" + (f" (+{len(r.drift) - 5})" if len(r.drift) > 5 else "")
         online = "?" if r.online is None else "yes" if r.online else "no"
         lines.append((r.gateway, online, "-" if r.model_version is None else f"v{r.model_version}",
                       r.backend or "-", last))  # fmt: skip

@@ -31,6 +31,7 @@ import numpy as np
 
 from gapcast.baselines import locf
 from gapcast.calendar import calendar_features
+from gapcast.duration import format_duration
 from gapcast.edge.backends import Backend
 from gapcast.edge.bundle import Card
 from gapcast.edge.config import EdgeConfig
@@ -42,13 +43,16 @@ from gapcast.edge.messages import (
     Rejection,
     Topics,
     deadletter_message,
+    drift_message,
     filled_message,
     forecast_message,
     iso,
     parse_reading,
     revision_message,
+    skill_message,
     status_message,
 )
+from gapcast.edge.skill import SkillSettings, SkillTracker
 from gapcast.edge.variant import variant_status
 from gapcast.edge.window import StationWindow, WindowSpec
 
@@ -154,6 +158,11 @@ class CoreSettings:
     max_catchup_steps: int = 24 * 31
     fleet: str = "default"
     aggregate: tuple[str, ...] = ()
+    skill: bool = True
+    skill_span_s: float = 7 * 86400.0
+    drift_after_s: float = 86400.0
+    skill_min_count: int = 200
+    shadow_share: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig) -> CoreSettings:
@@ -167,6 +176,11 @@ class CoreSettings:
             max_missing_share=cfg.agent.max_missing_share,
             max_batch=cfg.model.max_batch,
             fleet=cfg.fleet,
+            skill=cfg.skill.enabled,
+            skill_span_s=cfg.skill.span_s,
+            drift_after_s=cfg.skill.drift_after_s,
+            skill_min_count=cfg.skill.min_count,
+            shadow_share=cfg.skill.shadow_share,
         )
 
 
@@ -244,6 +258,16 @@ class AgentCore:
         self._listed = frozenset(settings.stations)
         self._round: Counter = Counter()  # figures since the last take_round(): steps, imputed, fallback, revisions
         self._round_stations: set[str] = set()
+        # Online skill (gapcast.edge.skill): every forecast scored against the readings that arrive; drift notices.
+        self.skill: SkillTracker | None = None
+        if settings.skill:
+            self.skill = SkillTracker(
+                self.channels, self.std, self.H, self.cadence_s,
+                SkillSettings(span_s=settings.skill_span_s, drift_after_s=settings.drift_after_s,
+                              min_count=settings.skill_min_count, season_steps=season if season < self.L else 0),
+            )
+        self.drift: dict[str, dict[str, Any]] = {}  # station -> evidence, while in drift
+        self._shadow_rng = np.random.default_rng(0)  # which observed values are shadow-hidden (deterministic)
 
     # -- ingest ----------------------------------------------------------------------------------------------
 
@@ -451,8 +475,19 @@ class AgentCore:
                 steps = np.arange(r.end - L + 1, r.end + H + 1, dtype=np.int64) * self.cadence_s
                 c = cal_cache[r.end] = calendar_features(steps, self.card.utc_offset_s, self.card.timezone)
             cal[b] = c
-        norm = np.where(obs, (np.nan_to_num(raw) - self.mean) / self.std, 0.0).astype(np.float32)
-        obs_f = obs.astype(np.float32)
+        # Shadow-hidden (skill.shadow_share): some observed values of the newest step are withheld from the model
+        # input only, to score the real-time fill against the real reading; the published value stays the reading.
+        hidden = np.zeros((B, C), dtype=bool)
+        share_sh = self.settings.shadow_share if self.skill is not None else 0.0
+        obs_in = obs
+        if share_sh > 0:
+            fills = np.array([r.fill for r in rows], dtype=bool)
+            hidden = obs[:, -1] & fills[:, None] & (self._shadow_rng.random((B, C)) < share_sh)
+            if hidden.any():
+                obs_in = obs.copy()
+                obs_in[:, -1] &= ~hidden
+        norm = np.where(obs_in, (np.nan_to_num(raw) - self.mean) / self.std, 0.0).astype(np.float32)
+        obs_f = obs_in.astype(np.float32)
         imputed = np.empty((B, L, C), dtype=np.float32)
         forecast = np.empty((B, H, C), dtype=np.float32)
         used = np.empty(B, dtype=object)
@@ -487,6 +522,11 @@ class AgentCore:
         fc_phys = np.clip(forecast * self.std + self.mean, self.vmin, self.vmax)
         filled = np.where(obs, raw, imp_phys)
         out: list[OutMessage] = []
+        sk = self.skill
+        if sk is not None:
+            last_obs = _last_observed(raw, obs)  # [B, C] the newest observed value in each window (NaN: none)
+            before = _last_observed(raw[:, :-1], obs[:, :-1])  # [B, C] LOCF's fill of the newest step
+            season = sk.settings.season_steps
         # The version that served this batch (a fleet update or rollback may have swapped it).
         if self.backend.model_version is not None:
             self.model_version = int(self.backend.model_version)
@@ -514,6 +554,12 @@ class AgentCore:
                 )
             if not r.fill:
                 continue
+            if sk is not None:
+                seas = (raw[b, -1 - season], obs[b, -1 - season]) if season else (None, None)
+                sk.observe(r.station, r.end, raw[b, -1], obs[b, -1], *seas)
+                if hidden[b].any():
+                    sk.observe_fill(r.station, r.end, imp_phys[b, -1], raw[b, -1], hidden[b], before[b])
+                    self.counters["shadow_hidden"] += int(hidden[b].sum())
             imp_mask = ~obs[b, -1]
             out.append(
                 filled_message(
@@ -545,11 +591,71 @@ class AgentCore:
                 )
             )
             self.counters["forecasts"] += 1
+            if sk is not None:
+                sk.issue(r.station, r.end, fc_phys[b], last_obs[b])
             steps_log.debug(
                 "%s step %s: %d/%d imputed, window %.0f%% missing, forecast %d steps (%s)",
                 r.station, iso(step_s), n_imp, self.C, 100 * share, H, used[b],
             )
+        if sk is not None:
+            out += self._check_drift(rows, now_s)
         return out
+
+    def _check_drift(self, rows: list[_Row], now_s: float) -> list[OutMessage]:
+        """Drift of every station of the batch at its newest closed step; a drift message when the set changed."""
+        assert self.skill is not None
+        newest: dict[str, int] = {}
+        for r in rows:
+            if r.fill:
+                newest[r.station] = max(r.end, newest.get(r.station, r.end))
+        changed = False
+        for name, end in newest.items():
+            ev = self.skill.check_drift(name, end * self.cadence_s)
+            if ev is None:
+                if self.drift.pop(name, None) is not None:
+                    log.info("station %s: forecast skill back within the naive methods; drift cleared", name)
+                    changed = True
+                continue
+            evidence = {
+                "station": name, "ratio": round(ev["ratio"], 4), "n": ev["n"], "since": iso(ev["since_s"]),
+                "for": format_duration(ev["for_s"]) if ev["for_s"] > 0 else "0s", "buckets": ev["buckets"],
+            }
+            if name not in self.drift:
+                log.warning(
+                    "station %s: model drift: forecast MAE is %.2fx the better naive method's over %s (%d values), "
+                    "worse since %s", name, ev["ratio"], format_duration(self.skill.settings.span_s), ev["n"],
+                    evidence["since"],
+                )
+                self.counters["drift_raised"] += 1
+                changed = True
+            self.drift[name] = evidence
+        return [self.drift_message(now_s)] if changed else []
+
+    def drift_message(self, now_s: float) -> OutMessage:
+        """The retained drift notice with every station in drift (empty: none)."""
+        return drift_message(self.topics, [self.drift[k] for k in sorted(self.drift)], now_s, self.model_version)
+
+    def skill_body(self) -> dict[str, Any]:
+        """The gateway's rolling skill (:meth:`SkillTracker.summary`), the shadow fill skill, and per station."""
+        sk = self.skill
+        if sk is None:
+            return {"enabled": False}
+        body = sk.summary()
+        body["fill"] = sk.fill_mae()
+        body["drift"] = sorted(self.drift)
+        body["stations"] = {
+            name: {**sk.station_mae(name), "drift": name in self.drift, "fill": sk.fill_mae(name)}
+            for name in sorted(sk.stations)
+        }
+        return body
+
+    def skill_message(self, now_s: float) -> OutMessage | None:
+        """The retained ``{prefix}/gateways/{gateway}/skill`` message (None when skill is off)."""
+        if self.skill is None:
+            return None
+        body = self.skill_body()
+        body.pop("drift", None)
+        return skill_message(self.topics, body, now_s, self.model_version)
 
     def take_round(self) -> dict[str, int]:
         """What was closed since the last call, and reset: ``steps`` (filled steps), ``stations`` (distinct),
@@ -585,7 +691,14 @@ class AgentCore:
             "ignored_channels": dict(sorted(self.ignored.items())),
             "no_forecast": reasons,
             "no_forecast_stations": len(self.no_forecast),
+            "skill": self._status_skill(),
         }
+
+    def _status_skill(self) -> dict[str, Any]:
+        """The status's skill section: the gateway summary, the fill skill and the stations in drift."""
+        if self.skill is None:
+            return {"enabled": False}
+        return {**self.skill.summary(), "fill": self.skill.fill_mae(), "drift": sorted(self.drift)}
 
     def status(self, now_s: float, extra: dict[str, Any] | None = None) -> OutMessage:
         """The retained status message (``state: online``) with counters; ``extra`` is merged in."""
@@ -610,7 +723,13 @@ class AgentCore:
 
     def export_state(self) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]:
         """Every station's window as ``name -> (arrays, meta)`` (see :meth:`StationWindow.export_state`)."""
-        return {name: w.export_state() for name, w in self.windows.items()}
+        out = {name: w.export_state() for name, w in self.windows.items()}
+        if self.skill is not None:  # additive: the skill arrays ride along as "skill.*" arrays of the station
+            for name, arrays in self.skill.export_state().items():
+                if name in out:
+                    win, meta = out[name]
+                    out[name] = ({**win, **{f"skill.{k}": v for k, v in arrays.items()}}, meta)
+        return out
 
     def restore_state(self, stations: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]) -> int:
         """Restore windows exported by :meth:`export_state` (skipping ones that do not fit, logged).
@@ -619,12 +738,22 @@ class AgentCore:
             How many stations were restored.
         """
         n = 0
+        skill_state: dict[str, dict[str, np.ndarray]] = {}
         for name, (arrays, meta) in stations.items():
+            sk_arrays = {k[6:]: v for k, v in arrays.items() if k.startswith("skill.")}
+            if sk_arrays:
+                skill_state[name] = sk_arrays
+                arrays = {k: v for k, v in arrays.items() if not k.startswith("skill.")}
             try:
                 self.windows[name] = StationWindow.from_state(self.spec, arrays, meta)
                 n += 1
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("window of %s not restored: %s", name, exc)
+        if self.skill is not None and skill_state:
+            try:
+                self.skill.restore_state({k: v for k, v in skill_state.items() if k in self.windows})
+            except (KeyError, ValueError, TypeError, IndexError) as exc:
+                log.warning("skill state not restored: %s", exc)
         wm = [w.ref_s for w in self.windows.values() if math.isfinite(w.ref_s)]
         if wm:
             self.watermark_s = max(wm)
@@ -667,6 +796,16 @@ class AgentCore:
             schema=schema,
             backend=backend,
         )
+
+
+def _last_observed(raw: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """The newest observed value of each channel in each window: [B, L, C] -> [B, C], NaN where never observed."""
+    L = raw.shape[1]
+    if L == 0:
+        return np.full((raw.shape[0], raw.shape[2]), np.nan)
+    idx = np.where(obs, np.arange(L)[None, :, None], -1).max(axis=1)  # [B, C]
+    vals = np.take_along_axis(raw, np.clip(idx, 0, L - 1)[:, None, :], axis=1)[:, 0, :].astype(np.float64)
+    return np.where(idx >= 0, vals, np.nan)
 
 
 def aggregate_rules(card: Card, default: str | None = None, per_channel: dict[str, str] | None = None) -> tuple[str, ...]:

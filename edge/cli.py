@@ -234,9 +234,17 @@ def _run(args) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    stop_dashboard = None
+    if cfg.skill.dashboard_listen:  # [dashboard] listen: the page inside the agent process (gapcast.edge.dashboard)
+        from gapcast.edge.dashboard import start_in_agent
+
+        server, stop_dashboard = start_in_agent(cfg)
+        log.info("dashboard: %s", server.url)
     try:
         return agent.run(stop)
     finally:
+        if stop_dashboard is not None:
+            stop_dashboard()
         state_lock.release()
 
 

@@ -273,6 +273,28 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class SkillConfig:
+    """Online forecast skill and drift (``gapcast.edge.skill``).
+
+    Attributes:
+        enabled: score every forecast against the readings that arrive (default on).
+        span_s: the rolling span, seconds (``span = "7d"``).
+        drift_after_s: how long a station must be worse than the better naive method before drift (``"24h"``).
+        min_count: scored values a station needs in the span before its ratio counts.
+        shadow_share: share (0..1) of the newest step's observed values withheld from the model input only (never
+            from the published value) to score real-time fills against the real reading; 0 = off (the default).
+        dashboard_listen: ``[dashboard] listen = "HOST:PORT"``: serve the dashboard inside the agent; empty: off.
+    """
+
+    enabled: bool = True
+    span_s: float = 7 * 86400.0
+    drift_after_s: float = 86400.0
+    min_count: int = 200
+    shadow_share: float = 0.0
+    dashboard_listen: str = ""
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """The agent's log output (``gapcast.edge.logs``).
 
@@ -314,6 +336,7 @@ class EdgeConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     source: Path | None = None
+    skill: SkillConfig = field(default_factory=SkillConfig)
 
     @property
     def client_id(self) -> str:
@@ -452,6 +475,22 @@ def _name_map(sec: _Section, read) -> dict:
 #: Outgoing message kinds ``outbox.drop_order`` may name. Filled values (``filled`` and their ``revision``) are not:
 #: they are dropped only last, when nothing else is left, never by policy.
 DROPPABLE_KINDS = ("forecast", "deadletter", "status")
+
+
+def _duration(sec: _Section, k: str, default: str) -> float:
+    """A duration key (``"7d"``, ``"24h"``) in seconds, > 0; the error names the key."""
+    from gapcast.duration import parse_duration
+
+    raw = sec._get(k)
+    if raw is None:
+        raw = default
+    try:
+        v = parse_duration(raw, key=sec.key(k))
+    except Exception as exc:  # parse_duration's error names the key
+        raise ConfigError(str(exc)) from exc
+    if v <= 0:
+        raise ConfigError(f"{sec.key(k)}: must be > 0, got {raw!r}")
+    return v
 
 
 def _drop_order(sec: _Section) -> tuple[str, ...]:
@@ -672,6 +711,19 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         steps=lg.bool_("steps", False),
     )
     lg.done()
+
+    sk = top.table("skill")
+    skill = SkillConfig(
+        enabled=sk.bool_("enabled", True),
+        span_s=_duration(sk, "span", "7d"),
+        drift_after_s=_duration(sk, "drift_after", "24h"),
+        min_count=sk.int_("min_count", 200, 1),
+        shadow_share=sk.float_("shadow_share", 0.0, 0.0, 1.0),
+    )
+    sk.done()
+    db = top.table("dashboard")
+    skill = SkillConfig(**{**skill.__dict__, "dashboard_listen": db.str_("listen", "") or ""})
+    db.done()
     top.done()
 
     cfg = EdgeConfig(
@@ -688,6 +740,7 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         metrics=metrics,
         log=log_settings,
         source=source,
+        skill=skill,
     )
     if cfg.broker.tls.insecure:
         log.warning(

@@ -52,6 +52,8 @@ __all__ = [
     "RetainedFilter",
     "Topics",
     "deadletter_message",
+    "drift_message",
+    "skill_message",
     "filled_message",
     "forecast_message",
     "iso",
@@ -97,7 +99,8 @@ DEFAULT_READINGS_TOPIC = "{prefix}/stations/{station}/readings"
 #: The contract id each payload kind carries in its ``schema`` field (the JSON Schema's ``$id`` ends with it).
 SCHEMA_IDS = {
     kind: f"gapcast/{kind}/1"
-    for kind in ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "notice")
+    for kind in ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "notice",
+                 "skill", "drift")
 }
 
 # fullmatch, ASCII digits only: "$" would let a trailing newline through, "\d" every Unicode digit.
@@ -271,6 +274,16 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}/deadletter/{self.gateway}"
+
+    @property
+    def skill(self) -> str:
+        """Retained rolling forecast skill of the gateway (``gapcast/skill/1``)."""
+        return f"{self.prefix}/gateways/{self.gateway}/skill"
+
+    @property
+    def drift(self) -> str:
+        """Retained drift notice: the stations whose model is worse than the better naive method (``gapcast/drift/1``)."""
+        return f"{self.prefix}/gateways/{self.gateway}/drift"
 
 
 @dataclass(frozen=True)
@@ -929,6 +942,23 @@ def status_message(topics: Topics, body: dict, now_s: float, model_version: int)
         **body,
     }
     return OutMessage(topics.status, _dumps(full), "status", mid, retain=True, created_s=now_s)
+
+
+def skill_message(topics: Topics, body: dict, now_s: float, model_version: int) -> OutMessage:
+    """The retained skill message: ``body`` = ``{"span", "buckets", "fill", "stations": {name: figures}}``."""
+    mid = message_id(topics.gateway, now_s, "skill", model_version)
+    full = {"schema": SCHEMA_IDS["skill"], "id": mid, "gateway": topics.gateway, "ts": iso(now_s),
+            "model_version": int(model_version), **body}
+    # kind "status": a full outbox drops it like a status (the next one supersedes it)
+    return OutMessage(topics.skill, _dumps(full), "status", mid, retain=True, created_s=now_s)
+
+
+def drift_message(topics: Topics, stations: list[dict], now_s: float, model_version: int) -> OutMessage:
+    """The retained drift notice: ``stations`` = the evidence per station in drift (empty: no drift, cleared)."""
+    mid = message_id(topics.gateway, now_s, "drift", model_version)
+    full = {"schema": SCHEMA_IDS["drift"], "id": mid, "gateway": topics.gateway, "ts": iso(now_s),
+            "model_version": int(model_version), "drift": bool(stations), "stations": stations}
+    return OutMessage(topics.drift, _dumps(full), "status", mid, retain=True, created_s=now_s)
 
 
 def offline_payload(gateway: str, reason: str = "connection lost", *, fleet: str | None = None) -> bytes:

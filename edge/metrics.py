@@ -300,3 +300,14 @@ class _SnapshotCollector:
             },
         )
         yield info
+        skill = s.get("skill") if isinstance(s.get("skill"), dict) else {}
+        if skill.get("buckets"):  # online forecast skill (gapcast.edge.skill), the gateway's rolling figures
+            fam = GaugeMetricFamily("gapcast_skill_mae", "Rolling forecast MAE (normalised units) by horizon bucket and "
+                                    "method (model, persistence, seasonal_naive).", labels=["bucket", "method"])
+            for label, b in sorted(skill["buckets"].items()):
+                for method, v in sorted(b.items()):
+                    if method != "n" and isinstance(v, int | float):
+                        fam.add_metric([label, method], float(v))
+            yield fam
+            yield GaugeMetricFamily("gapcast_drift_stations", "Stations whose model is worse than the better naive "
+                                    "method for longer than skill.drift_after.", value=float(len(skill.get("drift") or [])))

@@ -785,6 +785,11 @@ class MqttAgent:
                 self._log_round()
                 if mono >= next_status:
                     self._put_status()
+                    if (skill := self.core.skill_message(self.now())) is not None:  # retained rolling skill
+                        try:
+                            self.outbox.put(skill)
+                        except OutboxFull:  # full disk: the status says so; the skill waits for the next interval
+                            self.counters["skill_unstored"] += 1
                     next_status = mono + a.status_interval_s
                 self._process_acks()
                 self._pump()

@@ -77,12 +77,15 @@ class SkillSettings:
 
 
 class _Station:
-    __slots__ = ("bin_ids", "counts", "pending", "sums", "worse_since_s")
+    __slots__ = ("bin_ids", "counts", "fill_counts", "fill_sums", "pending", "sums", "worse_since_s")
 
     def __init__(self, n_bins: int, n_buckets: int, channels: int) -> None:
         self.sums = np.zeros((n_bins, n_buckets, channels, len(METHODS)), dtype=np.float64)
         self.counts = np.zeros((n_bins, n_buckets, channels), dtype=np.int64)
         self.bin_ids = np.full(n_bins, -1, dtype=np.int64)
+        # real-time fill skill (shadow-hidden values): [bins, C, (fill, locf)] and [bins, C]
+        self.fill_sums = np.zeros((n_bins, channels, 2), dtype=np.float64)
+        self.fill_counts = np.zeros((n_bins, channels), dtype=np.int64)
         # origin step -> (model forecast [H, C] float16, persistence [C] float16 with NaN where never observed)
         self.pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.worse_since_s: float | None = None
@@ -171,26 +174,65 @@ class SkillTracker:
             ok_seas = np.asarray(seasonal_observed, dtype=bool) & np.isfinite(seas)
         else:
             seas, ok_seas = None, np.ones_like(ok_truth)
+        origins = [o for o in st.pending if 1 <= step - o <= self.H]
+        if not origins:
+            return 0
+        # Every pending forecast that covered the step at once: [n, C] (one numpy pass, not one per forecast).
+        model = np.stack([st.pending[o][0][step - o - 1] for o in origins]).astype(np.float64)
+        pers = np.stack([st.pending[o][1] for o in origins]).astype(np.float64)
+        ok = ok_truth & ok_seas & np.isfinite(pers) & np.isfinite(model)
+        if not ok.any():
+            return 0
         row = self._bin_row(st, step)
-        n = 0
-        for origin, (fc, last) in st.pending.items():
-            h = step - origin
-            if not 1 <= h <= self.H:
+        ref = np.broadcast_to(seas, model.shape) if seas is not None else pers
+        err = np.stack([np.abs(model - truth), np.abs(pers - truth), np.abs(ref - truth)], axis=-1) / self.scale[:, None]
+        err = np.where(ok[..., None], err, 0.0)
+        ks = self._bucket_of[np.array([step - o for o in origins])]
+        for k in np.unique(ks):
+            sel = ks == k
+            st.sums[row, k] += err[sel].sum(axis=0)
+            st.counts[row, k] += ok[sel].sum(axis=0)
+        return int(ok.sum())
+
+    def observe_fill(
+        self, station: str, step: int, fill: np.ndarray, truth: np.ndarray, hidden: np.ndarray, locf: np.ndarray,
+    ) -> int:
+        """Score real-time fills of shadow-hidden values (withheld from the model input, really observed).
+
+        Args:
+            station: station name.
+            step: the step index of the closed step.
+            fill: [C] float, the model's real-time fill of the step (physical units).
+            truth: [C] float, the real readings.
+            hidden: [C] bool, the channels that were withheld (and observed).
+            locf: [C] float, the last observed value before the step (LOCF's fill; NaN = none).
+
+        Returns:
+            How many values were scored (channels where fill, truth and LOCF are finite).
+        """
+        st = self._station(station)
+        fill, truth, locf = (np.asarray(a, dtype=np.float64) for a in (fill, truth, locf))
+        ok = np.asarray(hidden, dtype=bool) & np.isfinite(fill) & np.isfinite(truth) & np.isfinite(locf)
+        if not ok.any():
+            return 0
+        row = self._bin_row(st, step)
+        err = np.stack([np.abs(fill - truth), np.abs(locf - truth)], axis=-1) / self.scale[:, None]
+        st.fill_sums[row][ok] += err[ok]
+        st.fill_counts[row][ok] += 1
+        return int(ok.sum())
+
+    def fill_mae(self, station: str | None = None) -> dict[str, Any]:
+        """Rolling real-time fill MAE (normalised units) of the shadow-hidden values: ``{"model", "locf", "n"}``
+        for one station, or pooled over the gateway (``station`` None); None where nothing was scored."""
+        sts = [self.stations[station]] if station in self.stations else [] if station else list(self.stations.values())
+        sums, n = np.zeros(2), 0
+        for st in sts:
+            if (st.bin_ids < 0).all():
                 continue
-            model = fc[h - 1].astype(np.float64)
-            pers = last.astype(np.float64)
-            ok = ok_truth & ok_seas & np.isfinite(pers) & np.isfinite(model)
-            if not ok.any():
-                continue
-            k = self._bucket_of[h]
-            err = np.stack(
-                [np.abs(model - truth), np.abs(pers - truth), np.abs((seas if seas is not None else pers) - truth)],
-                axis=-1,
-            ) / self.scale[:, None]
-            st.sums[row, k][ok] += err[ok]
-            st.counts[row, k][ok] += 1
-            n += int(ok.sum())
-        return n
+            live = self._live_rows(st)
+            sums += st.fill_sums[live].sum(axis=(0, 1))
+            n += int(st.fill_counts[live].sum())
+        return {"model": float(sums[0] / n) if n else None, "locf": float(sums[1] / n) if n else None, "n": n}
 
     def _bin_row(self, st: _Station, step: int) -> int:
         bin_id = int(math.floor(step * self.cadence_s / self.bin_s))
@@ -200,6 +242,8 @@ class SkillTracker:
                 return row
             st.sums[row] = 0.0
             st.counts[row] = 0
+            st.fill_sums[row] = 0.0
+            st.fill_counts[row] = 0
             st.bin_ids[row] = bin_id
         return row
 
@@ -290,6 +334,7 @@ class SkillTracker:
                 "last": np.stack([st.pending[o][1] for o in origins]) if len(origins) else
                 np.zeros((0, len(self.channels)), np.float16),
                 "worse_since_s": np.array([np.nan if st.worse_since_s is None else st.worse_since_s]),
+                "fill_sums": st.fill_sums, "fill_counts": st.fill_counts,
             }
         return out
 
@@ -306,6 +351,9 @@ class SkillTracker:
             st.pending = {int(o): (a["fc"][i], a["last"][i]) for i, o in enumerate(a["origins"])}
             ws = float(a["worse_since_s"][0])
             st.worse_since_s = None if math.isnan(ws) else ws
+            if "fill_sums" in a and a["fill_sums"].shape == st.fill_sums.shape:  # absent in older snapshots
+                st.fill_sums[...] = a["fill_sums"]
+                st.fill_counts[...] = a["fill_counts"]
             self.stations[name] = st
             n += 1
         return n

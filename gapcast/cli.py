@@ -24,6 +24,7 @@ _PARTS = (
     "gapcast.edge.cli",  # edge run | check | build-engine
     "gapcast.edge.schemas",  # schema [NAME]
     "gapcast.sink.cli",  # sink
+    "gapcast.edge.dashboard",  # dashboard
     "gapcast.tools.replay",  # replay
     "gapcast.deploy.cli",  # fleet publish | status | promote | rollback
     "gapcast.tools.demo",  # demo

@@ -93,6 +93,8 @@ class DemoOptions:
         trusted_key: the public key that bundle's signature verifies under (required with ``bundle``).
         quick: small export samples (calibration, parity, accuracy gate) and no CPU INT8 variant: for tests, not
             for figures.
+        dashboard: ``HOST:PORT``: serve the live dashboard from the broker stage on, print its URL, and after the
+            run keep the broker, the agent and the page up until Ctrl-C; empty: off.
     """
 
     out: Path = Path("demo-out")
@@ -111,6 +113,7 @@ class DemoOptions:
     bundle: str | None = None
     trusted_key: str | None = None
     quick: bool = False
+    dashboard: str = ""  # HOST:PORT: serve the live dashboard (gapcast.edge.dashboard) and keep it up until Ctrl-C
 
 
 @dataclass
@@ -730,6 +733,7 @@ class _Demo:
         self.stages: list[StageResult] = []
         self.procs: list[_Proc] = []
         self.broker = None
+        self.dashboard = None  # (server, stop) of the live dashboard, with --dashboard
         self.collector: Collector | None = None
         self.summary: dict[str, Any] = {}
         self.artifacts: dict[str, str] = {}
@@ -811,6 +815,8 @@ class _Demo:
                 _agent_toml(toml, port=self.broker.port, stations=stations, bundle=bundle,
                             pubkey=pub, state=self.out / "agent-state")  # fmt: skip
                 self.artifacts["agent_config"] = str(toml)
+                if self.o.dashboard:
+                    self._start_dashboard()
             with self.stage("agent") as r:
                 self.run_cmd(r, "edge-check", _gapcast("edge", "check", "--config", str(toml)), timeout_s=300)
                 self.collector = Collector(self.broker.host, self.broker.port)
@@ -827,6 +833,7 @@ class _Demo:
                 self._replay(r, stations, agent)
             with self.stage("score") as r:
                 self._score(r, card)
+            self._hold_dashboard()
         except KeyboardInterrupt:
             ok = False
             print("\n[demo] interrupted: stopping everything it started", file=sys.stderr)
@@ -860,6 +867,33 @@ class _Demo:
         for k, v in {**self.artifacts, "logs": str(self.logs)}.items():
             print(f"  {k:<14} {v}")
         return 0 if ok else 1
+
+    def _start_dashboard(self) -> None:
+        from gapcast.edge.dashboard import DashboardServer, DashboardState, mqtt_feed
+
+        state = DashboardState(PREFIX, max_steps=24 * 31)
+        server = DashboardServer(state, self.o.dashboard).start()
+        client = mqtt_feed(state, self.broker.url, client_id="gapcast-demo-dashboard")
+
+        def stop() -> None:
+            client.loop_stop()
+            client.disconnect()
+            server.stop()
+
+        self.dashboard = (server, stop)
+        self.artifacts["dashboard"] = server.url
+        print(f"[demo] dashboard: {server.url}", flush=True)
+
+    def _hold_dashboard(self) -> None:
+        """With --dashboard: keep the broker, the agent and the page up until Ctrl-C (or SIGTERM)."""
+        if self.dashboard is None:
+            return
+        print(f"\n[demo] dashboard: {self.dashboard[0].url}  (the agent and the broker stay up; Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(0.5)
+        except (KeyboardInterrupt, _Terminated):
+            print("\n[demo] stopping the dashboard, the agent and the broker", file=sys.stderr)
 
     def _build(self, run_dir: Path, keys_dir: Path, bundle: Path, stations: list[str]) -> None:
         """train -> evaluate -> keys -> export, each a ``gapcast`` sub-command."""
@@ -1021,6 +1055,10 @@ class _Demo:
         r.detail = f"{cov['realtime']:,}/{cov['hidden_values']:,} hidden values filled in real time"
 
     def _cleanup(self) -> None:
+        if self.dashboard is not None:
+            with contextlib.suppress(Exception):
+                self.dashboard[1]()
+            self.dashboard = None
         for p in reversed(self.procs):
             with contextlib.suppress(Exception):
                 p.stop()
@@ -1090,6 +1128,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", help="use this signed bundle: skip train, evaluate, keys and export")
     p.add_argument("--trusted-key", help="public key the --bundle signature verifies under")
     p.add_argument("--quick", action="store_true", help="small export samples (tests; not for reported figures)")
+    p.add_argument("--dashboard", nargs="?", const="127.0.0.1:8080", default="", metavar="HOST:PORT",
+                   help="serve the live dashboard (default 127.0.0.1:8080), print its URL and keep everything up "
+                        "after the run until Ctrl-C")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -1109,6 +1150,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         bundle=args.bundle,
         trusted_key=args.trusted_key,
         quick=args.quick,
+        dashboard=args.dashboard,
     )
     return run_demo(opts)
 

@@ -17,6 +17,8 @@ model          out        ``{prefix}/gateways/{gateway}/model`` (retained; fleet
 deadletter     out        ``{prefix}/deadletter/{gateway}``
 manifest       in         ``{prefix}/fleet/{fleet}/manifest`` (retained signed release envelope)
 notice         out        ``{prefix}/gateways/{gateway}/notice`` (an event to act on: a lost broker session)
+skill          out        ``{prefix}/gateways/{gateway}/skill`` (retained; rolling forecast skill)
+drift          out        ``{prefix}/gateways/{gateway}/drift`` (retained; stations whose model lost to naive)
 =============  =========  ==========================================================================
 
 Source: JSON Schema 2020-12 (https://json-schema.org/draft/2020-12/json-schema-core).
@@ -35,7 +37,8 @@ from gapcast import GapcastError
 __all__ = ["NAMES", "load_schema", "name_of", "register", "schema_text"]
 
 #: Every contract, in the order ``gapcast schema`` lists them.
-NAMES = ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "notice")
+NAMES = ("reading", "filled", "revision", "forecast", "status", "model", "deadletter", "manifest", "notice", "skill",
+         "drift")
 
 
 def schema_text(name: str) -> str:

@@ -16,7 +16,7 @@ from gapcast.edge.schemas import NAMES, load_schema, name_of
 
 # Topic level -> schema, for the outputs (readings are inputs: tests send hostile ones on purpose).
 _BY_LEVEL = {"filled": "filled", "revisions": "revision", "forecast": "forecast", "status": "status",
-             "model": "model", "manifest": "manifest", "notice": "notice"}
+             "model": "model", "manifest": "manifest", "notice": "notice", "skill": "skill", "drift": "drift"}
 
 
 @cache

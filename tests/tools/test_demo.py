@@ -184,3 +184,47 @@ def test_demo_ctrl_c_stops_everything_it_started(tmp_path, tiny_bundle, signing_
     assert s["ok"] is False and {st["name"]: st["ok"] for st in s["stages"]}["replay"] is False
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     assert left == []
+
+
+@pytest.mark.broker
+def test_demo_dashboard_prints_the_url_and_stays_up_until_ctrl_c(tmp_path, tiny_bundle, signing_key, data_root):
+    """--dashboard: the URL is printed, the page serves the replayed station after the run, Ctrl-C ends it all."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "demo"
+    argv = [sys.executable, "-m", "gapcast.cli", "demo", "--out", str(out), "--data", str(data_root),
+            "--bundle", str(tiny_bundle), "--trusted-key", str(signing_key.public),
+            "--stations", "1", "--days", "7", "--speed", "0", "--dashboard", f"127.0.0.1:{port}"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        assert f"dashboard: http://127.0.0.1:{port}/" in "".join(lines), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=5) as r:
+            state = json.loads(r.read())
+        (station,) = state["stations"].values()
+        assert station["filled"] == 167  # 7 days of one station: 168 readings, every step but the newest closed
+        assert proc.poll() is None  # still up after the run
+        os.kill(proc.pid, signal.SIGINT)
+        text = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
