@@ -16,14 +16,18 @@ from support.contracts import assert_contracts
 from support.edge_replay import beijing_card_dict, readings_stream
 
 from gapcast.edge.agent import AgentCore, CoreSettings
+from gapcast.edge.backends import Backend
 from gapcast.edge.bundle import Card
 from gapcast.edge.messages import Topics
 
 
-class ConstBackend:
+class ConstBackend(Backend):
     """Forecasts 1.0 normalised everywhere (a = 12, b = 5); imputes 0.0 (a = 10, b = 0)."""
 
     name = "const"
+
+    def describe(self):
+        return "const (test)"
 
     def run(self, values, observed, calendar):
         B, L, C = values.shape
@@ -79,8 +83,11 @@ def test_drift_is_raised_logged_once_and_cleared(make_core, caplog):
     assert [r.levelname for r in caplog.records if "model drift" in r.message] == ["WARNING"]
     assert_contracts([(m.topic, m.payload) for m in drift])
     # The model starts forecasting the truth (a = 10 + k + h, b = 0): the ratio falls under 1 and drift clears.
-    class Truth:
+    class Truth(Backend):
         name = "truth"
+
+        def describe(self):
+            return "truth (test)"
 
         def run(self, values, observed, calendar):
             B, L, C = values.shape
@@ -138,10 +145,13 @@ def test_skill_off(make_core):
 # -- Beijing: a garbage model drifts within the span, a good one never does ------------------------------------
 
 
-class Garbage:
+class Garbage(Backend):
     """Forecasts noise: 3 std off, random sign."""
 
     name = "garbage"
+
+    def describe(self):
+        return "garbage (test)"
 
     def __init__(self):
         self.rng = np.random.default_rng(1)
@@ -152,11 +162,14 @@ class Garbage:
         return np.zeros((B, L, C), np.float32), (3 * self.rng.choice([-1, 1], (B, H, C))).astype(np.float32)
 
 
-class Nudged:
+class Nudged(Backend):
     """A good, persistence-like forecaster: persistence moved 10 % of the way to seasonal naive (one day back).
     On this replay its rolling ratio ends at 0.978 (Aotizhongxin) and 0.983 (Changping); pure persistence is 1.0."""
 
     name = "nudged"
+
+    def describe(self):
+        return "nudged persistence (test)"
 
     def run(self, values, observed, calendar):
         from gapcast.baselines import locf
