@@ -154,7 +154,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     if errors:
         md.append("\nNot run: " + "; ".join(f"{m}: {e}" for m, e in errors.items()))
     md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
-    if res.get("network"):
+    if res.get("network") and "skipped" not in res["network"]:
         from gapcast.train.network_eval import network_markdown
 
         md.append(network_markdown(res["network"]))
@@ -315,7 +315,7 @@ def _agent(args: argparse.Namespace) -> int:
         ["stations", "readings", "raw paho msg/s", "agent readings/s", "agent / raw", "p50 ms", "p99 ms",
          "agent peak RSS MiB"], rows))
     md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
-    if res.get("network"):
+    if res.get("network") and "skipped" not in res["network"]:
         from gapcast.train.network_eval import network_markdown
 
         md.append(network_markdown(res["network"]))

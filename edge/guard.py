@@ -218,13 +218,26 @@ def make_backend_factories(
         "variant_budget_s": m.variant_budget_s,
     }
 
+    def interpolation(bundle: Bundle) -> Backend:
+        """A day-one bundle (``gapcast export --interpolation-only``) holds no model: the agent interpolates."""
+        from gapcast.edge.agent import InterpolationBackend
+
+        card = bundle.card
+        day = 86_400
+        season = day // card.cadence_s if day % card.cadence_s == 0 and day // card.cadence_s <= card.lookback else 0
+        return InterpolationBackend(card.horizon, season)
+
     def staging(bundle: Bundle) -> Backend:
+        if bundle.card.interpolation_only:
+            return interpolation(bundle)
         return select_backend(
             bundle, prefer=prefer, threads=threads, engine_cache_dir=engine_cache_dir, build_engine=True,
             **variant_kw,
         )
 
     def start(bundle: Bundle) -> Backend:
+        if bundle.card.interpolation_only:
+            return interpolation(bundle)
         try:
             return staging(bundle)
         except EngineBuildFailed as exc:

@@ -691,13 +691,18 @@ def evaluate_run(
         from gapcast.train.network_eval import evaluate_network, network_markdown
 
         group_name = next(iter(spec.groups), "all channels")
-        metrics["network"] = evaluate_network(
-            series, normalizer, channels=channels, group=ss.group, group_name=group_name,
-            lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
-            models={"ConFill": model_imputer(model, progress=False)},
-            calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
-            split=lambda s: split_indices(spec, s, check=False))
-        md += network_markdown(metrics["network"])
+        try:
+            metrics["network"] = evaluate_network(
+                series, normalizer, channels=channels, group=ss.group, group_name=group_name,
+                lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
+                models={"ConFill": model_imputer(model, progress=False)},
+                calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
+                split=lambda s: split_indices(spec, s, check=False))
+            md += network_markdown(metrics["network"])
+        except TrainError as exc:  # e.g. a test range shorter than a network trial: the rest of the report stands
+            log.warning("network scenarios skipped: %s", exc)
+            metrics["network"] = {"skipped": str(exc)}
+            md += f"\n## Network scenarios\n\nskipped: {exc}\n"
     json_path, md_path = run / "metrics.json", run / "metrics.md"
     json_path.write_text(json.dumps(metrics, indent=2, default=_json_default))
     md_path.write_text(md)

@@ -299,11 +299,12 @@ def load_dataset(
     name_of = {v: k for k, v in codes_of.items()}
     present = np.unique(st_all)
     names = sorted(name_of[int(c)] for c in present)
+    if wanted is not None and (unknown_st := sorted(wanted - set(names))):
+        msg = (f"unknown station(s) {unknown_st} asked for (--stations or the training config's stations); "
+               f"the files of {spec.path} hold {names}")
+        raise SpecError(msg)
     if wanted is not None:
         names = [n for n in names if n in wanted]
-    if wanted is not None and (unknown_st := sorted(wanted - set(names))):
-        msg = f"{spec.path}: unknown station(s) {unknown_st}; the files hold {names}"
-        raise SpecError(msg)
     out: dict[str, StationSeries] = {}
     channels = spec_channels(spec)
     order = np.argsort(st_all, kind="stable")

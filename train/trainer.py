@@ -295,7 +295,13 @@ def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig, spec: Datas
     train_ws = make_windows(tr_v, tr_t, stride=1, min_observed=cfg.data.min_observed, **common)
     val_ws = make_windows(va_v, va_t, stride=cfg.data.val_stride, min_observed=cfg.data.min_observed, **common)
     if len(train_ws) == 0 or len(val_ws) == 0:
-        msg = f"no windows left (train {len(train_ws)}, val {len(val_ws)}): lower data.min_observed?"
+        shortest = min((len(t) for t in (tr_t if len(train_ws) == 0 else va_t)), default=0)
+        part = "training" if len(train_ws) == 0 else "validation"
+        msg = (f"no windows left (train {len(train_ws)}, val {len(val_ws)}): a window needs lookback + horizon = "
+               f"{L + H} steps with at least data.min_observed = {cfg.data.min_observed} of it observed; the longest "
+               f"{part} range of a station has {max((len(t) for t in (tr_t if part == 'training' else va_t)), default=0)} "
+               f"steps (shortest {shortest}). Lengthen that split, shorten [model] lookback/horizon, or lower "
+               "data.min_observed")
         raise TrainError(msg)
     return PreparedData(normalizer=normalizer, train=train_ws, val=val_ws, stations=names)
 

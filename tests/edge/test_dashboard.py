@@ -121,14 +121,14 @@ def test_the_page_in_headless_chromium_shows_a_live_agent(broker, tmp_path):
     pub = Publisher(broker.host, broker.port)
     drv = None
     try:
-        wait_for(lambda: ra.agent.connected.is_set(), what="the agent connected")
+        wait_for(lambda: ra.agent.connected.is_set(), timeout_s=60, what="the agent connected")
         first = current_step() - STEPS + 1
         for k in range(STEPS):
             v = None if k in OUTAGE else round(60 + 30 * math.sin(2 * math.pi * k / 12), 2)
             pub.publish(f"{PREFIX}/stations/s1/readings", json.dumps({"ts": (first + k) * CADENCE, "values": {"PM2.5": v}}).encode())
         # readings clock: every step but the newest closes; the outage's end brings one revision
         wait_for(lambda: "s1" in state.stations and state.stations["s1"].n_filled == STEPS - 1
-                 and state.stations["s1"].n_revisions == 1 and state.stations["s1"].forecast is not None, what="the dashboard fed")
+                 and state.stations["s1"].n_revisions == 1 and state.stations["s1"].forecast is not None, timeout_s=60, what="the dashboard fed")
         assert ra.agent.core.counters["filled"] == STEPS - 1
         opts = webdriver.ChromeOptions()
         opts.binary_location = browser
@@ -172,10 +172,10 @@ def test_dashboard_section_of_edge_toml_serves_the_page_beside_the_agent(broker,
     ra = RunningAgent(cfg, HoldableBackend()).start()
     server, stop = start_in_agent(cfg)
     try:
-        wait_for(lambda: "gw-01" in _get(server.url + "api/state")["gateways"], what="the agent's status on the page")
+        wait_for(lambda: "gw-01" in _get(server.url + "api/state")["gateways"], timeout_s=60, what="the agent's status on the page")
         gw = _get(server.url + "api/state")["gateways"]["gw-01"]
         assert gw["status"]["state"] == "online" and gw["status"]["backend"] == "fake"
-        wait_for(lambda: "skill" in _get(server.url + "api/state")["gateways"]["gw-01"], what="the retained skill message")
+        wait_for(lambda: "skill" in _get(server.url + "api/state")["gateways"]["gw-01"], timeout_s=60, what="the retained skill message")
     finally:
         stop()
         ra.stop()

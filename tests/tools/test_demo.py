@@ -177,7 +177,7 @@ def test_demo_ctrl_c_stops_everything_it_started(tmp_path, tiny_bundle, signing_
         time.sleep(0.2)
     assert journal.exists(), "the replay never started"
     os.kill(proc.pid, signal.SIGINT)
-    text = proc.communicate(timeout=60)[0].decode()
+    text = proc.communicate(timeout=180)[0].decode()
     assert proc.returncode == 1, text
     assert "interrupted: stopping everything it started" in text
     s = json.loads((out / "demo-summary.json").read_text())
@@ -221,7 +221,7 @@ def test_demo_dashboard_prints_the_url_and_stays_up_until_ctrl_c(tmp_path, tiny_
         assert station["filled"] == 167  # 7 days of one station: 168 readings, every step but the newest closed
         assert proc.poll() is None  # still up after the run
         os.kill(proc.pid, signal.SIGINT)
-        text = proc.communicate(timeout=60)[0]
+        text = proc.communicate(timeout=180)[0]
         assert proc.returncode == 0, text
     finally:
         if proc.poll() is None:

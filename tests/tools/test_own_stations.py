@@ -130,6 +130,17 @@ def test_own_network_from_csv_to_forecasts_on_mqtt(tmp_path, broker, capsys, mon
     day1 = json.loads((tmp_path / "day1" / "card.json").read_text())
     assert day1["model"]["kind"] == "interpolation" and day1["variants"] == {}
     assert [c["name"] for c in day1["channels"]] == [c["name"] for c in card["channels"]]  # publishable later
+    # With fleet updates on, the updater's backend factories serve a day-one bundle by interpolation (no error).
+    from types import SimpleNamespace
+
+    from gapcast.edge.bundle import verify_bundle
+    from gapcast.edge.guard import make_backend_factories
+
+    ucfg = SimpleNamespace(model=SimpleNamespace(backend="auto", threads=1, variant="auto", max_batch=8,
+                                                 variant_budget_s=0.5), stations=SimpleNamespace(names=()))
+    staging, start = make_backend_factories(ucfg, engine_cache_dir=tmp_path / "engines")
+    day1_bundle = verify_bundle(tmp_path / "day1", [str(pub)])
+    assert staging(day1_bundle).name == start(day1_bundle).name == "interpolation"
 
     # 5. edge run (the trained bundle) and 6. replay the test range onto the broker.
     cfg = tmp_path / "edge.toml"
