@@ -20,7 +20,7 @@ _UNITS_S = {
     "d": 86400, "day": 86400, "days": 86400,
     "w": 604800, "week": 604800, "weeks": 604800,
 }
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$")
+_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*")
 
 
 class DurationError(GapcastError, ValueError):
@@ -32,7 +32,8 @@ def parse_duration(text: str | int | float, *, key: str = "duration") -> float:
 
     Args:
         text: a number with a unit: ms, s, min (or m), h, d, w (long forms like ``"hours"`` too), e.g. ``"10min"``,
-            ``"1.5h"``. A bare number is refused: a duration carries its unit.
+            ``"1.5h"``, or several such parts added up, largest unit first (``"1h30min"``, ``"2d 12h"``, as Go's
+            and systemd's time spans). A bare number is refused: a duration carries its unit.
         key: the config key, named in the error.
 
     Returns:
@@ -44,11 +45,16 @@ def parse_duration(text: str | int | float, *, key: str = "duration") -> float:
     if isinstance(text, bool) or not isinstance(text, str):
         msg = f"{key} = {text!r}: write a duration with its unit, e.g. \"96h\", \"30min\", \"4d\""
         raise DurationError(msg)
-    m = _RE.match(text.lower())
-    if not m or m.group(2) not in _UNITS_S:
-        msg = f"{key} = {text!r} is not a duration (a number and a unit: ms, s, min, h, d, w; e.g. \"96h\")"
+    parts, pos, low = [], 0, text.lower()
+    while pos < len(low) and (m := _PART.match(low, pos)) and m.end() > pos:
+        parts.append(m)
+        pos = m.end()
+    sizes = [_UNITS_S.get(m.group(2)) for m in parts]
+    if not parts or pos != len(low) or None in sizes or sizes != sorted(set(sizes), reverse=True):
+        msg = (f"{key} = {text!r} is not a duration (a number and a unit: ms, s, min, h, d, w; e.g. \"96h\", "
+               "or parts largest first: \"1h30min\")")
         raise DurationError(msg)
-    seconds = float(m.group(1)) * _UNITS_S[m.group(2)]
+    seconds = sum(float(m.group(1)) * size for m, size in zip(parts, sizes, strict=True))
     if seconds <= 0:
         msg = f"{key} = {text!r}: a duration must be > 0"
         raise DurationError(msg)

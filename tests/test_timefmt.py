@@ -42,5 +42,10 @@ def test_durations_hand_computed():
     for bad in ("96", "3 parsecs", "-1h", "0h"):
         with pytest.raises(DurationError):
             parse_duration(bad)
+    # Compound spans add up, largest unit first (as systemd's and Go's); a repeated or rising unit is refused.
+    assert parse_duration("1h30min") == 5400 and parse_duration("2d 12h") == 216000 and parse_duration("1m30s") == 90
+    for bad in ("30min1h", "1h1h", "1h 30", "1h30minx"):
+        with pytest.raises(DurationError, match="largest first"):
+            parse_duration(bad)
     with pytest.raises(DurationError, match="its unit"):
         parse_duration(96)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """``gapcast replay``: a station simulator that publishes real station history over MQTT.
 
 It is the tool to try a broker and a gateway before real stations exist, and the load generator of the demo and the
-benchmarks. Each station's history (Beijing Multi-Site by default: the test months) becomes readings on the contract
+benchmarks. Each station's history (of any dataset spec; by default its test range) becomes readings on the contract
 topic ``{prefix}/stations/{station}/readings`` with the payload ``{"ts": ..., "values": {...}}`` (docs/ARCHITECTURE.md,
 "Contracts"). What the data lacks stays lacking: a real ``NA`` is an absent channel, never a sentinel; a step with no
 channel at all sends no message (the station was silent). On top of the real outages it can inject:
@@ -13,8 +13,9 @@ channel at all sends no message (the station was silent). On top of the real out
 The replay runs on simulated time: a reading is due at its own timestamp (a late one later), and ``speed`` X
 publishes X simulated seconds per wall second (``speed = 0``: as fast as the broker acknowledges).
 
-Two layers: :func:`plan_replay` is pure (series in, a sorted list of :class:`PlannedReading` and the exact masks of
-what was hidden out) so tests and the demo can check every value; :func:`replay` publishes a plan with paho-mqtt 2.x
+Two layers: :func:`plan_replay` (:mod:`gapcast.tools.replay_plan`, re-exported here) is pure (series in, a sorted
+list of :class:`PlannedReading` and the exact masks of what was hidden out) so tests and the demo can check every
+value; :func:`replay` publishes a plan with paho-mqtt 2.x
 (VERSION2 callback API, MQTT 5 by default, QoS 1 with a bounded number of unacknowledged messages).
 """
 
@@ -25,25 +26,25 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from gapcast import GapcastError
 from gapcast.brokerurl import BrokerURL, add_password_argument, resolve_broker_url
 from gapcast.brokerurl import parse_broker_url as _parse_broker_url
-from gapcast.timefmt import format_rfc3339
-
-if TYPE_CHECKING:
-    from gapcast.train.data import StationSeries
+from gapcast.tools.replay_plan import (
+    Outage,
+    PlannedReading,
+    ReplayError,
+    ReplayPlan,
+    format_ts,
+    parse_outage,
+    parse_time,
+    plan_replay,
+)
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -68,376 +69,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "gapcast/v1"
-#: Keywords accepted in an outage's channel list.
-_POLLUTANTS_KEYWORD = "pollutants"
-_ALL_KEYWORD = "all"
-
-
-class ReplayError(GapcastError):
-    """A replay cannot be planned (bad outage, empty time range) or published (broker unreachable)."""
-
-
-# --------------------------------------------------------------------------------------------------- time parsing
-
-
-_ISO_RE = (
-    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::?\d{2}(?::?\d{2})?)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?"
-    r"|\+\d+(?:\.\d+)?[hd]"
-)
-_OUTAGE_RE = re.compile(
-    rf"^(?P<station>[^:]+):(?P<start>{_ISO_RE}):(?P<hours>\d+(?:\.\d+)?)(?::(?P<channels>[^:]+))?$"
-)
-
-
-def parse_time(text: str, *, relative_to: int | None = None) -> int:
-    """Parse a time given on the command line.
-
-    Args:
-        text: ISO 8601 (``2016-06-01``, ``2016-06-01T06``, ``2016-06-01T06:00``, ``2016-06-01T06:00:00+08:00``;
-            UTC when no offset is given), or an offset ``+36h`` / ``+3d`` from ``relative_to``.
-        relative_to: epoch seconds an offset counts from.
-
-    Returns:
-        Epoch seconds (timezone.utc).
-
-    Raises:
-        ReplayError: if the text is neither form, or an offset is given without a reference.
-    """
-    s = text.strip()
-    if s.startswith("+"):
-        if relative_to is None:
-            msg = f"relative time {text!r} needs a reference (the replay start)"
-            raise ReplayError(msg)
-        unit = 3600 if s.endswith("h") else 86400
-        try:
-            return int(relative_to + round(float(s[1:-1]) * unit))
-        except ValueError as exc:
-            msg = f"bad relative time {text!r} (use +36h or +3d)"
-            raise ReplayError(msg) from exc
-    s = s.replace("Z", "+00:00")
-    if re.fullmatch(r".*T\d{2}", s) or re.fullmatch(r".*T\d{2}[+-]\d{2}(:?\d{2})?", s):
-        # "2016-06-01T06" (hours only) is valid ISO 8601 but not for fromisoformat before 3.11's extension.
-        s = re.sub(r"T(\d{2})(?=$|[+-])", r"T\1:00", s)
-    try:
-        dt = datetime.fromisoformat(s)
-    except ValueError as exc:
-        msg = f"bad time {text!r}: use ISO 8601 like 2016-06-01T06:00 (UTC unless an offset is given) or +3d"
-        raise ReplayError(msg) from exc
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp())
-
-
-format_ts = format_rfc3339  # epoch seconds -> RFC 3339 UTC (gapcast.timefmt)
-
-
-# --------------------------------------------------------------------------------------------------- outages
-
-
-@dataclass(frozen=True)
-class Outage:
-    """An injected outage: during ``[start_s, start_s + hours * 3600)`` the station sends nothing for ``channels``.
-
-    Attributes:
-        station: station name.
-        start_s: first affected step, epoch seconds (timezone.utc), inclusive.
-        hours: length, hours (> 0).
-        channels: the channels withheld; None = the whole station is silent (no message at all).
-    """
-
-    station: str
-    start_s: int
-    hours: float
-    channels: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.hours > 0:
-            msg = f"outage of {self.station} must last > 0 hours (got {self.hours})"
-            raise ReplayError(msg)
-
-    @property
-    def end_s(self) -> int:
-        """First step after the outage, epoch seconds (exclusive end)."""
-        return int(self.start_s + round(self.hours * 3600))
-
-    def spec(self) -> str:
-        """The command-line form of this outage (``STATION:START:HOURS[:CHANNELS]``)."""
-        chans = "" if self.channels is None else ":" + ",".join(self.channels)
-        hours = f"{self.hours:g}"
-        return f"{self.station}:{format_ts(self.start_s)}:{hours}{chans}"
-
-
-def parse_outage(
-    spec: str,
-    *,
-    channels: Sequence[str],
-    pollutants: Sequence[str] = (),
-    relative_to: int | None = None,
-) -> Outage:
-    """Parse ``STATION:START:HOURS[:CHANNELS]``.
-
-    Args:
-        spec: e.g. ``Aotizhongxin:2016-06-01T00:00:72`` (whole station silent 72 h),
-            ``Tiantan:+10d:24:pollutants`` (all pollutants, 24 h from 10 days after the replay start),
-            ``Tiantan:2016-07-01:6:PM2.5,PM10``. START is :func:`parse_time`'s format; CHANNELS is a comma list of
-            channel names, ``pollutants``, or ``all`` (= the whole station).
-        channels: the channel names of the data, to validate CHANNELS.
-        pollutants: the names ``pollutants`` stands for.
-        relative_to: reference for a relative START (the replay start), epoch seconds.
-
-    Returns:
-        The :class:`Outage`.
-
-    Raises:
-        ReplayError: malformed spec, unknown channel, or non-positive length.
-    """
-    m = _OUTAGE_RE.match(spec.strip())
-    if not m:
-        msg = f"bad outage {spec!r}: use STATION:START:HOURS[:CHANNELS], e.g. Aotizhongxin:2016-06-01T00:00:72:pollutants"
-        raise ReplayError(msg)
-    start_s = parse_time(m["start"], relative_to=relative_to)
-    chans: tuple[str, ...] | None = None
-    if m["channels"]:
-        names: list[str] = []
-        for name in (c.strip() for c in m["channels"].split(",")):
-            if name == _ALL_KEYWORD:
-                names = []
-                chans = None
-                break
-            if name == _POLLUTANTS_KEYWORD:
-                names.extend(pollutants)
-            elif name in channels:
-                names.append(name)
-            else:
-                msg = f"outage {spec!r}: unknown channel {name!r} (known: {', '.join(channels)}, pollutants, all)"
-                raise ReplayError(msg)
-        else:
-            chans = tuple(dict.fromkeys(names))  # de-duplicated, order kept
-    return Outage(station=m["station"], start_s=start_s, hours=float(m["hours"]), channels=chans)
-
-
-# --------------------------------------------------------------------------------------------------- the plan
-
-
-@dataclass(slots=True)
-class PlannedReading:
-    """One message of the replay.
-
-    Attributes:
-        send_s: when it is due, simulated epoch seconds (its own ``ts``; later for a late reading).
-        order: tie-break among messages due at the same simulated second (publication order).
-        station: station name.
-        ts: the reading's own timestamp (event time, step start), epoch seconds.
-        values: channel -> value in the channel's unit; absent channels are missing (real NA or injected outage).
-        late: published ``late_delay_s`` after ``ts``.
-        out_of_order: published right after the station's next reading.
-    """
-
-    send_s: float
-    order: float
-    station: str
-    ts: int
-    values: dict[str, float]
-    late: bool = False
-    out_of_order: bool = False
-
-
-@dataclass
-class ReplayPlan:
-    """Everything a replay will publish, and what it withheld.
-
-    Attributes:
-        readings: the messages, sorted by publication order.
-        stations: replayed stations.
-        channels: channel names, in data column order.
-        cadence_s: step length of the data, seconds.
-        start_s, end_s: the replayed range ``[start_s, end_s)``, epoch seconds.
-        outages: the injected outages.
-        epoch_s: station -> [T] int64 step times of the replayed range.
-        values: station -> [T, C] float32 true values of the range in physical units (NaN = real NA).
-        hidden: station -> [T, C] bool, True where a really observed value was withheld by an injected outage.
-        late_delay_s: how much later than its timestamp a late reading is published, seconds.
-    """
-
-    readings: list[PlannedReading]
-    stations: tuple[str, ...]
-    channels: tuple[str, ...]
-    cadence_s: int
-    start_s: int
-    end_s: int
-    outages: tuple[Outage, ...]
-    epoch_s: dict[str, np.ndarray]
-    values: dict[str, np.ndarray]
-    hidden: dict[str, np.ndarray]
-    late_delay_s: float = 0.0
-
-    @property
-    def sent(self) -> dict[str, np.ndarray]:
-        """station -> [T, C] bool, True where the replay publishes a value (observed and not withheld)."""
-        return {s: ~np.isnan(self.values[s]) & ~self.hidden[s] for s in self.stations}
-
-    def counts(self) -> dict[str, int]:
-        """Totals: steps, messages, values sent, real NA, hidden values, silent steps, late, out of order."""
-        steps = sum(len(e) for e in self.epoch_s.values())
-        real_na = sum(int(np.isnan(v).sum()) for v in self.values.values())
-        hidden = sum(int(h.sum()) for h in self.hidden.values())
-        return {
-            "steps": steps,
-            "messages": len(self.readings),
-            "values_sent": sum(len(r.values) for r in self.readings),
-            "real_missing_values": real_na,
-            "hidden_values": hidden,
-            "silent_steps": steps - len(self.readings),
-            "late": sum(r.late for r in self.readings),
-            "out_of_order": sum(r.out_of_order for r in self.readings),
-        }
-
-
-def _round(v: float) -> float:
-    # float32 data printed as float64 carries noise digits (0.38268343 -> 0.3826834261417389); 6 significant digits
-    # keep every digit the source file had.
-    return float(f"{v:.6g}")
-
-
-def plan_replay(
-    series: Mapping[str, StationSeries],
-    *,
-    start_s: int | None = None,
-    end_s: int | None = None,
-    outages: Sequence[Outage] = (),
-    late_share: float = 0.0,
-    out_of_order_share: float = 0.0,
-    late_delay_s: float | None = None,
-    seed: int = 0,
-) -> ReplayPlan:
-    """Plan a replay: which message goes out when, with which channels. Pure and deterministic for a seed.
-
-    Args:
-        series: station -> :class:`gapcast.train.data.StationSeries` (physical units, NaN = real missing).
-        start_s: first step replayed, epoch seconds (default: the first step of the data).
-        end_s: end of the range, exclusive, epoch seconds (default: after the last step).
-        outages: injected outages; their stations must be in ``series``.
-        late_share: share of the messages published late, in [0, 1].
-        out_of_order_share: share of the messages swapped with the station's next message, in [0, 1]
-            (a late message, or the partner of a swap, is never swapped again).
-        late_delay_s: delay of a late message after its own timestamp, seconds (default 1.5 cadences: it arrives
-            after the next step's reading, within a lateness of two cadences).
-        seed: random seed for choosing late and out-of-order messages.
-
-    Returns:
-        The :class:`ReplayPlan`.
-
-    Raises:
-        ReplayError: empty range, unknown outage station, shares outside [0, 1], or series of different cadence
-            or channels.
-    """
-    if not series:
-        msg = "no station to replay"
-        raise ReplayError(msg)
-    for name, share in (("late_share", late_share), ("out_of_order_share", out_of_order_share)):
-        if not 0.0 <= share <= 1.0:
-            msg = f"{name} must lie in [0, 1], got {share}"
-            raise ReplayError(msg)
-    stations = tuple(series)
-    first = series[stations[0]]
-    channels = tuple(c.name for c in first.channels)
-    cadence_s = int(first.epoch_s[1] - first.epoch_s[0]) if len(first.epoch_s) > 1 else 3600
-    for s in series.values():
-        if tuple(c.name for c in s.channels) != channels:
-            msg = f"station {s.station} has other channels than {stations[0]}"
-            raise ReplayError(msg)
-        if len(s.epoch_s) > 1 and np.any(np.diff(s.epoch_s) != cadence_s):
-            msg = f"station {s.station} is not on a regular {cadence_s} s cadence"
-            raise ReplayError(msg)
-    unknown = sorted({o.station for o in outages} - set(stations))
-    if unknown:
-        msg = f"outage for station(s) {unknown} that are not replayed ({', '.join(stations)})"
-        raise ReplayError(msg)
-    lo = min(int(s.epoch_s[0]) for s in series.values()) if start_s is None else int(start_s)
-    hi = max(int(s.epoch_s[-1]) for s in series.values()) + cadence_s if end_s is None else int(end_s)
-    if hi <= lo:
-        msg = f"empty replay range: start {format_ts(lo)} is not before end {format_ts(hi)}"
-        raise ReplayError(msg)
-    delay = 1.5 * cadence_s if late_delay_s is None else float(late_delay_s)
-    if delay <= 0:
-        msg = f"late_delay_s must be > 0, got {delay}"
-        raise ReplayError(msg)
-
-    rng = np.random.default_rng(seed)
-    col = {name: j for j, name in enumerate(channels)}
-    epochs: dict[str, np.ndarray] = {}
-    values: dict[str, np.ndarray] = {}
-    hidden: dict[str, np.ndarray] = {}
-    per_station: dict[str, list[PlannedReading]] = {}
-    for name in stations:
-        s = series[name]
-        rows = (s.epoch_s >= lo) & (s.epoch_s < hi)
-        ep = s.epoch_s[rows].astype(np.int64)
-        vals = s.values[rows].astype(np.float32)
-        withheld = np.zeros(vals.shape, dtype=bool)
-        for o in outages:
-            if o.station != name:
-                continue
-            t = (ep >= o.start_s) & (ep < o.end_s)
-            if o.channels is None:
-                withheld[t, :] = True
-            else:
-                withheld[np.ix_(t, [col[c] for c in o.channels])] = True
-        observed = ~np.isnan(vals)
-        send = observed & ~withheld
-        msgs = []
-        for i in np.flatnonzero(send.any(axis=1)):
-            v = {channels[j]: _round(float(vals[i, j])) for j in np.flatnonzero(send[i])}
-            msgs.append(PlannedReading(send_s=float(ep[i]), order=0.0, station=name, ts=int(ep[i]), values=v))
-        epochs[name], values[name], hidden[name] = ep, vals, withheld & observed
-        per_station[name] = msgs
-
-    # Late and out-of-order messages: exact counts (round(share * n)) chosen at random, per station, so every
-    # station sees the same disorder whatever its size.
-    for name in stations:
-        msgs = per_station[name]
-        n = len(msgs)
-        n_late = round(late_share * n)
-        for i in rng.choice(n, size=n_late, replace=False) if n_late else ():
-            msgs[i].late = True
-            msgs[i].send_s = msgs[i].ts + delay
-        n_ooo = round(out_of_order_share * n)
-        partner = np.zeros(n, dtype=bool)
-        swapped = 0
-        for i in rng.permutation(max(n - 1, 0)):
-            if swapped >= n_ooo:
-                break
-            a, b = msgs[i], msgs[i + 1]
-            if a.late or b.late or a.out_of_order or b.out_of_order or partner[i] or partner[i + 1]:
-                continue
-            a.out_of_order = True
-            partner[i + 1] = True
-            a.send_s = b.send_s
-            swapped += 1
-        if swapped < n_ooo:
-            log.warning("%s: only %d of %d out-of-order swaps possible", name, swapped, n_ooo)
-
-    # Publication order: by due time; at equal times stations interleave in a fixed order and a swapped message
-    # goes right after its partner.
-    readings: list[PlannedReading] = []
-    for k, name in enumerate(stations):
-        for msg in per_station[name]:
-            msg.order = k + (0.5 if msg.out_of_order else 0.0)
-            readings.append(msg)
-    readings.sort(key=lambda r: (r.send_s, r.order))
-    return ReplayPlan(
-        readings=readings,
-        stations=stations,
-        channels=channels,
-        cadence_s=cadence_s,
-        start_s=lo,
-        end_s=hi,
-        outages=tuple(outages),
-        epoch_s=epochs,
-        values=values,
-        hidden=hidden,
-        late_delay_s=delay,
-    )
 
 
 # --------------------------------------------------------------------------------------------------- publishing
@@ -467,7 +98,8 @@ class ReplayOptions:
     """How a plan is published.
 
     Attributes:
-        speed: simulated seconds per wall second (3600 = one hour of history per second); 0 = as fast as possible.
+        speed: simulated seconds per wall second (e.g. the cadence: one step of history per second); 0 = as fast as
+            possible.
         prefix: topic prefix.
         qos: MQTT QoS of the readings (0, 1 or 2).
         mqtt_version: ``"5"`` or ``"3.1.1"``.
@@ -611,6 +243,29 @@ def _make_client(opts: ReplayOptions, broker: BrokerURL):
     return client
 
 
+def _wait_until_due(due_mono: float, stop: threading.Event) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``due_mono`` or ``stop`` is set (checked at least every 0.5 s)."""
+    while (wait := due_mono - time.monotonic()) > 0 and not stop.is_set():
+        stop.wait(min(wait, 0.5))
+
+
+def _acquire_slot(window: threading.Semaphore, stop: threading.Event) -> None:
+    """Take one slot of the bounded in-flight window (never more than max_inflight unacknowledged messages);
+    gives up, holding nothing, when ``stop`` is set."""
+    while not window.acquire(timeout=0.5):
+        if stop.is_set():
+            return
+    if stop.is_set():
+        window.release()
+
+
+def _journal_line(r: PlannedReading) -> str:
+    """One JSON line of the publication journal (see :func:`replay`)."""
+    rec = {"station": r.station, "ts": r.ts, "sent_mono": round(time.monotonic(), 6), "late": r.late,
+           "out_of_order": r.out_of_order, "n": len(r.values)}
+    return json.dumps(rec) + "\n"
+
+
 def replay(
     plan: ReplayPlan,
     broker_url: str,
@@ -700,23 +355,13 @@ def replay(
             raise ReplayError(msg)
         sim0 = plan.readings[0].send_s if plan.readings else 0.0
         t0 = time.monotonic()
+        stop = stop or threading.Event()
         for k, r in enumerate(plan.readings):
             if opts.speed > 0:
-                due = t0 + (r.send_s - sim0) / opts.speed
-                while (wait := due - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
-                    if stop is not None:
-                        stop.wait(min(wait, 0.5))
-                    else:
-                        time.sleep(min(wait, 0.5))
+                _wait_until_due(t0 + (r.send_s - sim0) / opts.speed, stop)
             if opts.qos > 0:
-                # Bounded in-flight window: never more than max_inflight unacknowledged messages.
-                while not window.acquire(timeout=0.5):
-                    if stop is not None and stop.is_set():
-                        break
-                else:
-                    if stop is not None and stop.is_set():
-                        window.release()
-            if stop is not None and stop.is_set():
+                _acquire_slot(window, stop)
+            if stop.is_set():
                 summary.interrupted = True
                 break
             info = client.publish(readings_topic(opts.prefix, r.station), _payload(r, opts.ts_format), qos=opts.qos)
@@ -725,19 +370,7 @@ def replay(
             summary.published += 1
             summary.per_station[r.station] += 1
             if jf is not None:
-                jf.write(
-                    json.dumps(
-                        {
-                            "station": r.station,
-                            "ts": r.ts,
-                            "sent_mono": round(time.monotonic(), 6),
-                            "late": r.late,
-                            "out_of_order": r.out_of_order,
-                            "n": len(r.values),
-                        }
-                    )
-                    + "\n"
-                )
+                jf.write(_journal_line(r))
             if k % 64 == 0:
                 bar.set_postfix_str(format_ts(int(r.send_s))[:13], refresh=False)
             bar.update(1)
@@ -793,14 +426,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "replay",
         help="publish real station history to an MQTT broker (a station simulator)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Publish each station's real history as readings on {prefix}/stations/{station}/readings, at a chosen "
             "speed, with the data's real outages kept as absent channels, plus injected outages and late or "
-            "out-of-order readings. By default: the Beijing test months (2016-05..2017-02) of every station."
+            "out-of-order readings. By default: the dataset's test range, every station.\n\n"
+            "examples:\n"
+            "  gapcast replay --dataset riverside.toml --broker mqtt://127.0.0.1:1883 --days 2 --speed 0\n"
+            "  gapcast replay --dataset riverside.toml --broker mqtt://127.0.0.1:1883 --stations site-B \\\n"
+            "      --outage site-B:+1d:72h:air --late-share 0.05"
         ),
     )
     p.add_argument("--dataset", default="beijing",
-                   help="dataset spec (SPEC.toml) or preset: beijing, etth1, etth2 (default beijing)")
+                   help="dataset spec (SPEC.toml) or preset: beijing, etth1, etth2 (default: the beijing preset)")
     p.add_argument("--data", help="data root for {data} in the spec (default: $GAPCAST_DATA, then the cache)")
     p.add_argument("--broker", required=True, help="broker URL: mqtt://host:port, mqtts://user@host:8883")
     add_password_argument(p)
@@ -813,18 +451,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--speed",
         type=float,
-        default=3600.0,
-        help="simulated seconds per wall second (default 3600: one hour of history per second); 0 = as fast as possible",
+        default=None,
+        help="simulated seconds per wall second (default: one cadence of history per second, e.g. 600 for a "
+        "10-minute spec); 0 = as fast as possible",
     )
     p.add_argument(
         "--outage",
         action="append",
         default=[],
-        metavar="STATION:START:HOURS[:CHANNELS]",
+        metavar="STATION:START:LENGTH[:CHANNELS]",
         help=(
             "inject an outage (repeatable): no message for the whole station, or for CHANNELS (comma list of "
-            "channels or group names of the dataset spec, or 'all'); START is ISO 8601 or +Nd/+Nh from --start. "
-            "E.g. Aotizhongxin:2016-06-01T00:72:pollutants"
+            "channels or group names of the dataset spec, or 'all'); START is ISO 8601 or +Nd/+Nh from --start; "
+            "LENGTH is hours or a duration (90min, 3d). E.g. site-B:2016-06-01T00:72h:air"
         ),
     )
     p.add_argument("--late-share", type=float, default=0.0, metavar="P", help="share of readings published late (default 0)")
@@ -861,18 +500,6 @@ def _broker_with_password(args: argparse.Namespace) -> BrokerURL:
         raise ReplayError(str(exc)) from exc
 
 
-def _expand_groups(text: str, groups: dict[str, list[str]]) -> str:
-    """``STATION:START:HOURS:air,temp`` -> the group names in the CHANNELS part replaced by their channels (only
-    names that are group names change, so a spec without CHANNELS passes unchanged)."""
-    head, sep, chans = text.rpartition(":")
-    if not sep:
-        return text
-    parts = []
-    for name in chans.split(","):
-        parts.extend(groups.get(name, [name]))
-    return f"{head}:{','.join(parts)}"
-
-
 def _cmd_replay(args: argparse.Namespace) -> int:
     from gapcast.train.loader import load_dataset, split_indices
     from gapcast.train.spec import load_spec
@@ -891,9 +518,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         end_s = None
     names = list(spec.channel_names)
     groups = {g: [names[i] for i in idx] for g, idx in spec.groups.items()}
-    first_group = next(iter(groups.values()), [])
-    outages = [parse_outage(_expand_groups(o, groups), channels=names, pollutants=first_group, relative_to=start_s)
-               for o in args.outage]
+    outages = [parse_outage(o, channels=names, groups=groups, relative_to=start_s) for o in args.outage]
     plan = plan_replay(
         series,
         start_s=start_s,
@@ -903,9 +528,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         out_of_order_share=args.out_of_order_share,
         late_delay_s=args.late_delay_s,
         seed=args.seed,
+        cadence_s=spec.cadence_s,
     )
+    speed = float(spec.cadence_s) if args.speed is None else args.speed
     options = ReplayOptions(
-        speed=args.speed,
+        speed=speed,
         prefix=args.prefix,
         qos=args.qos,
         mqtt_version=args.mqtt,
@@ -919,7 +546,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             stations=plan.stations,
             start=format_ts(plan.start_s),
             end=format_ts(plan.end_s),
-            speed=args.speed,
+            speed=speed,
             per_station={s: sum(r.station == s for r in plan.readings) for s in plan.stations},
             counts=plan.counts(),
             outages=tuple(o.spec() for o in plan.outages),

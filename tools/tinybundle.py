@@ -1,7 +1,8 @@
 """A tiny signed bundle in a few seconds, for tests (the gateway's, the fleet updater's, the export's own).
 
-The model is an untrained, seeded tiny ConFill with the real Beijing shapes (L = 96, H = 24, C = 13, F = 6), so a
-test can feed it real windows; calibration, parity, gate and golden windows come from one real station. The bundle
+The model is an untrained, seeded tiny ConFill with the shapes of a dataset spec (default: the ``beijing`` preset, so
+L = 96, H = 24 at its cadence, C from the spec, F = 6), so a test can feed it real windows; calibration, parity, gate
+and golden windows come from one real station of that dataset (default: its first). The bundle
 goes through the same :func:`gapcast.export.pipeline.export_bundle` as a release, with smaller window counts.
 """
 
@@ -12,17 +13,49 @@ from pathlib import Path
 
 from gapcast.export.pipeline import ExportOptions, ExportResult
 
-__all__ = ["TINY_STATION", "build_tiny_bundle", "tiny_config", "tiny_options"]
+__all__ = ["TINY_DATASET", "build_tiny_bundle", "tiny_config", "tiny_options", "tiny_station"]
 
-TINY_STATION = "Aotizhongxin"
+#: The dataset the tiny bundle is built from by default (a preset name or a spec path).
+TINY_DATASET = "beijing"
 
 
-def tiny_config():
-    """The tiny ConFill config: Beijing shapes, d_model 16, 2 encoder layers, 1 decoder layer."""
+def tiny_station(dataset: str = TINY_DATASET, data_root: str | os.PathLike | None = None) -> str:
+    """The station whose windows the tiny bundle uses by default: the first one the dataset's files hold.
+
+    Raises:
+        SpecError: bad spec. DataError: no station data under the data root.
+    """
+    from gapcast.train.loader import station_names
+    from gapcast.train.spec import load_spec
+
+    names = station_names(load_spec(dataset), _data_root(data_root))
+    if not names:
+        from gapcast.train.spec import SpecError
+
+        msg = f"the files of dataset {dataset!r} hold no station"
+        raise SpecError(msg)
+    return names[0]
+
+
+def _data_root(data_root):
+    if data_root is None and not os.environ.get("GAPCAST_DATA"):
+        sibling = Path(__file__).resolve().parents[2] / "shared" / "data"  # the checkout's ../shared/data
+        if sibling.is_dir():
+            return sibling
+    return data_root
+
+
+def tiny_config(n_channels: int | None = None):
+    """The tiny ConFill config: L = 96, H = 24, d_model 16, 2 encoder layers, 1 decoder layer.
+
+    Args:
+        n_channels: C (default: the model channels of :data:`TINY_DATASET`'s spec).
+    """
     from gapcast.train.model import ConFillConfig
+    from gapcast.train.spec import load_spec
 
     return ConFillConfig(
-        n_channels=13,
+        n_channels=n_channels or len(load_spec(TINY_DATASET).model_channels),
         lookback=96,
         horizon=24,
         n_calendar=6,
@@ -65,19 +98,21 @@ def build_tiny_bundle(
     *,
     sign_key=None,
     data_root: str | os.PathLike | None = None,
-    station: str = TINY_STATION,
+    station: str | None = None,
+    dataset: str = TINY_DATASET,
     seed: int = 0,
     options: ExportOptions | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Build a tiny bundle from an untrained, seeded ConFill and one real station.
+    """Build a tiny bundle from an untrained, seeded ConFill and one real station of a dataset.
 
     Args:
         out: bundle folder to create.
         sign_key: Ed25519 private key (object or PEM path); None writes an unsigned bundle (with a warning).
         data_root: the data root; when None: ``$GAPCAST_DATA``, else the checkout's ``../shared/data``, else the
             user cache (``resolve_data_dir``).
-        station: the Beijing station whose windows are used.
+        station: the station whose windows are used (default: :func:`tiny_station`).
+        dataset: a dataset spec path or preset name (default :data:`TINY_DATASET`); the card records it.
         seed: torch seed for the weights (same seed, same weights, same golden outputs).
         options: export options (default :func:`tiny_options`).
         overwrite: replace an existing bundle folder.
@@ -86,33 +121,28 @@ def build_tiny_bundle(
         The :class:`ExportResult` (``.path`` is the bundle folder).
 
     Raises:
-        ExportError: a failed export check. DataError: the station's data is missing.
+        ExportError: a failed export check. SpecError / DataError: the spec or the station's data is missing.
     """
     import torch
 
     from gapcast.calendar import CALENDAR_FEATURES
     from gapcast.export.pipeline import ModelSpec, WindowData, export_bundle
-    from gapcast.train.data import (
-        BEIJING_CHANNELS,
-        BEIJING_UTC_OFFSET_S,
-        Normalizer,
-        load_beijing,
-        make_windows,
-        time_split,
-    )
+    from gapcast.train.data import Normalizer, make_windows
+    from gapcast.train.loader import load_dataset, split_indices
     from gapcast.train.model import ConFill
+    from gapcast.train.spec import load_spec
 
-    if data_root is None and not os.environ.get("GAPCAST_DATA"):
-        sibling = Path(__file__).resolve().parents[2] / "shared" / "data"  # the checkout's ../shared/data
-        if (sibling / "beijing-multisite").is_dir():
-            data_root = sibling
-    cfg = tiny_config()
+    data_root = _data_root(data_root)
+    dspec = load_spec(dataset)
+    station = station or tiny_station(dataset, data_root)
+    cfg = tiny_config(len(dspec.model_channels))
     torch.manual_seed(seed)
     model = ConFill(cfg).eval()
-    series = load_beijing(data_root, [station])[station]
-    sp = time_split(series.epoch_s)
+    series = load_dataset(dspec, data_root, [station])[station]
+    sp = split_indices(dspec, series)
     norm = Normalizer.fit([series.values[sp.train]])
     arrays = {}
+    # Strides a little over one and a half windows apart: few windows, spread over the whole range.
     for name, sl, stride in (("train", sp.train, 97), ("val", sp.val, 49)):
         ws = make_windows(
             [norm.transform(series.values[sl])],
@@ -121,7 +151,8 @@ def build_tiny_bundle(
             horizon=cfg.horizon,
             stride=stride,
             min_observed=0.5,
-            utc_offset_s=BEIJING_UTC_OFFSET_S,
+            utc_offset_s=dspec.utc_offset_s,
+            timezone=dspec.timezone,
         )
         arrays[name] = ws.batch(range(len(ws)))
     channels = [
@@ -133,22 +164,24 @@ def build_tiny_bundle(
             "mean": float(norm.mean[i]),
             "std": float(norm.std[i]),
         }
-        for i, c in enumerate(BEIJING_CHANNELS)
+        for i, c in enumerate(series.channels)
     ]
     spec = ModelSpec(
         lookback=cfg.lookback,
         horizon=cfg.horizon,
         n_calendar=cfg.n_calendar,
-        cadence_s=3600,
-        utc_offset_s=BEIJING_UTC_OFFSET_S,
+        cadence_s=dspec.cadence_s,
+        utc_offset_s=dspec.utc_offset_s,
         channels=channels,
         calendar_features=CALENDAR_FEATURES,
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        timezone=dspec.timezone,
+        dataset=dspec.to_dict(),
     )
     data = WindowData(
         train=arrays["train"],
         val=arrays["val"],
-        source=f"Beijing Multi-Site station {station} (tiny test bundle, untrained model, seed {seed})",
+        source=f"{dspec.name} station {station} (tiny test bundle, untrained model, seed {seed})",
     )
     return export_bundle(
         model,

@@ -182,6 +182,21 @@ def _group_rows(keys: np.ndarray) -> list[np.ndarray]:
     return np.split(order, cuts)
 
 
+def station_names(spec: DatasetSpec, data: str | os.PathLike | None = None) -> list[str]:
+    """The stations a spec's files hold, sorted; cheap where the names are in the file names or fixed.
+
+    Raises:
+        SpecError: no file matches the spec's patterns. DataError: a ``column`` source whose files hold no rows.
+    """
+    src = spec.source
+    if src.station_from == "fixed":
+        return [src.station_name]
+    if src.station_from == "filename":
+        pat = re.compile(src.station_pattern)
+        return sorted({m.group(1) for p in resolve_files(spec, data) if (m := pat.search(p.name))})
+    return sorted(load_dataset(spec, data))
+
+
 def load_dataset(
     spec: DatasetSpec,
     data: str | os.PathLike | None = None,

@@ -11,7 +11,7 @@ from gapcast.cli import main
 from gapcast.edge import BundleError
 from gapcast.edge.bundle import CARD_NAME, SIG_NAME, verify_bundle
 from gapcast.export.card import sign_bundle
-from gapcast.tools.tinybundle import TINY_STATION, tiny_config
+from gapcast.tools.tinybundle import tiny_config, tiny_station
 from gapcast.train.checkpoint import build_meta, save_checkpoint
 from gapcast.train.data import BEIJING_CHANNELS, BEIJING_UTC_OFFSET_S, Normalizer, load_beijing, time_split
 from gapcast.train.model import ConFill
@@ -27,12 +27,13 @@ def run_dir(tmp_path, data_root):
     channels = [
         {"name": c.name, "unit": c.unit, "valid_min": c.valid_min, "valid_max": c.valid_max} for c in BEIJING_CHANNELS
     ]
-    series = load_beijing(data_root, [TINY_STATION])[TINY_STATION]
+    station = tiny_station(data_root=data_root)
+    series = load_beijing(data_root, [station])[station]
     norm = Normalizer.fit([series.values[time_split(series.epoch_s).train]]).to_dict()
     meta = build_meta(cfg, normalizer=norm, channels=channels, cadence_s=3600, utc_offset_s=BEIJING_UTC_OFFSET_S)
     save_checkpoint(run / "best.pt", model, meta, step=42)
     (run / "normalization.json").write_text(json.dumps(norm))
-    (run / "config.toml").write_text(f'[data]\nstations = ["{TINY_STATION}"]\n')
+    (run / "config.toml").write_text(f'[data]\nstations = ["{station}"]\n')
     (run / "metrics.json").write_text(json.dumps({"imputation": {"block_72h": {"mae": 31.5}}}))
     return run
 

@@ -59,9 +59,17 @@ def test_parse_time_forms():
 
 
 def test_parse_outage_forms():
-    o = parse_outage("Aotizhongxin:2016-06-01T00:72:pollutants", channels=NAMES, pollutants=POLLUTANTS)
+    o = parse_outage("Aotizhongxin:2016-06-01T00:72:pollutants", channels=NAMES, groups={"pollutants": POLLUTANTS})
     assert (o.station, o.start_s, o.hours, o.end_s) == ("Aotizhongxin", T0, 72.0, T0 + 72 * 3600)
     assert o.channels == ("PM2.5", "PM10", "SO2", "NO2", "CO", "O3")
+    # A length with a unit; a group mixed with a channel (de-duplicated, order kept).
+    o = parse_outage("Tiantan:2016-06-01:90min:CO,air", channels=NAMES, groups={"air": ["PM2.5", "CO"]})
+    assert (o.hours, o.end_s, o.channels) == (1.5, T0 + 5400, ("CO", "PM2.5"))
+    assert parse_outage("Tiantan:2016-06-01:1h30min", channels=NAMES).end_s == T0 + 5400
+    with pytest.raises(ReplayError, match="unknown channel 'pollutants'.*groups: none"):
+        parse_outage("Tiantan:2016-06-01:6:pollutants", channels=NAMES)
+    with pytest.raises(ReplayError, match="bad length"):
+        parse_outage("Tiantan:2016-06-01:6parsecs", channels=NAMES)
     # Colons inside the time are not separators; hours stay the third field.
     o = parse_outage("Tiantan:2016-06-01T00:00:00Z:24", channels=NAMES)
     assert (o.start_s, o.hours, o.channels) == (T0, 24.0, None)
@@ -75,6 +83,13 @@ def test_parse_outage_forms():
         parse_outage("Tiantan:2016-06-01", channels=NAMES)
     with pytest.raises(ReplayError, match="> 0 hours"):
         parse_outage("Tiantan:2016-06-01:0", channels=NAMES)
+
+
+def test_a_one_row_series_needs_the_cadence():
+    with pytest.raises(ReplayError, match="single row: pass cadence_s"):
+        plan_replay({"A": _series("A", 1)})
+    plan = plan_replay({"A": _series("A", 1)}, cadence_s=600)
+    assert (plan.cadence_s, plan.end_s - plan.start_s, len(plan.readings)) == (600, 600, 1)
 
 
 def test_parse_broker_url():
