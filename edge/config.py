@@ -773,4 +773,9 @@ def load_config(path: str | Path) -> EdgeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
-    return parse_config(data, base=p.resolve().parent, source=p)
+    try:
+        return parse_config(data, base=p.resolve().parent, source=p)
+    except ConfigError as exc:  # the key is named; the file too, so a user with several configs finds it
+        if str(p) in str(exc):
+            raise
+        raise ConfigError(f"{p}: {exc}") from exc

@@ -222,6 +222,8 @@ class MqttAgent:
             notifier = Notifier()
         self.notifier = notifier
         self._round_s = 0.0  # seconds spent closing steps since the last round line (main thread)
+        #: Passes of the step loop so far (main thread writes; a test or a watchdog reads it to know the loop ran).
+        self.loop_passes = 0
         self.update_link = update_link
         self.core = core
         self.outbox = outbox
@@ -795,6 +797,7 @@ class MqttAgent:
                 self._pump()
                 if self.snapshots is not None and not blocked:  # never a snapshot ahead of what is stored
                     self.snapshots.maybe_save(mono)
+                self.loop_passes += 1
         finally:
             self.shutdown(drain_timeout_s)
         return 0

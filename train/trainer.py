@@ -28,6 +28,7 @@ import tomllib
 import torch
 import torch.nn as nn
 
+from gapcast import GapcastError
 from gapcast.duration import DurationError, steps_of
 from gapcast.train import TrainError
 from gapcast.train.checkpoint import build_meta, read_checkpoint, save_checkpoint
@@ -225,7 +226,11 @@ def load_config(path: str | os.PathLike | None = None, spec: DatasetSpec | None 
     except (OSError, tomllib.TOMLDecodeError) as exc:
         msg = f"cannot read config {path}: {exc}"
         raise TrainError(msg) from exc
-    return TrainConfig.from_dict(raw, spec if spec is not None else load_spec("beijing"))
+    try:
+        return TrainConfig.from_dict(raw, spec if spec is not None else load_spec("beijing"))
+    except GapcastError as exc:  # the key is named; the file too, so a user with several configs finds it
+        msg = f"{path}: {exc}"
+        raise TrainError(msg) from exc
 
 
 def _toml_value(v: Any) -> str:

@@ -87,10 +87,16 @@ class Rig:
             self.send(j)
 
     def at(self, true_s: float) -> None:
-        """Move true (and monotonic) time to ``true_s``, in 10-minute strides the agent's loop sees one by one."""
+        """Move true (and monotonic) time to ``true_s``, in 10-minute strides the agent's loop sees one by one
+        (each stride waits for two whole passes of the step loop)."""
         while self.clock.true_s < true_s:
             self.clock.advance(min(600.0, true_s - self.clock.true_s))
-            time.sleep(0.03)
+            self.passes(2)
+
+    def passes(self, n: int) -> None:
+        """Wait until the agent's step loop has made ``n`` more whole passes (it has seen the clock as it is now)."""
+        target = self.agent.loop_passes + n + 1  # +1: the pass running now may have read the clock before the move
+        assert wait(lambda: self.agent.loop_passes >= target), f"the step loop stalled at pass {self.agent.loop_passes}"
 
     def filled(self) -> dict[int, list]:
         out: dict[int, list] = {}
@@ -132,7 +138,7 @@ def test_start_90_days_behind_then_corrected(broker, tmp_path, make_core, caplog
             for j in range(4):
                 rig.send(j)
             rig.at(T0 + 4 * CADENCE + 700)
-            time.sleep(0.3)
+            rig.passes(10)  # ten more passes past the step's closing time: nothing closed, nothing rejected
             assert rig.filled() == {} and rig.cloud.bodies("/deadletter/gw") == []  # held, not rejected
             assert rig.agent._inbound.qsize() == 4
             clock.jump_s, clock.synced = 0.0, True  # NTP's first sync
@@ -156,7 +162,7 @@ def test_minus_90_days_step_holds_then_resumes(broker, tmp_path, make_core):
         assert wait(lambda: rig.agent.clock_watch.synced is False)
         rig.send_paced(range(2, 4))
         rig.at(T0 + 4 * CADENCE + 700)
-        time.sleep(0.3)
+        rig.passes(10)
         assert sorted(rig.filled()) == [T0, T0 + CADENCE] and rig.cloud.bodies("/deadletter/gw") == []
         assert any(b.get("clock") == "unsynced" for b in rig.cloud.bodies("/status"))
         clock.jump_s = 0.0  # corrected again
@@ -176,7 +182,7 @@ def test_plus_90_days_step_with_a_full_backlog_expires_nothing(broker, tmp_path,
         assert wait(lambda: rig.box.stats()["put"].get("filled", 0) == 4)
         clock.jump_s = 90 * DAY  # more than max_age_s (7 days): the bug deleted the whole backlog here
         assert wait(lambda: rig.agent.clock_watch.corrections == 1)
-        time.sleep(0.3)
+        rig.passes(10)  # the loop ran on past the correction (an expiry would run there): nothing expired
         assert rig.box.stats()["expired"] == {}
         broker.start()
         assert_steps_once_observed(rig, range(4))
