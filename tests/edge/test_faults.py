@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from support.agent_config import write_agent_config
 from support.contracts import assert_contracts
 from support.edge_replay import PREFIX, readings_stream
 
@@ -38,32 +39,11 @@ NAMES = ("PM2.5", "PM10", "SO2", "NO2", "CO", "O3", "TEMP", "PRES", "DEWP", "RAI
 def write_config(path: Path, port: int, bundle: Path, key: Path, stations, *, agent=None, outbox=None, mqtt=None,
                  backend: str = "auto") -> Path:
     """edge.toml for the fault tests; ``agent``/``outbox``/``mqtt`` override the defaults below."""
-
-    def table(defaults, over):
-        return "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**defaults, **(over or {})}.items())
-
-    mq = {"host": "127.0.0.1", "port": port, "keepalive_s": 5, "reconnect_min_s": 1, "reconnect_max_s": 2}
-    ag = {"state_dir": str(path.parent / "state"), "clock": "readings", "max_missing_share": 1.0, "tick_interval_s": 0.2}
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-fault"
-[mqtt]
-{table(mq, mqtt)}
-[stations]
-names = {json.dumps(list(stations))}
-[model]
-bundle = "{bundle}"
-trusted_keys = ["{key}"]
-backend = "{backend}"
-threads = 1
-[agent]
-{table(ag, agent)}
-[outbox]
-{table({}, outbox)}
-"""
+    ag = {"clock": "readings", "max_missing_share": 1.0, "tick_interval_s": 0.2}
+    return write_agent_config(
+        path, host="127.0.0.1", port=port, bundle=bundle, trusted_key=key, stations=stations, gateway="gw-fault",
+        mqtt=mqtt, model={"backend": backend}, agent={**ag, **(agent or {})}, outbox=outbox or {},
     )
-    return path
 
 
 class AgentProcess:

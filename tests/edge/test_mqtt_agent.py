@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.agent_config import write_agent_config
 from support.contracts import assert_contracts
 
 from gapcast.tools.collector import Recorder, wait_until
@@ -36,31 +37,8 @@ CAD = 3600
 
 
 def write_config(path: Path, broker, bundle, public_key, stations, mqtt_version="5", **agent) -> Path:
-    agent_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in agent.items())
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-test"
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-version = "{mqtt_version}"
-keepalive_s = 5
-reconnect_min_s = 1
-reconnect_max_s = 2
-[stations]
-names = {json.dumps(list(stations))}
-[model]
-bundle = "{bundle}"
-trusted_keys = ["{public_key}"]
-backend = "auto"
-threads = 1
-[agent]
-state_dir = "{path.parent / 'state'}"
-{agent_lines}
-"""
-    )
-    return path
+    return write_agent_config(path, host=broker.host, port=broker.port, bundle=bundle, trusted_key=public_key,
+                              stations=stations, mqtt={"version": mqtt_version}, agent=agent)
 
 
 class Collector(Recorder):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.agent_config import write_agent_config
 from support.contracts import assert_contracts
 
 from gapcast.edge.messages import Topics, filled_message, forecast_message, revision_message
@@ -212,30 +213,11 @@ def test_a_sink_killed_mid_stream_loses_nothing(broker, tmp_path):
     assert "sink stopped:" in text
 
 
-def write_agent_config(path: Path, broker, bundle, public_key, stations) -> Path:
-    path.write_text(f"""
-[gateway]
-id = "gw-sink"
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-keepalive_s = 5
-reconnect_min_s = 1
-reconnect_max_s = 2
-[stations]
-names = {json.dumps(list(stations))}
-[model]
-bundle = "{bundle}"
-trusted_keys = ["{public_key}"]
-backend = "auto"
-threads = 1
-[agent]
-state_dir = "{path.parent / 'state'}"
-clock = "readings"
-max_missing_share = 1.0
-tick_interval_s = 0.2
-""")
-    return path
+def write_sink_test_agent_config(path: Path, broker, bundle, public_key, stations) -> Path:
+    return write_agent_config(
+        path, host=broker.host, port=broker.port, bundle=bundle, trusted_key=public_key, stations=stations,
+        gateway="gw-sink", agent={"clock": "readings", "max_missing_share": 1.0, "tick_interval_s": 0.2},
+    )
 
 
 class Recorder:
@@ -283,7 +265,7 @@ def test_agent_replay_sink_into_sqlite_and_influxdb_agree(broker, tmp_path, beij
     db = tmp_path / "sink.db"
     rec = Recorder(broker)
     sink = start_sink(tmp_path, broker, f"sqlite:///{db}", f"influxdb://127.0.0.1:{influx.http_port}/gapcast")
-    cfg = write_agent_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, stations)
+    cfg = write_sink_test_agent_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, stations)
     agent_log = open(tmp_path / "agent.log", "wb")
     agent = subprocess.Popen([sys.executable, "-m", "gapcast.cli", "edge", "run", "--config", str(cfg)],
                              stdout=agent_log, stderr=subprocess.STDOUT)
