@@ -30,6 +30,7 @@ from gapcast.edge.messages import (
     topic_prefix_problem,
     topic_template_problem,
 )
+from gapcast.edge.outbox import OutboxConfig
 
 __all__ = [
     "BACKENDS",
@@ -227,14 +228,15 @@ class OutboxSettings:
         min_free_bytes: free-space reserve of the state file system, bytes (``gapcast.edge.outbox.OutboxConfig``).
     """
 
+    # The defaults are the outbox's own (one place: gapcast.edge.outbox.OutboxConfig).
     kind: str = "sqlite"
-    max_bytes: int = 64 * 1024 * 1024
-    max_age_s: float = 7 * 24 * 3600.0
-    drop_order: tuple[str, ...] = ("forecast", "deadletter", "status")
-    synchronous: str = "FULL"
-    rate_per_s: float = 200.0
-    burst: int = 500
-    min_free_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = OutboxConfig.max_bytes
+    max_age_s: float = OutboxConfig.max_age_s
+    drop_order: tuple[str, ...] = OutboxConfig.drop_order
+    synchronous: str = OutboxConfig.synchronous
+    rate_per_s: float = OutboxConfig.rate_per_s
+    burst: int = OutboxConfig.burst
+    min_free_bytes: int = OutboxConfig.min_free_bytes
 
 
 @dataclass(frozen=True)
