@@ -23,6 +23,7 @@ It installs nothing and needs no network. It writes ``gpu-check.json`` and ``gpu
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -240,6 +241,148 @@ def _probe() -> dict[str, Any]:
     return env
 
 
+class _Checks:
+    """The parts of :func:`run_checks`, each a method returning ``(status, detail, figures)``, and what they share:
+    the machine's environment, the bundle, the time bound and the runners the timing table measures."""
+
+    def __init__(self, out: Path, bundle_path: Path | None, deadline: Deadline, batches: tuple[int, ...],
+                 min_time_s: float, train_steps: int, probe: Callable[[], dict[str, Any]], report: Report) -> None:
+        self.out, self.bundle_path, self.deadline, self.batches = out, bundle_path, deadline, batches
+        self.min_time_s, self.train_steps, self.probe, self.report = min_time_s, train_steps, probe, report
+        self.env: dict[str, Any] = {}
+        self.bundle = None
+        self.runners: dict[str, Callable] = {}  # backend label -> run(values, observed, calendar)
+        self.closers: list[Callable[[], None]] = []
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.env.get("cuda"))
+
+    @property
+    def trt(self) -> bool:
+        return bool(self.env.get("tensorrt"))
+
+    def environment(self):
+        self.env.update(self.probe())
+        has = [f"{k} {self.env[k]}" for k in ("torch", "cuda", "tensorrt", "onnxruntime") if self.env.get(k)]
+        return OK, ", ".join(has) + f"; onnxruntime providers {self.env.get('ort_providers')}", dict(self.env)
+
+    def pytest_gpu(self):
+        if not (self.cuda or self.trt):
+            return NOT_AVAILABLE, "no CUDA device (torch.cuda) and no TensorRT binding", {}
+        if not (REPO / "tests").is_dir() or importlib.util.find_spec("pytest") is None:
+            return NOT_AVAILABLE, "no tests/ folder or pytest in this installation (run from a checkout)", {}
+        limit = max(30.0, min(180.0, self.deadline.left() - 200.0))
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(REPO / "tests")]
+        try:
+            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            return FAILED, f"pytest -m gpu ran past {limit:.0f} s", {}
+        tail = (res.stdout.strip().splitlines() or ["(no output)"])[-1]
+        # 5: no test collected (every gpu test deselected) is not a failure of the machine.
+        status = OK if res.returncode in (0, 5) else FAILED
+        return status, f"pytest -m gpu: {tail} (exit {res.returncode})", {"exit": res.returncode}
+
+    def bundle_part(self):
+        from gapcast.edge.bundle import verify_bundle
+
+        if self.bundle_path is not None:
+            self.bundle = verify_bundle(self.bundle_path, require_signature=False)
+            return OK, f"given: {self.bundle_path}", {}
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx") is None:
+            return NOT_AVAILABLE, "a fresh export needs torch and onnx (pip install 'gapcast[train]'); or --bundle", {}
+        from gapcast.tools.tinybundle import build_tiny_bundle
+
+        t0 = time.monotonic()
+        res = build_tiny_bundle(self.out / "bundle", overwrite=True)
+        self.bundle = verify_bundle(res.path, require_signature=False)
+        card = self.bundle.card
+        return OK, f"fresh tiny export in {time.monotonic() - t0:.1f} s: variants {sorted(card.variants)}", {
+            "variants": sorted(card.variants),
+            "excluded": card.raw.get("excluded_variants", {}),
+        }
+
+    def engine(self, precision: str):
+        if not self.trt:
+            return NOT_AVAILABLE, f"TensorRT's Python binding does not import ({self.env.get('tensorrt_error')})", {}
+        if self.bundle is None:
+            return NOT_AVAILABLE, "no bundle (see the bundle part)", {}
+        if self.deadline.left() < 60:
+            return NOT_AVAILABLE, "time bound reached before this engine build", {}
+        from gapcast.edge.trt import TrtRunner, build_and_check
+
+        t0 = time.monotonic()
+        built = build_and_check(self.bundle, precision, max_batch=max(self.batches), cache_dir=self.out / "engines",
+                                rebuild=True)
+        secs = time.monotonic() - t0
+        runner = TrtRunner(built.engine_path.read_bytes())
+        self.runners[f"TensorRT {built.precision}"] = runner.run
+        self.closers.append(runner.close)
+        fell = "" if built.precision == precision else f" (fell back: {built.attempts})"
+        return OK, f"built {built.precision} in {secs:.0f} s, {built.golden.describe()}{fell}", {
+            "precision": built.precision,
+            "build_s": round(secs, 1),
+            "golden_max_abs": built.golden.max_abs,
+            "attempts": [list(a) for a in built.attempts],
+        }
+
+    def ort_part(self, provider: str):
+        providers = self.env.get("ort_providers") or []
+        if provider not in providers:
+            return NOT_AVAILABLE, f"this onnxruntime build has no {provider} (has {providers})", {}
+        if self.bundle is None:
+            return NOT_AVAILABLE, "no bundle (see the bundle part)", {}
+        from gapcast.edge.backends import OrtBackend
+        from gapcast.edge.trt import compare_golden
+
+        card = self.bundle.card
+        g = self.bundle.golden()
+        backend = OrtBackend(
+            self.bundle.variant_path("fp32"), lookback=card.lookback, horizon=card.horizon,
+            n_channels=len(card.channels), n_calendar=int(g["calendar"].shape[-1]), providers=[provider],
+        )  # fmt: skip
+        if backend.providers[0] != provider:
+            return FAILED, f"asked for {provider}, the session runs {backend.providers}", {}
+        imp, fc = backend.run(g["values"], g["observed"], g["calendar"])
+        prec = "fp16" if provider == "TensorrtExecutionProvider" else "fp32"  # ORT-TRT may pick fp16 tactics
+        check = compare_golden(imp, fc, g, prec)
+        self.runners[f"onnxruntime {provider.removesuffix('ExecutionProvider')}"] = backend.run
+        return (OK if check.ok else FAILED), check.describe(), {"golden_max_abs": check.max_abs}
+
+    def train_part(self):
+        """torch CUDA training on NCCL with one process."""
+        if not self.cuda:
+            why = "torch is not installed" if not self.env.get("torch") else "torch sees no CUDA device"
+            return NOT_AVAILABLE, why, {}
+        if not self.env.get("nccl"):
+            return NOT_AVAILABLE, "this torch build has no NCCL", {}
+        return _train_steps(self.train_steps)
+
+    def timing_part(self):
+        if self.bundle is None or "onnxruntime CPU" not in self.runners:
+            return NOT_AVAILABLE, "needs the bundle and onnxruntime CPU (the baseline)", {}
+        g = self.bundle.golden()
+        cpu_ms: dict[int, float] = {}
+        skipped = []
+        for label, run in self.runners.items():
+            for b in self.batches:
+                if self.deadline.left() < 15:
+                    skipped.append(f"{label} b{b}")
+                    continue
+                ms = time_runner(run, _tile(g, b), min_time_s=self.min_time_s) * 1000.0
+                if label == "onnxruntime CPU":
+                    cpu_ms[b] = ms
+                self.report.timings.append({
+                    "backend": label, "batch": b, "median_ms": round(ms, 3),
+                    "windows_per_s": round(b / (ms / 1000.0), 1),
+                    "speedup_vs_ort_cpu": round(cpu_ms[b] / ms, 2) if b in cpu_ms else None,
+                })  # fmt: skip
+        detail = f"{len(self.report.timings)} figures ({len(self.runners)} backends x batches {list(self.batches)})"
+        if skipped:
+            detail += f"; time bound reached, not timed: {', '.join(skipped)}"
+        return OK, detail, {}
+
+
 def run_checks(
     out: Path,
     *,
@@ -266,166 +409,22 @@ def run_checks(
         The :class:`Report` (also written).
     """
     t_start = time.monotonic()
-    deadline = Deadline(budget_s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(host=f"{socket.gethostname()} ({platform.machine()})", started=_now())
-    env: dict[str, Any] = {}
-
-    def environment():
-        env.update(probe())
-        has = [f"{k} {env[k]}" for k in ("torch", "cuda", "tensorrt", "onnxruntime") if env.get(k)]
-        return OK, ", ".join(has) + f"; onnxruntime providers {env.get('ort_providers')}", dict(env)
-
-    report.parts.append(_part("environment", environment))
-    cuda = bool(env.get("cuda"))
-    trt = bool(env.get("tensorrt"))
-    providers = env.get("ort_providers") or []
-
-    # -- pytest -m gpu
-    def pytest_gpu():
-        if not (cuda or trt):
-            return NOT_AVAILABLE, "no CUDA device (torch.cuda) and no TensorRT binding", {}
-        if not (REPO / "tests").is_dir() or importlib.util.find_spec("pytest") is None:
-            return NOT_AVAILABLE, "no tests/ folder or pytest in this installation (run from a checkout)", {}
-        limit = max(30.0, min(180.0, deadline.left() - 200.0))
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(REPO / "tests")]
-        try:
-            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
-        except subprocess.TimeoutExpired:
-            return FAILED, f"pytest -m gpu ran past {limit:.0f} s", {}
-        tail = (res.stdout.strip().splitlines() or ["(no output)"])[-1]
-        # 5: no test collected (every gpu test deselected) is not a failure of the machine.
-        status = OK if res.returncode in (0, 5) else FAILED
-        return status, f"pytest -m gpu: {tail} (exit {res.returncode})", {"exit": res.returncode}
-
-    report.parts.append(_part("pytest_gpu", pytest_gpu))
-
-    # -- the bundle
-    holder: dict[str, Any] = {}
-
-    def bundle_part():
-        from gapcast.edge.bundle import verify_bundle
-
-        if bundle_path is not None:
-            holder["bundle"] = verify_bundle(bundle_path, require_signature=False)
-            return OK, f"given: {bundle_path}", {}
-        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx") is None:
-            return NOT_AVAILABLE, "a fresh export needs torch and onnx (pip install 'gapcast[train]'); or --bundle", {}
-        from gapcast.tools.tinybundle import build_tiny_bundle
-
-        t0 = time.monotonic()
-        res = build_tiny_bundle(out / "bundle", overwrite=True)
-        holder["bundle"] = verify_bundle(res.path, require_signature=False)
-        card = holder["bundle"].card
-        return OK, f"fresh tiny export in {time.monotonic() - t0:.1f} s: variants {sorted(card.variants)}", {
-            "variants": sorted(card.variants),
-            "excluded": card.raw.get("excluded_variants", {}),
-        }
-
-    report.parts.append(_part("bundle", bundle_part))
-    bundle = holder.get("bundle")
-    runners: dict[str, Callable] = {}  # backend label -> run(values, observed, calendar)
-
-    # -- TensorRT engines
-    for precision in ("fp32", "fp16", "int8"):
-        name = f"tensorrt_{precision}"
-
-        def engine(precision=precision):
-            if not trt:
-                return NOT_AVAILABLE, f"TensorRT's Python binding does not import ({env.get('tensorrt_error')})", {}
-            if bundle is None:
-                return NOT_AVAILABLE, "no bundle (see the bundle part)", {}
-            if deadline.left() < 60:
-                return NOT_AVAILABLE, "time bound reached before this engine build", {}
-            from gapcast.edge.trt import TrtRunner, build_and_check
-
-            max_batch = max(batches)
-            t0 = time.monotonic()
-            built = build_and_check(bundle, precision, max_batch=max_batch, cache_dir=out / "engines", rebuild=True)
-            secs = time.monotonic() - t0
-            runner = TrtRunner(built.engine_path.read_bytes())
-            runners[f"TensorRT {built.precision}"] = runner.run
-            holder.setdefault("closers", []).append(runner.close)
-            fell = "" if built.precision == precision else f" (fell back: {built.attempts})"
-            return OK, f"built {built.precision} in {secs:.0f} s, {built.golden.describe()}{fell}", {
-                "precision": built.precision,
-                "build_s": round(secs, 1),
-                "golden_max_abs": built.golden.max_abs,
-                "attempts": [list(a) for a in built.attempts],
-            }
-
-        report.parts.append(_part(name, engine))
-
-    # -- onnxruntime execution providers
-    for name, provider in (
+    c = _Checks(out, bundle_path, Deadline(budget_s), batches, min_time_s, train_steps, probe, report)
+    parts: list[tuple[str, Callable]] = [("environment", c.environment), ("pytest_gpu", c.pytest_gpu),
+                                         ("bundle", c.bundle_part)]
+    parts += [(f"tensorrt_{p}", functools.partial(c.engine, p)) for p in ("fp32", "fp16", "int8")]
+    parts += [(name, functools.partial(c.ort_part, provider)) for name, provider in (
         ("ort_cpu", "CPUExecutionProvider"),
         ("ort_cuda", "CUDAExecutionProvider"),
         ("ort_tensorrt", "TensorrtExecutionProvider"),
-    ):
-
-        def ort_part(provider=provider):
-            if provider not in providers:
-                return NOT_AVAILABLE, f"this onnxruntime build has no {provider} (has {providers})", {}
-            if bundle is None:
-                return NOT_AVAILABLE, "no bundle (see the bundle part)", {}
-            from gapcast.edge.backends import OrtBackend
-            from gapcast.edge.trt import compare_golden
-
-            card = bundle.card
-            g = bundle.golden()
-            backend = OrtBackend(
-                bundle.variant_path("fp32"), lookback=card.lookback, horizon=card.horizon,
-                n_channels=len(card.channels), n_calendar=int(g["calendar"].shape[-1]), providers=[provider],
-            )  # fmt: skip
-            if backend.providers[0] != provider:
-                return FAILED, f"asked for {provider}, the session runs {backend.providers}", {}
-            imp, fc = backend.run(g["values"], g["observed"], g["calendar"])
-            prec = "fp16" if provider == "TensorrtExecutionProvider" else "fp32"  # ORT-TRT may pick fp16 tactics
-            check = compare_golden(imp, fc, g, prec)
-            runners[f"onnxruntime {provider.removesuffix('ExecutionProvider')}"] = backend.run
-            return (OK if check.ok else FAILED), check.describe(), {"golden_max_abs": check.max_abs}
-
-        report.parts.append(_part(name, ort_part))
-
-    # -- torch CUDA training on NCCL with one process
-    def train_part():
-        if not cuda:
-            why = "torch is not installed" if not env.get("torch") else "torch sees no CUDA device"
-            return NOT_AVAILABLE, why, {}
-        if not env.get("nccl"):
-            return NOT_AVAILABLE, "this torch build has no NCCL", {}
-        return _train_steps(train_steps)
-
-    report.parts.append(_part("torch_cuda_train", train_part))
-
-    # -- timing
-    def timing_part():
-        if bundle is None or "onnxruntime CPU" not in runners:
-            return NOT_AVAILABLE, "needs the bundle and onnxruntime CPU (the baseline)", {}
-        g = bundle.golden()
-        cpu_ms: dict[int, float] = {}
-        skipped = []
-        for label, run in runners.items():
-            for b in batches:
-                if deadline.left() < 15:
-                    skipped.append(f"{label} b{b}")
-                    continue
-                ms = time_runner(run, _tile(g, b), min_time_s=min_time_s) * 1000.0
-                if label == "onnxruntime CPU":
-                    cpu_ms[b] = ms
-                report.timings.append({
-                    "backend": label, "batch": b, "median_ms": round(ms, 3),
-                    "windows_per_s": round(b / (ms / 1000.0), 1),
-                    "speedup_vs_ort_cpu": round(cpu_ms[b] / ms, 2) if b in cpu_ms else None,
-                })  # fmt: skip
-        detail = f"{len(report.timings)} figures ({len(runners)} backends x batches {list(batches)})"
-        if skipped:
-            detail += f"; time bound reached, not timed: {', '.join(skipped)}"
-        return OK, detail, {}
-
-    report.parts.append(_part("timing", timing_part))
-    for close in holder.get("closers", []):
+    )]
+    parts += [("torch_cuda_train", c.train_part), ("timing", c.timing_part)]
+    for name, fn in parts:  # in order: each part sees what the earlier ones found (environment, bundle, runners)
+        report.parts.append(_part(name, fn))
+    for close in c.closers:
         close()
     report.seconds = time.monotonic() - t_start
     (out / "gpu-check.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
