@@ -341,6 +341,7 @@ def run_accuracy(
             network = evaluate_network(series, normalizer, channels=channels, group=ss.group,
                                        group_name=next(iter(spec.groups), "all channels"), lookback=L, horizon=H,
                                        trials=opts.network_trials, seed=opts.seed, models=nets,
+                                       coordinates=spec.coordinates(list(series)),
                                        calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
                                        split=lambda s: split_indices(spec, s, check=False))
         except TrainError as exc:  # a test range shorter than a network trial: the other tables stand

@@ -5,7 +5,8 @@ Five stations, 10-minute readings, six weeks, four channels (temperature, PM2.5,
 degrees), one long CSV with naive local times in Europe/Berlin across the end of summer time (last Sunday of
 October: the 02:00-03:00 hour happens twice). The stations' levels differ (a new station is not a copy of another),
 and the file holds what real files hold: "NA" and -999 for missing readings, a duplicated row, a value outside its
-valid range, and outages of a channel and of a whole station.
+valid range, and outages of a channel and of a whole station. The spec gives each station a position
+(``[[stations]]``).
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ def make_network(folder: str | Path, options: NetworkOptions | None = None) -> P
     df = pd.concat([df, df.iloc[[5]]], ignore_index=True)  # a duplicated row (site-A, the 6th air_temp reading)
     df.to_csv(folder / "history" / "riverside.csv", index=False)
     spec = folder / "riverside.toml"
-    spec.write_text(SPEC_TEXT)
+    # Positions along a made-up river (WGS 84 degrees), so the evaluation adds inverse-distance weighting.
+    stations = "".join(f'\n[[stations]]\nname = "site-{chr(ord("A") + k)}"\nlat = {52.50 + 0.02 * k:.2f}\n'
+                       f"lon = {13.40 + 0.03 * k:.2f}\n" for k in range(o.stations))
+    spec.write_text(SPEC_TEXT + stations)
     return spec
 
 

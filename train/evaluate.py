@@ -695,6 +695,7 @@ def evaluate_run(
             metrics["network"] = evaluate_network(
                 series, normalizer, channels=channels, group=ss.group, group_name=group_name,
                 lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
+                coordinates=spec.coordinates(list(series)),  # IDW where the spec's [[stations]] has them all
                 models={"ConFill": model_imputer(model, progress=False)},
                 calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
                 split=lambda s: split_indices(spec, s, check=False))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "SourceSpec",
     "SpecError",
     "SplitSpec",
+    "StationDef",
     "list_presets",
     "load_spec",
     "preset_path",
@@ -151,6 +153,20 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class StationDef:
+    """A station's position (``[[stations]]`` in the spec; optional).
+
+    Attributes:
+        name: the station name, as the data names it.
+        lat, lon: WGS 84 degrees.
+    """
+
+    name: str
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """A validated dataset spec.
 
@@ -166,6 +182,7 @@ class DatasetSpec:
         path: the spec file (None when built from a dict, e.g. out of a checkpoint).
         description: free text.
         raw: the parsed TOML (what a checkpoint stores).
+        stations: station positions from ``[[stations]]`` (may be empty, or list only some stations).
     """
 
     name: str
@@ -178,6 +195,16 @@ class DatasetSpec:
     path: Path | None = None
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    stations: tuple[StationDef, ...] = ()
+
+    def coordinates(self, names: Sequence[str] | None = None) -> dict[str, tuple[float, float]] | None:
+        """Station -> (lat, lon) degrees for ``names`` (default: every station in ``[[stations]]``); None unless
+        each of them has a position (inverse-distance weighting needs all of them)."""
+        pos = {d.name: (d.lat, d.lon) for d in self.stations}
+        wanted = list(names) if names is not None else list(pos)
+        if not wanted or any(n not in pos for n in wanted):
+            return None
+        return {n: pos[n] for n in wanted}
 
     @property
     def folder(self) -> Path:
@@ -300,12 +327,13 @@ def load_spec(dataset: str | os.PathLike) -> DatasetSpec:
     return _parse(raw, str(path), path.resolve())
 
 
-_TOP = {"dataset", "source", "channels", "split"}
+_TOP = {"dataset", "source", "channels", "split", "stations"}
 _DATASET_KEYS = {"name", "cadence", "timezone", "description"}
 _SOURCE_KEYS = {"format", "layout", "files", "time", "time_format", "station", "station_from", "station_pattern",
                 "station_name", "channel", "value", "missing", "aggregate"}
 _CHANNEL_KEYS = {"name", "column", "unit", "valid_range", "group", "kind", "aggregate"}
 _SPLIT_KEYS = {"train", "validation", "test", "shares"}
+_STATION_KEYS = {"name", "lat", "lon"}
 
 
 def _unknown(table: dict, known: set[str], where: str, prefix: str) -> None:
@@ -331,6 +359,24 @@ def _str(table: dict, key: str, where: str, prefix: str, default: str | None = N
 
 def _parse(raw: dict[str, Any], where: str, path: Path | None) -> DatasetSpec:
     _unknown(raw, _TOP, where, "")
+    name, cadence, cadence_s, tz = _parse_dataset(raw, where)
+    source = _parse_source(raw, where, name)
+    chans = _parse_channels(raw, where)
+    stations = _parse_stations(raw, where)
+    sp = raw.get("split", {"shares": [0.7, 0.15, 0.15]})
+    if not isinstance(sp, dict):
+        msg = f"{where}: [split] must be a table"
+        raise SpecError(msg)
+    _unknown(sp, _SPLIT_KEYS, where, "split.")
+    split = _parse_split(sp, where, resolve_timezone(tz))
+    return DatasetSpec(name=name, cadence=cadence, cadence_s=cadence_s, timezone=tz, source=source,
+                       channels=tuple(chans), split=split, path=path,
+                       description=str(raw["dataset"].get("description", "")), raw=raw, stations=stations)
+
+
+
+def _parse_dataset(raw: dict[str, Any], where: str) -> tuple[str, str, int, str]:
+    """``[dataset]``: name, cadence as written, cadence in seconds, time zone."""
     ds = raw.get("dataset")
     if not isinstance(ds, dict):
         msg = f"{where}: the [dataset] table is missing"
@@ -355,6 +401,11 @@ def _parse(raw: dict[str, Any], where: str, path: Path | None) -> DatasetSpec:
     tz = _str(ds, "timezone", where, "dataset.", "UTC")
     resolve_timezone(tz, where=where)
 
+    return name, cadence, int(cadence_f), tz
+
+
+def _parse_source(raw: dict[str, Any], where: str, name: str) -> SourceSpec:
+    """``[source]``: where the files are and how to read them."""
     src = raw.get("source")
     if not isinstance(src, dict):
         msg = f"{where}: the [source] table is missing"
@@ -405,7 +456,7 @@ def _parse(raw: dict[str, Any], where: str, path: Path | None) -> DatasetSpec:
                                                 for m in missing):
         msg = f"{where}: source.missing must be a list of strings and numbers, got {missing!r}"
         raise SpecError(msg)
-    source = SourceSpec(
+    return SourceSpec(
         format=_str(src, "format", where, "source.", "csv", choices=("csv", "parquet")),
         layout=layout,
         files=tuple(files),
@@ -421,6 +472,10 @@ def _parse(raw: dict[str, Any], where: str, path: Path | None) -> DatasetSpec:
         aggregate=_str(src, "aggregate", where, "source.", "mean", choices=AGGREGATES),
     )
 
+
+
+def _parse_channels(raw: dict[str, Any], where: str) -> list[ChannelDef]:
+    """``[[channels]]``: names, columns, units, valid ranges, groups, kinds (model names unique)."""
     chans_raw = raw.get("channels")
     if not isinstance(chans_raw, list) or not chans_raw:
         msg = f"{where}: at least one [[channels]] entry is needed"
@@ -452,16 +507,39 @@ def _parse(raw: dict[str, Any], where: str, path: Path | None) -> DatasetSpec:
     if dup:
         msg = f"{where}: channel name {dup[0]!r} appears twice (angle channels add _sin/_cos)"
         raise SpecError(msg)
+    return chans
 
-    sp = raw.get("split", {"shares": [0.7, 0.15, 0.15]})
-    if not isinstance(sp, dict):
-        msg = f"{where}: [split] must be a table"
+
+def _parse_stations(raw: dict[str, Any], where: str) -> tuple[StationDef, ...]:
+    """``[[stations]]`` (optional): ``name``, ``lat``, ``lon`` in degrees (WGS 84), for inverse-distance weighting
+    and for choosing a new station's neighbours."""
+    st_raw = raw.get("stations", [])
+    if not isinstance(st_raw, list):
+        msg = f"{where}: [[stations]] must be an array of tables (name, lat, lon)"
         raise SpecError(msg)
-    _unknown(sp, _SPLIT_KEYS, where, "split.")
-    split = _parse_split(sp, where, resolve_timezone(tz))
-    return DatasetSpec(name=name, cadence=cadence, cadence_s=int(cadence_f), timezone=tz, source=source,
-                       channels=tuple(chans), split=split, path=path, description=str(ds.get("description", "")),
-                       raw=raw)
+    out: list[StationDef] = []
+    for i, st in enumerate(st_raw):
+        pre = f"stations[{i}]."
+        if not isinstance(st, dict):
+            msg = f"{where}: stations[{i}] must be a table"
+            raise SpecError(msg)
+        _unknown(st, _STATION_KEYS, where, pre)
+        sname = _str(st, "name", where, pre)
+        if sname is None:
+            msg = f"{where}: {pre}name is missing"
+            raise SpecError(msg)
+        for key, lim in (("lat", 90.0), ("lon", 180.0)):
+            v = st.get(key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not -lim <= v <= lim:
+                msg = f"{where}: {pre}{key} must be degrees in [-{lim:g}, {lim:g}], got {v!r}"
+                raise SpecError(msg)
+        out.append(StationDef(sname, float(st["lat"]), float(st["lon"])))
+    names = [d.name for d in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        msg = f"{where}: station {dup[0]!r} appears twice in [[stations]]"
+        raise SpecError(msg)
+    return tuple(out)
 
 
 def _parse_split(sp: dict, where: str, tz) -> SplitSpec:

@@ -3,6 +3,8 @@ time zones against hand-made files; the Beijing preset against an independent re
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,6 +76,27 @@ def test_spec_errors_name_the_key_and_the_file(tmp_path, edit, needle):
     with pytest.raises(SpecError) as exc:
         load_spec(tmp_path / "spec.toml")
     assert needle in str(exc.value) and str(tmp_path / "spec.toml") in str(exc.value)
+
+
+STATIONS = '\n[[stations]]\nname = "s1"\nlat = 52.5\nlon = 13.4\n\n[[stations]]\nname = "s2"\nlat = -33.9\nlon = 151.2\n'
+
+
+def test_station_positions_are_optional_and_checked(tmp_path):
+    (tmp_path / "spec.toml").write_text(WIDE + STATIONS)
+    spec = load_spec(tmp_path / "spec.toml")
+    assert [(d.name, d.lat, d.lon) for d in spec.stations] == [("s1", 52.5, 13.4), ("s2", -33.9, 151.2)]
+    assert spec.coordinates(["s2", "s1"]) == {"s2": (-33.9, 151.2), "s1": (52.5, 13.4)}
+    assert spec.coordinates(["s1", "s3"]) is None  # IDW needs every station's position
+    assert load_spec("beijing").stations == () and load_spec("beijing").coordinates() is None
+    for bad, needle in (
+        (STATIONS.replace("lat = 52.5", "lat = 95.0"), "stations[0].lat must be degrees in [-90, 90], got 95.0"),
+        (STATIONS.replace("lon = 151.2", 'lon = "151E"'), "stations[1].lon must be degrees in [-180, 180]"),
+        (STATIONS.replace('name = "s2"', 'name = "s1"'), "station 's1' appears twice in [[stations]]"),
+        (STATIONS.replace("lon = 13.4", "lon = 13.4\nalt = 30"), "unknown key stations[0].alt"),
+    ):
+        (tmp_path / "spec.toml").write_text(WIDE + bad)
+        with pytest.raises(SpecError, match=re.escape(needle)):
+            load_spec(tmp_path / "spec.toml")
 
 
 def test_loader_errors_name_the_key_and_the_file(tmp_path):
