@@ -224,7 +224,6 @@ def load_dataset(
     files = resolve_files(spec, data)
     rep.files = len(files)
     defs = spec.channels
-    col_index = {c.column: i for i, c in enumerate(defs)}
     seen_cols: set[str] = set()
     frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # station, epoch, channel, value
     import pandas as pd
@@ -267,31 +266,8 @@ def load_dataset(
                 num = _values(col, c.kind, spec, rep)
                 frames.append((st, epoch, np.full(len(df), j, dtype=np.int64), num))
         else:
-            for key in (src.channel, src.value):
-                if key not in df.columns:
-                    msg = f"{spec.path}: source.{'channel' if key == src.channel else 'value'} column {key!r} is not in {path.name}"
-                    raise SpecError(msg)
-            chan_names = df[src.channel].astype(str).to_numpy()
-            j = np.array([col_index.get(n, -1) for n in chan_names], dtype=np.int64)
-            unknown = j < 0
-            if unknown.any():
-                rep.unknown_channel_rows += int(unknown.sum())
-                names = sorted(set(chan_names[unknown]))[:5]
-                log.info("%s: %d rows of channels the spec does not name (%s) ignored", path.name, int(unknown.sum()),
-                         ", ".join(names))
-            seen_cols.update(set(chan_names[~unknown]))
-            keep = ~unknown
-            if wanted is not None:
-                keep &= np.isin(st, [codes_of[w] for w in wanted if w in codes_of])
-            keys = st * (len(defs) + 1) + j if is_naive else None
-            epoch = _localise(naive, keys, spec, rep) if is_naive else naive
-            vcol = df[src.value]
-            for jj, c in enumerate(defs):
-                sel = keep & (j == jj)
-                if not sel.any():
-                    continue
-                num = _values(vcol[sel], c.kind, spec, rep)
-                frames.append((st[sel], epoch[sel], np.full(int(sel.sum()), jj, dtype=np.int64), num))
+            wanted_codes = None if wanted is None else [codes_of[w] for w in wanted if w in codes_of]
+            frames += _long_frames(df, path, st, naive, is_naive, spec, rep, seen_cols, wanted_codes)
     if src.layout == "long":
         for i, c in enumerate(defs):
             if c.column not in seen_cols:
@@ -300,6 +276,57 @@ def load_dataset(
     if not frames:
         msg = f"{spec.path}: no readings found" + (f" for stations {sorted(wanted)}" if wanted else "")
         raise SpecError(msg)
+    return _by_station(frames, codes_of, wanted, spec, rep)
+
+
+def _long_frames(df, path: Path, st: np.ndarray, naive: np.ndarray, is_naive: bool, spec: DatasetSpec,
+                 rep: LoadReport, seen_cols: set[str], wanted_codes: list[int] | None
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One long-layout file (a row per station, time and channel) -> frames (station code, epoch, channel index,
+    value) per spec channel; rows of channels the spec does not name are counted and ignored.
+
+    Raises:
+        SpecError: the file lacks the source's channel or value column.
+    """
+    src, defs = spec.source, spec.channels
+    col_index = {c.column: i for i, c in enumerate(defs)}
+    frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for key in (src.channel, src.value):
+        if key not in df.columns:
+            msg = f"{spec.path}: source.{'channel' if key == src.channel else 'value'} column {key!r} is not in {path.name}"
+            raise SpecError(msg)
+    chan_names = df[src.channel].astype(str).to_numpy()
+    j = np.array([col_index.get(n, -1) for n in chan_names], dtype=np.int64)
+    unknown = j < 0
+    if unknown.any():
+        rep.unknown_channel_rows += int(unknown.sum())
+        names = sorted(set(chan_names[unknown]))[:5]
+        log.info("%s: %d rows of channels the spec does not name (%s) ignored", path.name, int(unknown.sum()),
+                 ", ".join(names))
+    seen_cols.update(set(chan_names[~unknown]))
+    keep = ~unknown
+    if wanted_codes is not None:
+        keep &= np.isin(st, wanted_codes)
+    keys = st * (len(defs) + 1) + j if is_naive else None
+    epoch = _localise(naive, keys, spec, rep) if is_naive else naive
+    vcol = df[src.value]
+    for jj, c in enumerate(defs):
+        sel = keep & (j == jj)
+        if not sel.any():
+            continue
+        num = _values(vcol[sel], c.kind, spec, rep)
+        frames.append((st[sel], epoch[sel], np.full(int(sel.sum()), jj, dtype=np.int64), num))
+    return frames
+
+
+def _by_station(frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], codes_of: dict[str, int],
+                wanted: set[str] | None, spec: DatasetSpec, rep: LoadReport) -> dict[str, StationSeries]:
+    """The readings of every file (per frame: station code, epoch, channel index, value), dropped where the local
+    time does not exist, split by station and aligned on the cadence grid (:func:`_align`).
+
+    Raises:
+        SpecError: a station asked for that the files do not hold.
+    """
     st_all = np.concatenate([f[0] for f in frames])
     ep_all = np.concatenate([f[1] for f in frames])
     ch_all = np.concatenate([f[2] for f in frames])
