@@ -41,6 +41,19 @@ def write_config(path: Path, broker, bundle, public_key, stations, mqtt_version=
                               stations=stations, mqtt={"version": mqtt_version}, agent=agent)
 
 
+def settled(col, timeout=60.0) -> bool:
+    """True once a status published after this call says the agent holds nothing: no reading unacknowledged, an
+    empty outbox, nothing in flight. The broker forwards one client's messages in order, so every output published
+    before that status has arrived by then (a positive condition in place of "sleep, then check nothing more came")."""
+    seen = len(col.of("/status"))
+
+    def idle(b):
+        ob, held = b.get("outbox") or {}, b.get("held") or {}
+        return ob.get("depth") == 0 and ob.get("inflight") == 0 and held.get("readings") == 0
+
+    return col.wait(lambda: any(idle(b) for b in col.of("/status")[seen:]), timeout)
+
+
 class Collector(Recorder):
     """The shared recorder on ``gapcast/v1/#`` with the two verbs these tests use (``of``, ``wait``)."""
 
@@ -152,7 +165,7 @@ def test_replay_ten_days_with_a_24h_outage(broker, tmp_path, beijing, tiny_bundl
     outage = set(range(o0, o0 + 24))
     idx = list(range(START, START + n_steps))
     cfg = write_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, ["Aotizhongxin"],
-                       clock="readings", max_missing_share=1.0, tick_interval_s=0.2)
+                       clock="readings", max_missing_share=1.0, tick_interval_s=0.2, status_interval_s=0.5)
     col = Collector(broker)
     agent = run_agent(cfg)
     assert col.wait(lambda: any(b.get("state") == "online" for b in col.of("/status")), 30), "agent not online"
@@ -168,7 +181,7 @@ def test_replay_ten_days_with_a_24h_outage(broker, tmp_path, beijing, tiny_bundl
     assert col.wait(lambda: len(col.of("/Aotizhongxin/forecast")) >= n_expected), (
         f"got {len(col.of('/Aotizhongxin/forecast'))} forecasts of {n_expected}"
     )
-    time.sleep(0.5)  # nothing more may arrive
+    assert settled(col), "the agent never went idle"  # whatever it published has arrived: nothing more may come
     filled, fcs = check_station(col, series, idx, outage, H=24)
     assert len(filled) == len(fcs) == n_expected
     # The outage: closed when the readings resumed, then re-filled as ONE revision covering exactly the 24 steps.
@@ -198,7 +211,8 @@ def test_two_stations_in_parallel_over_mqtt_311(broker, tmp_path, beijing, tiny_
     n_steps = 72
     silent = set(range(START + 30, START + 42))  # Changping silent 12 h: closed by Aotizhongxin's readings
     cfg = write_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, ["Aotizhongxin", "Changping"],
-                       mqtt_version="3.1.1", clock="readings", max_missing_share=1.0, tick_interval_s=0.2)
+                       mqtt_version="3.1.1", clock="readings", max_missing_share=1.0, tick_interval_s=0.2,
+                       status_interval_s=0.5)
     col = Collector(broker)
     agent = run_agent(cfg)
     assert agent.cfg.broker.mqtt_version == "3.1.1"
@@ -212,7 +226,7 @@ def test_two_stations_in_parallel_over_mqtt_311(broker, tmp_path, beijing, tiny_
     for info in infos:
         info.wait_for_publish(10)
     assert col.wait(lambda: len(col.of("/forecast")) >= 2 * (n_steps - 1))
-    time.sleep(0.5)
+    assert settled(col), "the agent never went idle"
     idx = list(range(START, START + n_steps))
     check_station(col, a, idx, set(), H=24)
     # Changping's silent steps were closed on the readings clock and flagged all-imputed; its idx list includes
@@ -250,7 +264,8 @@ def test_readings_sent_while_the_agent_is_away_arrive_after_it_reconnects(
 
 @pytest.mark.broker
 def test_last_will_when_the_agent_is_killed(broker, tmp_path, tiny_bundle, signing_key):
-    cfg = write_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, ["Aotizhongxin"])
+    cfg = write_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, ["Aotizhongxin"],
+                       status_interval_s=0.5)
     col = Collector(broker, f"{PREFIX}/gateways/gw-test/status")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = open(tmp_path / "agent.log", "wb")
@@ -282,7 +297,8 @@ def test_last_will_when_the_agent_is_killed(broker, tmp_path, tiny_bundle, signi
 
 @pytest.mark.broker
 def test_sigterm_publishes_offline_and_snapshots_the_windows(broker, tmp_path, tiny_bundle, signing_key):
-    cfg = write_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, ["Aotizhongxin"])
+    cfg = write_config(tmp_path / "edge.toml", broker, tiny_bundle, signing_key.public, ["Aotizhongxin"],
+                       status_interval_s=0.5)
     col = Collector(broker, f"{PREFIX}/gateways/gw-test/status")
     log = open(tmp_path / "agent.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "gapcast.cli", "edge", "run", "--config", str(cfg)],
@@ -295,7 +311,10 @@ def test_sigterm_publishes_offline_and_snapshots_the_windows(broker, tmp_path, t
         pub.publish(f"{PREFIX}/stations/Aotizhongxin/readings",
                     json.dumps({"ts": now, "values": {"PM2.5": 12.0}}), qos=1).wait_for_publish(10)
         pub.loop_stop()
-        time.sleep(0.5)
+        # The reading is in: a status after it counts it and holds nothing (the window has it for the snapshot).
+        seen = len(col.of("/status"))
+        assert col.wait(lambda: any((b.get("shell") or {}).get("inbound", 0) >= 1 and (b.get("held") or {}).get("readings") == 0
+                                    for b in col.of("/status")[seen:]), 60), (tmp_path / "agent.log").read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
