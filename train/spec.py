@@ -474,6 +474,21 @@ def _parse_source(raw: dict[str, Any], where: str, name: str) -> SourceSpec:
 
 
 
+def _named_tables(items: list, array: str, known: set[str], where: str):
+    """``(prefix, table, name)`` for each table of a TOML array of tables that must have a ``name``."""
+    for i, t in enumerate(items):
+        pre = f"{array}[{i}]."
+        if not isinstance(t, dict):
+            msg = f"{where}: {array}[{i}] must be a table"
+            raise SpecError(msg)
+        _unknown(t, known, where, pre)
+        name = _str(t, "name", where, pre)
+        if name is None:
+            msg = f"{where}: {pre}name is missing"
+            raise SpecError(msg)
+        yield pre, t, name
+
+
 def _parse_channels(raw: dict[str, Any], where: str) -> list[ChannelDef]:
     """``[[channels]]``: names, columns, units, valid ranges, groups, kinds (model names unique)."""
     chans_raw = raw.get("channels")
@@ -481,16 +496,7 @@ def _parse_channels(raw: dict[str, Any], where: str) -> list[ChannelDef]:
         msg = f"{where}: at least one [[channels]] entry is needed"
         raise SpecError(msg)
     chans: list[ChannelDef] = []
-    for i, c in enumerate(chans_raw):
-        pre = f"channels[{i}]."
-        if not isinstance(c, dict):
-            msg = f"{where}: channels[{i}] must be a table"
-            raise SpecError(msg)
-        _unknown(c, _CHANNEL_KEYS, where, pre)
-        cname = _str(c, "name", where, pre)
-        if cname is None:
-            msg = f"{where}: {pre}name is missing"
-            raise SpecError(msg)
+    for pre, c, cname in _named_tables(chans_raw, "channels", _CHANNEL_KEYS, where):
         kind = _str(c, "kind", where, pre, "value", choices=KINDS)
         vr = c.get("valid_range", [-1e30, 1e30])
         if (not isinstance(vr, list) or len(vr) != 2 or not all(isinstance(x, int | float) for x in vr)
@@ -518,16 +524,7 @@ def _parse_stations(raw: dict[str, Any], where: str) -> tuple[StationDef, ...]:
         msg = f"{where}: [[stations]] must be an array of tables (name, lat, lon)"
         raise SpecError(msg)
     out: list[StationDef] = []
-    for i, st in enumerate(st_raw):
-        pre = f"stations[{i}]."
-        if not isinstance(st, dict):
-            msg = f"{where}: stations[{i}] must be a table"
-            raise SpecError(msg)
-        _unknown(st, _STATION_KEYS, where, pre)
-        sname = _str(st, "name", where, pre)
-        if sname is None:
-            msg = f"{where}: {pre}name is missing"
-            raise SpecError(msg)
+    for pre, st, sname in _named_tables(st_raw, "stations", _STATION_KEYS, where):
         for key, lim in (("lat", 90.0), ("lon", 180.0)):
             v = st.get(key)
             if isinstance(v, bool) or not isinstance(v, int | float) or not -lim <= v <= lim:
