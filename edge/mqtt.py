@@ -1,5 +1,9 @@
 """The MQTT shell around the pure agent core: paho-mqtt 2.x, VERSION2 callbacks, QoS 1 in and out.
 
+(Over 600 lines on purpose: one class whose paho callbacks (network thread) and step loop (main thread) share the
+session, the in-flight window and the held readings; topics, parsing, payloads, the outbox, the clock watch and the
+updater wiring live in their own modules.)
+
 What it does (issue 5, docs/ARCHITECTURE.md "Contracts"):
 
 - connects with MQTT 5 by default (3.1.1 selectable), a stable client id and a persistent session

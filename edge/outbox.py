@@ -1,5 +1,9 @@
 """A durable outbox on SQLite (WAL mode): every message the agent publishes waits here until the broker acks it.
 
+(Over 600 lines on purpose: the outbox and the input journal share one database and one transaction per drained
+batch, the group commit that makes "acknowledged to a station" imply "stored"; the in-memory twin for tests and
+diskless gateways is :mod:`gapcast.edge.outbox_memory`, the interface both declare is :class:`Outbox`.)
+
 paho-mqtt keeps its own queue of QoS 1 messages in memory, and that queue dies with the process. The agent
 therefore writes each outgoing message to this outbox first; the MQTT shell takes batches from it, publishes them
 with QoS 1 and calls :meth:`SQLiteOutbox.ack` from ``on_publish`` when the broker's PUBACK arrives. Only then does
