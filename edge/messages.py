@@ -783,6 +783,7 @@ def filled_message(
     created_s: float = 0.0,
     *,
     units: dict[str, str] | None = None,
+    context: str = "none",
 ) -> OutMessage:
     """A closed step with every channel filled.
 
@@ -798,6 +799,7 @@ def filled_message(
         model_version: the card's model version (0 without a model).
         created_s: gateway time, seconds (stamped into the outbox, not the payload).
         units: channel -> physical unit (the card's); None: ``{}``.
+        context: ``neighbours`` when the model read neighbour stations' values, else ``none``.
 
     Returns:
         The :class:`OutMessage` for ``{prefix}/stations/{station}/filled`` (contract ``gapcast/filled/1``).
@@ -816,6 +818,7 @@ def filled_message(
         "method": method if bool(np.any(imputed)) else "observed",
         "model_version": int(model_version),
         "units": _units(channels, units),
+        "context": context,
     }
     return OutMessage(topics.filled(station), _dumps(body), "filled", mid, created_s=created_s)
 
@@ -834,6 +837,7 @@ def revision_message(
     created_s: float = 0.0,
     *,
     units: dict[str, str] | None = None,
+    context: str = "none",
 ) -> OutMessage:
     """A revision of several consecutive closed steps (a gap re-filled with context on both sides).
 
@@ -877,6 +881,7 @@ def revision_message(
             for i in range(n)
         ],
         "units": _units(channels, units),
+        "context": context,
     }
     return OutMessage(topics.revisions(station), _dumps(body), "revision", mid, created_s=created_s)
 
@@ -894,6 +899,7 @@ def forecast_message(
     issued_s: float,
     *,
     units: dict[str, str] | None = None,
+    context: str = "none",
 ) -> OutMessage:
     """A forecast of H steps after a closed step.
 
@@ -930,6 +936,7 @@ def forecast_message(
             {"ts": iso(origin_s + (h + 1) * cadence_s), "values": dict(zip(channels, rows[h]))} for h in range(H)
         ],
         "units": _units(channels, units),
+        "context": context,
     }
     return OutMessage(topics.forecast(station), _dumps(body), "forecast", mid, created_s=issued_s)
 
