@@ -783,7 +783,7 @@ def filled_message(
     created_s: float = 0.0,
     *,
     units: dict[str, str] | None = None,
-    context: str = "none",
+    context: str | None = None,
 ) -> OutMessage:
     """A closed step with every channel filled.
 
@@ -799,7 +799,8 @@ def filled_message(
         model_version: the card's model version (0 without a model).
         created_s: gateway time, seconds (stamped into the outbox, not the payload).
         units: channel -> physical unit (the card's); None: ``{}``.
-        context: ``neighbours`` when the model read neighbour stations' values, else ``none``.
+        context: ``neighbours`` when the model read neighbour stations' values, ``none`` when not (the agent
+            always says; None leaves the key out).
 
     Returns:
         The :class:`OutMessage` for ``{prefix}/stations/{station}/filled`` (contract ``gapcast/filled/1``).
@@ -818,7 +819,7 @@ def filled_message(
         "method": method if bool(np.any(imputed)) else "observed",
         "model_version": int(model_version),
         "units": _units(channels, units),
-        "context": context,
+        **({"context": context} if context is not None else {}),
     }
     return OutMessage(topics.filled(station), _dumps(body), "filled", mid, created_s=created_s)
 
@@ -837,7 +838,7 @@ def revision_message(
     created_s: float = 0.0,
     *,
     units: dict[str, str] | None = None,
-    context: str = "none",
+    context: str | None = None,
 ) -> OutMessage:
     """A revision of several consecutive closed steps (a gap re-filled with context on both sides).
 
@@ -881,7 +882,7 @@ def revision_message(
             for i in range(n)
         ],
         "units": _units(channels, units),
-        "context": context,
+        **({"context": context} if context is not None else {}),
     }
     return OutMessage(topics.revisions(station), _dumps(body), "revision", mid, created_s=created_s)
 
@@ -899,7 +900,7 @@ def forecast_message(
     issued_s: float,
     *,
     units: dict[str, str] | None = None,
-    context: str = "none",
+    context: str | None = None,
 ) -> OutMessage:
     """A forecast of H steps after a closed step.
 
@@ -936,7 +937,7 @@ def forecast_message(
             {"ts": iso(origin_s + (h + 1) * cadence_s), "values": dict(zip(channels, rows[h]))} for h in range(H)
         ],
         "units": _units(channels, units),
-        "context": context,
+        **({"context": context} if context is not None else {}),
     }
     return OutMessage(topics.forecast(station), _dumps(body), "forecast", mid, created_s=issued_s)
 
