@@ -197,7 +197,7 @@ def live_shaped_inputs(bundle, batch: int) -> tuple[np.ndarray, np.ndarray, np.n
             np.ascontiguousarray(np.concatenate([golden[k]] * reps)[:batch], dtype=np.float32)
             for k in ("values", "observed", "calendar")
         )
-    L, H, C = card.lookback, card.horizon, card.n_inputs
+    L, H, C = card.lookback, card.horizon, len(card.channels)
     F = len(card.calendar.get("features", [])) or int(card.inputs[2]["shape"][2])
     return (
         np.zeros((batch, L, C), np.float32),
