@@ -31,7 +31,13 @@ import numpy as np
 
 from gapcast.baselines import linear_interpolate, locf
 from gapcast.duration import format_duration, steps_of
-from gapcast.neighbours import ContextSpec, CorrelatedRegression, build_context, idw_estimate, neighbour_estimate
+from gapcast.neighbours import (
+    ContextSpec,
+    CorrelatedRegression,
+    build_context,
+    idw_estimate,
+    neighbour_estimate,
+)
 from gapcast.train import TrainError
 from gapcast.train.data import Normalizer, StationSeries, time_split
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from gapcast.neighbours import context_for_windows, fit_context
-from gapcast.train.context import ContextSeries, align_rows, drop_context, fit_training_context, series_context
+from gapcast.train.context import (
+    ContextSeries,
+    align_rows,
+    drop_context,
+    fit_training_context,
+    series_context,
+)
 from gapcast.train.model import ConFill, ConFillConfig
 
 
