@@ -55,6 +55,7 @@ from gapcast.edge.messages import (
 from gapcast.edge.skill import SkillSettings, SkillTracker
 from gapcast.edge.variant import variant_status
 from gapcast.edge.window import StationWindow, WindowSpec
+from gapcast.neighbours import context_for_windows, extend_by_coordinates
 
 __all__ = ["AgentCore", "Backend", "CoreSettings", "InterpolationBackend", "aggregate_rules", "interpolate_batch"]
 
@@ -163,6 +164,7 @@ class CoreSettings:
     drift_after_s: float = 86400.0
     skill_min_count: int = 200
     shadow_share: float = 0.0
+    coordinates: dict[str, tuple[float, float]] = field(default_factory=dict)  # station -> (lat, lon), issue 20
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig) -> CoreSettings:
@@ -181,6 +183,7 @@ class CoreSettings:
             drift_after_s=cfg.skill.drift_after_s,
             skill_min_count=cfg.skill.min_count,
             shadow_share=cfg.skill.shadow_share,
+            coordinates=dict(cfg.stations.coordinates),
         )
 
 
@@ -268,6 +271,10 @@ class AgentCore:
             )
         self.drift: dict[str, dict[str, Any]] = {}  # station -> evidence, while in drift
         self._shadow_rng = np.random.default_rng(0)  # which observed values are shadow-hidden (deterministic)
+        # Neighbour context (issue 20): a context model's card lists each station's neighbours; the context of a
+        # row is built from the other stations' windows at the same steps (gapcast.neighbours, as in training).
+        self.context_spec = card.context
+        self.no_context: dict[str, str] = {}  # station -> why it runs without context
 
     # -- ingest ----------------------------------------------------------------------------------------------
 
@@ -296,6 +303,16 @@ class AgentCore:
             return why
         w = StationWindow(self.spec)
         self.windows[station] = w
+        if self.context_spec is not None and station not in self.context_spec.stations:
+            ext = extend_by_coordinates(self.context_spec, station, self.settings.coordinates)
+            if ext is None:
+                self.no_context[station] = ("not in the card's neighbour list and no coordinates for it and its "
+                                            "neighbours in [stations.coordinates]: runs without context")
+                log.warning("station %s: %s", station, self.no_context[station])
+            else:
+                self.context_spec = ext
+                log.info("station %s: neighbours by distance: %s", station,
+                         ", ".join(ext.neighbours_of(station)[ext.channels[0]]))
         log.info("station %s registered (%d of at most %d)", station, len(self.windows), s.max_stations)
         return w
 
@@ -488,6 +505,12 @@ class AgentCore:
                 obs_in[:, -1] &= ~hidden
         norm = np.where(obs_in, (np.nan_to_num(raw) - self.mean) / self.std, 0.0).astype(np.float32)
         obs_f = obs_in.astype(np.float32)
+        with_ctx = np.zeros(B, dtype=bool)
+        if self.context_spec is not None:  # columns C..C+G-1 of the model input (export/context.py)
+            ctx, ctx_obs = self._context(rows)
+            with_ctx = ctx_obs.reshape(B, -1).any(axis=1)
+            norm, obs_f = np.concatenate([norm, ctx], axis=-1), np.concatenate([obs_f, ctx_obs], axis=-1)
+        Cin = norm.shape[-1]
         imputed = np.empty((B, L, C), dtype=np.float32)
         forecast = np.empty((B, H, C), dtype=np.float32)
         used = np.empty(B, dtype=object)
@@ -500,8 +523,8 @@ class AgentCore:
                 imp = np.asarray(imp, dtype=np.float32)
                 fc = np.asarray(fc, dtype=np.float32)
                 n = sl.stop - sl.start
-                if imp.shape != (n, L, C) or fc.shape != (n, H, C):
-                    msg = f"backend {name} returned imputed {imp.shape} / forecast {fc.shape}, expected {(n, L, C)} / {(n, H, C)}"
+                if imp.shape != (n, L, Cin) or fc.shape != (n, H, Cin):
+                    msg = f"backend {name} returned imputed {imp.shape} / forecast {fc.shape}, expected {(n, L, Cin)} / {(n, H, Cin)}"
                     raise ValueError(msg)
                 if not (np.isfinite(imp).all() and np.isfinite(fc).all()):
                     msg = f"backend {name} returned non-finite values"
@@ -513,7 +536,7 @@ class AgentCore:
                 log.error("backend %s failed on a batch of %d: %s; falling back to interpolation", name, sl.stop - sl.start, exc)
                 imp, fc = self.fallback.run(norm[sl], obs_f[sl], cal[sl])
                 name = self.fallback.name
-            imputed[sl], forecast[sl] = imp, fc
+            imputed[sl], forecast[sl] = imp[..., :C], fc[..., :C]
             used[sl] = name
             self.counters["inference_batches"] += 1
             self.counters["inference_rows"] += sl.stop - sl.start
@@ -534,6 +557,7 @@ class AgentCore:
         share_max = self.settings.max_missing_share
         for b, r in enumerate(rows):
             model = used[b] != self.fallback.name
+            ctx_kind = "neighbours" if model and with_ctx[b] else "none"
             step_s = r.end * cad
             for lo, hi, reason in r.revisions:
                 first = max(lo, r.end - L + 1)
@@ -544,6 +568,7 @@ class AgentCore:
                     revision_message(
                         self.topics, r.station, first * cad, cad, names, filled[b, i0:i1], ~obs[b, i0:i1],
                         "model" if model else "interpolation", mv, reason, now_s, units=self.units,
+                        context=ctx_kind,
                     )
                 )
                 self.counters["revisions"] += 1
@@ -564,7 +589,7 @@ class AgentCore:
             out.append(
                 filled_message(
                     self.topics, r.station, step_s, cad, names, filled[b, -1], imp_mask,
-                    "model" if model else "locf", mv, now_s, units=self.units,
+                    "model" if model else "locf", mv, now_s, units=self.units, context=ctx_kind,
                 )
             )
             self.counters["filled"] += 1
@@ -587,7 +612,8 @@ class AgentCore:
             method = "model" if model else ("seasonal_naive" if self.fallback.season else "persistence")
             out.append(
                 forecast_message(
-                    self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s, units=self.units
+                    self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s, units=self.units,
+                    context=ctx_kind,
                 )
             )
             self.counters["forecasts"] += 1
@@ -600,6 +626,36 @@ class AgentCore:
         if sk is not None:
             out += self._check_drift(rows, now_s)
         return out
+
+    def _context(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbour context of every row: the other stations' windows ending at the row's step, this round.
+
+        Returns:
+            (context [B, L, G] float32 normalised, context_observed [B, L, G] float32 0/1); all zero for a station
+            without neighbours (``no_context``).
+        """
+        spec = self.context_spec
+        assert spec is not None
+        B, L, G = len(rows), self.L, len(spec.channels)
+        ctx = np.zeros((B, L, G), dtype=np.float32)
+        ctx_obs = np.zeros((B, L, G), dtype=np.float32)
+        by_end: dict[int, list[int]] = {}
+        for b, r in enumerate(rows):
+            by_end.setdefault(r.end, []).append(b)
+        for end, bs in by_end.items():
+            live = {}
+            for name in spec.stations:  # every station of the spec with a window, aligned to the same steps
+                w = self.windows.get(name)
+                if w is not None:
+                    v, m = w.view(end)
+                    live[name] = (np.where(m, (np.nan_to_num(v) - self.mean) / self.std, 0.0), m)
+            got = context_for_windows(spec, live)
+            for b in bs:
+                c = got.get(rows[b].station)
+                if c is not None:
+                    ctx[b], ctx_obs[b] = c
+        self.counters["context_rows"] += int(ctx_obs.reshape(B, -1).any(axis=1).sum())
+        return ctx, ctx_obs
 
     def _check_drift(self, rows: list[_Row], now_s: float) -> list[OutMessage]:
         """Drift of every station of the batch at its newest closed step; a drift message when the set changed."""
@@ -691,8 +747,16 @@ class AgentCore:
             "ignored_channels": dict(sorted(self.ignored.items())),
             "no_forecast": reasons,
             "no_forecast_stations": len(self.no_forecast),
+            "context": self._status_context(),
             "skill": self._status_skill(),
         }
+
+    def _status_context(self) -> dict[str, Any]:
+        """Neighbour context: ``none`` for a temporal-only model; else the stations served with and without it."""
+        if self.context_spec is None:
+            return {"kind": "none"}
+        return {"kind": "neighbours", "stations_with": sum(1 for n in self.windows if n not in self.no_context),
+                "without": dict(sorted(self.no_context.items())[:50])}
 
     def _status_skill(self) -> dict[str, Any]:
         """The status's skill section: the gateway summary, the fill skill and the stations in drift."""

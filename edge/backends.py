@@ -336,7 +336,7 @@ def _ort_backend(
             bundle.variant_path(chosen),
             lookback=card.lookback,
             horizon=card.horizon,
-            n_channels=len(card.channels),
+            n_channels=card.n_inputs,
             n_calendar=_n_calendar(card),
             precision=str(card.variants[chosen].get("precision", "fp32")),
             threads=threads,

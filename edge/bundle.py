@@ -134,6 +134,33 @@ class Card:
         return str(tz) if tz else None
 
     @property
+    def n_inputs(self) -> int:
+        """Columns of the graph's ``values``/``observed`` input: C, or C + G for a model with neighbour context
+        (card ``context``, issue 20: columns C..C+G-1 are the context)."""
+        for entry in self.inputs:
+            if entry.get("name") == "values" and len(entry.get("shape", ())) == 3:
+                return int(entry["shape"][2])
+        return len(self.channels)
+
+    @property
+    def context(self):
+        """The :class:`gapcast.neighbours.ContextSpec` of a context model (card ``context.spec``), else None.
+
+        Raises:
+            BundleError: a malformed context entry.
+        """
+        entry = self.raw.get("context")
+        if not entry:
+            return None
+        from gapcast.neighbours import ContextSpec, NeighbourError
+
+        try:
+            return ContextSpec.from_dict(entry["spec"])
+        except (NeighbourError, KeyError, TypeError) as exc:
+            msg = f"card.json: malformed context entry: {exc}"
+            raise BundleError(msg) from exc
+
+    @property
     def interpolation_only(self) -> bool:
         """A day-one bundle without a network (``model.kind = "interpolation"``): the agent interpolates."""
         return self.raw.get("model", {}).get("kind") == "interpolation"

@@ -119,11 +119,14 @@ class StationSettings:
         names: the configured stations (empty with ``auto_register``: any station that publishes is served).
         auto_register: accept readings from stations not listed, up to ``max_stations`` in total.
         max_stations: hard cap on the number of station windows (memory bound); readings from more are rejected.
+        coordinates: station -> (lat, lon) degrees (``[stations.coordinates] NAME = [lat, lon]``): a station not
+            in a context model's neighbour list gets its nearest neighbours by distance (issue 20).
     """
 
     names: tuple[str, ...] = ()
     auto_register: bool = False
     max_stations: int = 1000
+    coordinates: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -467,6 +470,15 @@ def _scale_value(sec: _Section, k: str) -> float:
     return v
 
 
+def _lat_lon(sec: _Section, k: str) -> tuple[float, float]:
+    """``NAME = [lat, lon]`` in degrees, |lat| <= 90, |lon| <= 180."""
+    _name(sec, k, k)
+    v = sec.list_(k, (int, float))
+    if v is None or len(v) != 2 or not (abs(v[0]) <= 90 and abs(v[1]) <= 180):
+        raise ConfigError(f"{sec.key(k)}: must be [lat, lon] in degrees (|lat| <= 90, |lon| <= 180), got {v!r}")
+    return float(v[0]), float(v[1])
+
+
 def _name_map(sec: _Section, read) -> dict:
     """Every key of a table read by ``read(section, key)``; the table's keys are names, so none is unknown."""
     out = {k: read(sec, k) for k in list(sec.data)}
@@ -608,7 +620,8 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         raise ConfigError("stations: list stations.names or set stations.auto_register = true")
     if len(names) > max_stations:
         raise ConfigError(f"stations.max_stations: {max_stations} is fewer than the {len(names)} listed stations")
-    stations = StationSettings(names=tuple(names), auto_register=auto, max_stations=max_stations)
+    coords = _name_map(s.table("coordinates"), _lat_lon) if s.has("coordinates") else {}
+    stations = StationSettings(names=tuple(names), auto_register=auto, max_stations=max_stations, coordinates=coords)
     s.done()
 
     md = top.table("model")

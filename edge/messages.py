@@ -165,6 +165,7 @@ def filled_message(
     created_s: float = 0.0,
     *,
     units: dict[str, str] | None = None,
+    context: str | None = None,
 ) -> OutMessage:
     """A closed step with every channel filled.
 
@@ -180,6 +181,8 @@ def filled_message(
         model_version: the card's model version (0 without a model).
         created_s: gateway time, seconds (stamped into the outbox, not the payload).
         units: channel -> physical unit (the card's); None: ``{}``.
+        context: ``neighbours`` when the model read neighbour stations' values, ``none`` when not (the agent
+            always says; None leaves the key out).
 
     Returns:
         The :class:`OutMessage` for ``{prefix}/stations/{station}/filled`` (contract ``gapcast/filled/1``).
@@ -198,6 +201,7 @@ def filled_message(
         "method": method if bool(np.any(imputed)) else "observed",
         "model_version": int(model_version),
         "units": _units(channels, units),
+        **({"context": context} if context is not None else {}),
     }
     return OutMessage(topics.filled(station), _dumps(body), "filled", mid, created_s=created_s)
 
@@ -216,6 +220,7 @@ def revision_message(
     created_s: float = 0.0,
     *,
     units: dict[str, str] | None = None,
+    context: str | None = None,
 ) -> OutMessage:
     """A revision of several consecutive closed steps (a gap re-filled with context on both sides).
 
@@ -259,6 +264,7 @@ def revision_message(
             for i in range(n)
         ],
         "units": _units(channels, units),
+        **({"context": context} if context is not None else {}),
     }
     return OutMessage(topics.revisions(station), _dumps(body), "revision", mid, created_s=created_s)
 
@@ -276,6 +282,7 @@ def forecast_message(
     issued_s: float,
     *,
     units: dict[str, str] | None = None,
+    context: str | None = None,
 ) -> OutMessage:
     """A forecast of H steps after a closed step.
 
@@ -312,6 +319,7 @@ def forecast_message(
             {"ts": iso(origin_s + (h + 1) * cadence_s), "values": dict(zip(channels, rows[h]))} for h in range(H)
         ],
         "units": _units(channels, units),
+        **({"context": context} if context is not None else {}),
     }
     return OutMessage(topics.forecast(station), _dumps(body), "forecast", mid, created_s=issued_s)
 

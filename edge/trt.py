@@ -650,7 +650,7 @@ def build_and_check(
     cuda = _CudaRuntime()
     info = platform_info(cuda)
     card = bundle.card
-    dims = {"lookback": card.lookback, "horizon": card.horizon, "n_channels": len(card.channels)}
+    dims = {"lookback": card.lookback, "horizon": card.horizon, "n_channels": card.n_inputs}
     n_calendar = int(golden["calendar"].shape[-1])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

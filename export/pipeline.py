@@ -140,10 +140,16 @@ class ModelSpec:
     config: dict[str, Any] = field(default_factory=dict)
     timezone: str | None = None
     dataset: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None  # ContextSpec.to_dict() of a model with neighbour context (issue 20)
 
     @property
     def n_channels(self) -> int:
         return len(self.channels)
+
+    @property
+    def n_inputs(self) -> int:
+        """Columns of the graph's values/observed: C, plus G context channels for a context model."""
+        return self.n_channels + (len(self.context["channels"]) if self.context else 0)
 
 
 @dataclass(frozen=True)
@@ -283,7 +289,14 @@ def export_bundle(
     if out.exists() and any(out.iterdir()) and not overwrite:
         msg = f"{out} exists and is not empty; pass --overwrite to replace it"
         raise ExportError(msg)
-    L, H, C, F = spec.lookback, spec.horizon, spec.n_channels, spec.n_calendar
+    from gapcast.export.context import ContextInputs, n_context
+
+    if n_context(model):  # issue 20: the context travels as C..C+G-1 of values/observed (export/context.py)
+        if not spec.context or len(spec.context["channels"]) != n_context(model):
+            msg = f"the model has {n_context(model)} context channels but the model spec carries no matching context"
+            raise ExportError(msg)
+        model = ContextInputs(model).eval()
+    L, H, C, F = spec.lookback, spec.horizon, spec.n_inputs, spec.n_calendar
     for name, arrs in (("train", data.train), ("val", data.val)):
         v, o, c = arrs
         if v.shape[1:] != (L + H, C) or o.shape != v.shape or c.shape[1:] != (L + H, F) or len(v) == 0:
@@ -526,6 +539,7 @@ def export_bundle(
             "cpu_variant_choice": cpu_choice,
             "evaluation": evaluation,
             "dataset": spec.dataset,
+            **({"context": _context_entry(spec)} if spec.context else {}),
             "export": {**_versions(), "exporter": exporter, "data": data.source, "run": run or {}},
             "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
         }
@@ -554,6 +568,12 @@ def export_bundle(
     finally:
         progress.close()
     return ExportResult(path=out, card=written, signed=sign_key is not None)
+
+
+def _context_entry(spec: ModelSpec) -> dict[str, Any]:
+    from gapcast.export.context import context_card_entry
+
+    return context_card_entry(spec.context, spec.n_channels)
 
 
 def _calendar_entry(spec: ModelSpec) -> dict[str, Any]:
@@ -648,6 +668,15 @@ def load_run_windows(
             parts[name][0].append(norm.transform(s.values[sl]))
             parts[name][1].append(s.epoch_s[sl])
     out = {}
+    cspec = None
+    if meta.get("context"):
+        from gapcast.neighbours import ContextSpec
+
+        cspec = ContextSpec.from_dict(meta["context"])
+        absent = sorted(set(cspec.stations) - set(series))
+        if absent:
+            msg = f"the context model's neighbours {absent} are not in the loaded data: cannot build its context"
+            raise ExportError(msg)
     for name, (vals, epochs) in parts.items():
         ws = make_windows(
             vals, epochs, lookback=L, horizon=H, stride=stride, min_observed=0.5, utc_offset_s=utc,
@@ -657,6 +686,21 @@ def load_run_windows(
             msg = f"no {name} windows with at least half the past observed"
             raise ExportError(msg)
         out[name] = ws.batch(range(len(ws)))
+        if cspec is not None:  # context columns C..C+G-1: the other stations at the same steps, none in the future
+            from gapcast.train.context import series_context
+
+            names = list(series)
+            unknown = sorted(set(names) - set(cspec.stations))
+            if unknown:
+                msg = f"stations {unknown} have no context in the model's spec"
+                raise ExportError(msg)
+            ctx = series_context(cspec, [vals[names.index(n)] for n in cspec.stations],
+                                 [epochs[names.index(n)] for n in cspec.stations])
+            series_ctx = type(ctx)([ctx.values[cspec.stations.index(n)] for n in names])
+            cv, co = series_ctx.batch(ws.starts, L + H)
+            cv[:, L:], co[:, L:] = 0.0, 0.0
+            v, o, c = out[name]
+            out[name] = (np.concatenate([v, cv], axis=-1), np.concatenate([o, co], axis=-1), c)
     source = (
         f"{spec.name}, stations {sorted(series)}, the spec's split; calibration from the training range, "
         f"parity/gate/golden from the validation range; windows every {stride} steps with >= 50 % of the past "
@@ -721,6 +765,7 @@ def export_run(
         config=dict(cfg),
         timezone=meta.get("timezone") or dspec.timezone,
         dataset=dspec.to_dict(),
+        context=meta.get("context") if cfg.get("n_context") else None,
     )
     data = load_run_windows(meta, run_config, data_root=data_root, dataset=dspec)
     run = {"dir": str(folder.resolve()), "checkpoint": ckpt.name, "step": meta.get("step"), "best_val": meta.get("best_val")}

@@ -39,6 +39,7 @@ __all__ = [
     "build_context",
     "context_for_windows",
     "correlations",
+    "extend_by_coordinates",
     "fit_context",
     "haversine_km",
     "idw_estimate",
@@ -639,3 +640,43 @@ def context_for_windows(
     ctx, cobs = build_context(spec, vals, obs)
     return {name: ((ctx[row[name]], cobs[row[name]]) if name in row else None) for name in windows}
 
+
+
+def extend_by_coordinates(
+    spec: ContextSpec, station: str, coordinates: Mapping[str, Sequence[float]], *, k: int | None = None
+) -> ContextSpec | None:
+    """A station the spec does not know (new, auto-registered) gets the k nearest spec stations as neighbours.
+
+    The weights are ``1 / d**2`` (great-circle distance), normalised to sum 1, the same for every context channel;
+    the new station is nobody's neighbour (the others' context is unchanged). The gateway calls this once when
+    the station registers.
+
+    Args:
+        spec: the card's :class:`ContextSpec`.
+        station: the new station's name.
+        coordinates: station name -> (lat, lon) in degrees; needs the new station and at least one spec station.
+        k: neighbours (default: the spec's k).
+
+    Returns:
+        The extended :class:`ContextSpec`, or None when coordinates are missing (the station runs without
+        context) or the station is already in the spec (nothing to extend).
+
+    Raises:
+        NeighbourError: malformed coordinates.
+    """
+    if station in spec.stations or station not in coordinates:
+        return None
+    known = [j for j, name in enumerate(spec.stations) if name in coordinates]
+    if not known:
+        return None
+    xy = _coords([coordinates[station]] + [coordinates[spec.stations[j]] for j in known])
+    d = haversine_km(xy[0, 0], xy[0, 1], xy[1:, 0], xy[1:, 1])
+    order = np.argsort(d, kind="stable")[: k or spec.k]
+    S, G = len(spec.stations), len(spec.channels)
+    w = np.zeros((S + 1, S + 1, G))
+    w[:S, :S] = spec.weights
+    inv = 1.0 / np.maximum(d[order], 0.1) ** 2
+    for i, o in enumerate(order):
+        w[S, known[int(o)], :] = inv[i] / inv.sum()
+    return ContextSpec(stations=spec.stations + (station,), channels=spec.channels, channel_index=spec.channel_index,
+                       weights=w, method=spec.method, k=spec.k)

@@ -383,8 +383,8 @@ def score_run(
         season: seasonal-naive season, steps.
 
     Returns:
-        ``fill`` (MAE per pollutant for agent real time, agent revision, LOCF, linear interpolation on the same
-        hidden values, with coverage), ``forecast`` (agent vs seasonal naive on the same forecasts and targets),
+        ``fill`` (MAE per pollutant for agent real time, agent revision, LOCF, linear interpolation and the
+        neighbour estimate on the same hidden values, with coverage), ``forecast`` (agent vs seasonal naive on the same forecasts and targets),
         ``latency_ms`` (step-closing reading published -> forecast received, p50/p99).
     """
     import numpy as np
@@ -410,12 +410,15 @@ def score_run(
         for st in b["steps"]:
             revised[(b["station"], int(st["epoch_s"]))] = st["values"]
     rows_truth, rows_rt, rows_rev, rows_locf, rows_lin, rows_mask = [], [], [], [], [], []
+    rows_nb: list = []
+    nb_est = _neighbour_estimates(plan)
     cover = {"hidden_values": 0, "realtime": 0, "revision": 0}
     for s in plan.stations:
         ep, vals, hid = plan.epoch_s[s], plan.values[s], plan.hidden[s]
         shown = np.where(sent[s], vals, np.nan)
         lo = locf(np.nan_to_num(shown), sent[s])
         li = linear_interpolate(np.nan_to_num(shown), sent[s])
+        nb = np.where(np.isfinite(nb_est[s]), nb_est[s], li)  # no neighbour reporting: linear interpolation
         for i in np.flatnonzero(hid[:, pidx].any(axis=1)):
             m = hid[i, pidx]
             rt = realtime.get((s, int(ep[i])))
@@ -430,6 +433,7 @@ def score_run(
             rows_rev.append([rv.get(p, np.nan) for p in POLLUTANTS])
             rows_locf.append(lo[i, pidx])
             rows_lin.append(li[i, pidx])
+            rows_nb.append(nb[i, pidx])
             rows_mask.append(m)
     fill: dict[str, Any] = {"coverage": cover}
     if rows_truth:
@@ -440,6 +444,7 @@ def score_run(
             ("agent_revision", rows_rev),
             ("locf", rows_locf),
             ("linear", rows_lin),
+            ("neighbours", rows_nb),
         ):
             pred = np.asarray(rows, dtype=np.float64)
             fill[key] = _mae_by_channel(pred - truth, mask & np.isfinite(pred), POLLUTANTS, std)
@@ -494,6 +499,48 @@ def score_run(
         a = np.asarray(lat)
         latency.update(p50=float(np.percentile(a, 50)), p99=float(np.percentile(a, 99)), max=float(a.max()))
     return {"fill": fill, "forecast": fc, "latency_ms": latency}
+
+
+def _neighbour_estimates(plan, lookback: str = "96h") -> dict[str, Any]:
+    """The causal neighbour estimate (:func:`gapcast.neighbours.neighbour_estimate`) of every hidden step: the other
+    replayed stations' published values at the same step, scaled by the station's level ratio to them over the
+    ``lookback`` before the outage start (an offset for channels that go negative). NaN where no neighbour reports.
+
+    Returns:
+        station -> [T, C] float64, physical units.
+    """
+    import numpy as np
+
+    from gapcast.neighbours import neighbour_estimate
+
+    names = list(plan.stations)
+    out = {s: np.full(plan.values[s].shape, np.nan) for s in names}
+    if len(names) < 2:
+        return out
+    grid = np.unique(np.concatenate([plan.epoch_s[s] for s in names]))
+    C = len(plan.channels)
+    vals = np.full((len(names), len(grid), C), np.nan)
+    sent = np.zeros(vals.shape, dtype=bool)
+    pos = {s: np.searchsorted(grid, plan.epoch_s[s]) for s in names}
+    for k, s in enumerate(names):
+        vals[k, pos[s]] = plan.values[s]
+        sent[k, pos[s]] = plan.sent[s]
+    with np.errstate(all="ignore"):
+        lo = np.nanmin(np.where(sent, vals, np.nan).reshape(-1, C), axis=0)
+    scale = ["offset" if np.isfinite(x) and x < 0 else "ratio" for x in lo]
+    for k, s in enumerate(names):
+        hid = np.zeros(len(grid), dtype=bool)
+        hid[pos[s]] = plan.hidden[s].any(axis=1)
+        starts = np.flatnonzero(hid & ~np.concatenate([[False], hid[:-1]]))
+        for g in starts:  # one estimate per outage: its level window ends at the outage start
+            end = g + int(np.argmin(hid[g:])) if not hid[g:].all() else len(grid)
+            est = neighbour_estimate(np.nan_to_num(vals), sent, int(g), cadence_s=plan.cadence_s, lookback=lookback,
+                                     scale=scale)[k]
+            full = np.full((len(grid), C), np.nan)
+            full[g:end] = est[g:end]
+            sel = full[pos[s]]
+            out[s] = np.where(np.isfinite(sel), sel, out[s])
+    return out
 
 
 def _iso(epoch_s: int) -> str:
@@ -570,7 +617,10 @@ def format_table(summary: dict[str, Any]) -> str:
             ("agent_revision", "agent, after gap end"),
             ("locf", "LOCF (real time)"),
             ("linear", "linear interp. (offline)"),
+            ("neighbours", "neighbour est. (real time)"),
         ):
+            if key not in fill:
+                continue
             row = fill[key]
             lines.append(
                 f"  {label:<24}" + "".join(f"{_fmt(row[p]):>8}" for p in POLLUTANTS) + f"{_fmt(row['overall_norm'], 3):>10}"

@@ -419,20 +419,26 @@ def baseline_imputers(horizon: int, season: int = 24) -> dict[str, Imputer]:
 
 
 def model_imputer(model, *, batch_size: int = 256, progress: bool = True) -> Imputer:
-    """Wrap a ConFill model (eval mode, no gradients, batched) as an :data:`Imputer`."""
+    """Wrap a ConFill model (eval mode, no gradients, batched) as an :data:`Imputer`.
+
+    The returned function also takes ``context, context_observed`` ([N, L, G] float32, keyword or positional) for
+    a model with neighbour context; without them a context model runs with empty context (no neighbour)."""
     import torch
     from tqdm.auto import tqdm
 
     model.eval()
 
-    def fn(values: np.ndarray, observed: np.ndarray, calendar: np.ndarray):
+    def fn(values: np.ndarray, observed: np.ndarray, calendar: np.ndarray, context=None, context_observed=None):
         imps, fcs = [], []
+
+        def t(a):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
         with torch.no_grad():
             for a in tqdm(range(0, len(values), batch_size), desc="confill", disable=not progress, leave=False):
                 sl = slice(a, a + batch_size)
-                imp, fc = model(torch.from_numpy(np.ascontiguousarray(values[sl], dtype=np.float32)),
-                                torch.from_numpy(np.ascontiguousarray(observed[sl], dtype=np.float32)),
-                                torch.from_numpy(np.ascontiguousarray(calendar[sl], dtype=np.float32)))
+                ctx = (t(context[sl]), t(context_observed[sl])) if context is not None else ()
+                imp, fc = model(t(values[sl]), t(observed[sl]), t(calendar[sl]), *ctx)
                 imps.append(imp.numpy())
                 fcs.append(fc.numpy())
         return np.concatenate(imps), np.concatenate(fcs)
@@ -696,9 +702,10 @@ def evaluate_run(
                 series, normalizer, channels=channels, group=ss.group, group_name=group_name,
                 lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
                 coordinates=spec.coordinates(list(series)),  # IDW where the spec's [[stations]] has them all
-                models={"ConFill": model_imputer(model, progress=False)},
+                models={"ConFill (no context)" if cfg.n_context else "ConFill": model_imputer(model, progress=False)},
                 calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
-                split=lambda s: split_indices(spec, s, check=False))
+                split=lambda s: split_indices(spec, s, check=False),
+                context_models=_context_models(model, meta))
             md += network_markdown(metrics["network"])
         except TrainError as exc:  # e.g. a test range shorter than a network trial: the rest of the report stands
             log.warning("network scenarios skipped: %s", exc)
@@ -710,6 +717,15 @@ def evaluate_run(
     units = [str(c.get("unit", "")) for c in meta["channels"]]
     plot_paths = _plots(run, ss, preds, units, spec.cadence_s) if plots else []
     return EvalReport(metrics=metrics, markdown=md, json_path=json_path, markdown_path=md_path, plots=plot_paths)
+
+
+def _context_models(model, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"ConFill + neighbours": (imputer, ContextSpec)}`` for a checkpoint with neighbour context, else None."""
+    if not model.cfg.n_context or "context" not in meta:
+        return None
+    from gapcast.neighbours import ContextSpec
+
+    return {"ConFill + neighbours": (model_imputer(model, progress=False), ContextSpec.from_dict(meta["context"]))}
 
 
 def spec_of_run(meta: dict[str, Any], dataset: DatasetSpec | str | os.PathLike | None = None) -> DatasetSpec:

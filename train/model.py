@@ -20,6 +20,13 @@ Without it the network, trained for an hour on CPU, fills short gaps worse than 
 gaps start from interpolation-like values and long gaps come from the encoder. ``smoother_widths = []`` in the
 config gives the paper's plain head. ``interp_source = true`` adds a further estimate, linear interpolation across
 the whole gap (:class:`GapInterpolator`), which the narrow smoother equals only for a single missing step.
+
+Neighbour context (issue 20, ``context = "neighbours"``): G extra input channels, one weighted value of the other
+stations per step and context channel with its own observed mask (built by ``gapcast.neighbours.build_context``,
+the same function on the gateway). They enter the value embedding and the key mask, and give the imputation mix two
+more sources per context channel: the neighbour value itself and the neighbour value plus the window's mean offset
+of the station to it (over the steps where both are observed). An all-zero context mask (network-wide outage, a
+station without neighbours) leaves those sources unavailable: the model is then the temporal-only one.
 """
 
 from __future__ import annotations
@@ -397,6 +404,13 @@ class ConFillConfig:
         level_norm: per-window level normalisation (RevIN-style, Kim et al., ICLR 2022): the encoder and the heads
             see each window's channels centred and scaled by their own observed mean and spread; the head outputs
             are restored to the global normalisation. For stations whose levels differ from the training ones.
+        context: ``"none"`` (temporal only, as before) or ``"neighbours"`` (neighbour context channels, issue 20).
+        context_group: the dataset group whose channels get context (``""``: every channel).
+        context_k: neighbours per station and channel, chosen on the training range.
+        context_dropout: training only: share of windows whose context is dropped (half of them entirely, half
+            over the hidden block's span, as in a network-wide outage), so empty context keeps working.
+        n_context: G, context channels (set from the dataset spec when ``context = "neighbours"``; 0 otherwise).
+        context_index: the G station-channel columns the context channels estimate.
     """
 
     n_channels: int = 1  # C: set from the dataset spec (TrainConfig.from_dict); 1 only so the dataclass has a default
@@ -415,6 +429,12 @@ class ConFillConfig:
     interp_source: bool = False
     dropout: float = 0.1
     level_norm: bool = False
+    context: str = "none"
+    context_group: str = ""
+    context_k: int = 3
+    context_dropout: float = 0.3
+    n_context: int = 0
+    context_index: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("n_channels", "lookback", "horizon", "n_calendar", "d_model", "n_heads", "n_encoder_layers",
@@ -440,6 +460,16 @@ class ConFillConfig:
             raise ValueError(msg)
         if not self.conv_kernels or any(k < 1 or k % 2 == 0 for k in self.conv_kernels):
             msg = f"conv_kernels must be odd sizes ('same' padding), got {self.conv_kernels}"
+            raise ValueError(msg)
+        object.__setattr__(self, "context_index", tuple(int(i) for i in self.context_index))
+        if self.context not in ("none", "neighbours"):
+            msg = f"context must be 'none' or 'neighbours', got {self.context!r}"
+            raise ValueError(msg)
+        if len(self.context_index) != self.n_context or any(not 0 <= i < self.n_channels for i in self.context_index):
+            msg = f"context_index {self.context_index} must name n_context = {self.n_context} channels of {self.n_channels}"
+            raise ValueError(msg)
+        if not 0.0 <= self.context_dropout <= 1.0 or self.context_k < 1:
+            msg = f"context_dropout must be in [0, 1] and context_k >= 1, got {self.context_dropout}, {self.context_k}"
             raise ValueError(msg)
         if self.n_freq > self.lookback // 2 + 1:
             msg = f"n_freq {self.n_freq} exceeds lookback // 2 + 1 = {self.lookback // 2 + 1}"
@@ -484,7 +514,14 @@ class ConFill(nn.Module):
         self.forecast_head = nn.Linear(d, C)
         # Per step and channel, softmax weights over [smoother estimates..., head output(, interpolation)], chosen
         # from the memory.
-        n_src = len(cfg.smoother_widths) + 1 + int(cfg.interp_source)
+        n_src = len(cfg.smoother_widths) + 1 + int(cfg.interp_source) + 2 * int(cfg.n_context > 0)
+        if cfg.n_context:
+            G = cfg.n_context
+            self.context_emb = nn.Linear(2 * G, d)
+            # [G, C] 0/1: context channel g estimates station channel context_index[g].
+            pick = torch.zeros(G, C)
+            pick[torch.arange(G), torch.tensor(cfg.context_index, dtype=torch.long)] = 1.0
+            self.register_buffer("context_pick", pick, persistent=False)
         self.smoother = NeighbourSmoother(C, cfg.smoother_widths) if cfg.smoother_widths else None
         self.interp = GapInterpolator(L) if cfg.interp_source else None
         self.source_mix = nn.Linear(d, C * n_src) if cfg.smoother_widths else None
@@ -536,7 +573,8 @@ class ConFill(nn.Module):
         return torch.where(seen, mean, torch.zeros_like(mean)), torch.where(seen, torch.sqrt(var + 0.01),
                                                                              torch.ones_like(var))
 
-    def encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
+    def encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor, context=None,
+               context_observed=None):
         """Embed and encode the past window (level-normalised first with ``level_norm``).
 
         Args: as :meth:`_encode`.
@@ -544,25 +582,41 @@ class ConFill(nn.Module):
         if self.cfg.level_norm:
             mean, spread = self.window_level(values, observed)
             values = (values - mean) / spread
-        return self._encode(values, observed, calendar)
+        return self._encode(values, observed, calendar, context, context_observed)
 
-    def _encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
+    def _context(self, values: torch.Tensor, context, context_observed):
+        """(context [B, L, G], mask [B, L, G]), zeros when not given (no neighbour reported)."""
+        if context is None or context_observed is None:
+            z = values.new_zeros(values.shape[:-1] + (self.cfg.n_context,))
+            return z, z
+        return context * context_observed, context_observed
+
+    def _encode(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor, context=None,
+                context_observed=None):
         """Embed and encode the past window.
 
         Args:
             values: [B, L, C] float32, normalised; anything where unobserved (it is multiplied by ``observed``).
             observed: [B, L, C] float32, 1 = observed.
             calendar: [B, L + H, F] float32 (only the first L rows are read here).
+            context, context_observed: [B, L, G] float32 neighbour context and its 0/1 mask (models with
+                ``n_context``; None = no neighbour reported).
 
         Returns:
-            (memory [B, L, d] float32, key_allowed [B, 1, L] float32 0/1: steps with at least one observed channel).
+            (memory [B, L, d] float32, key_allowed [B, 1, L] float32 0/1: steps with at least one observed channel
+            or, with context, one reported neighbour value).
         """
         L = self.cfg.lookback
         xm = values * observed  # the only place values enter: unobserved cells become 0
         emb = self.value_emb(torch.cat([xm, observed], dim=-1))
         emb = emb + self.pos_emb + self.cal_emb(calendar[:, :L]) + self.freq_emb(xm)
+        seen = observed.sum(dim=-1)  # [B, L]
+        if self.cfg.n_context:
+            cm, co = self._context(values, context, context_observed)
+            emb = emb + self.context_emb(torch.cat([cm, co], dim=-1))
+            seen = seen + co.sum(dim=-1)
         h = self.emb_drop(emb)
-        key_allowed = torch.clamp(observed.sum(dim=-1), max=1.0).unsqueeze(1)  # [B, 1, L]
+        key_allowed = torch.clamp(seen, max=1.0).unsqueeze(1)  # [B, 1, L]
         w = self.depth_weights()
         memory = None
         for i, layer in enumerate(self.encoder):
@@ -570,7 +624,8 @@ class ConFill(nn.Module):
             memory = h * w[i] if memory is None else memory + h * w[i]
         return memory, key_allowed
 
-    def compute(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
+    def compute(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor, context=None,
+                context_observed=None):
         """Run the whole network.
 
         Args: as :meth:`forward`.
@@ -585,9 +640,9 @@ class ConFill(nn.Module):
         L, C = self.cfg.lookback, self.cfg.n_channels
         if self.cfg.level_norm:
             mean, spread = self.window_level(values, observed)  # [B, 1, C] each
-            memory, key_allowed = self._encode((values - mean) / spread, observed, calendar)
+            memory, key_allowed = self._encode((values - mean) / spread, observed, calendar, context, context_observed)
         else:
-            memory, key_allowed = self._encode(values, observed, calendar)
+            memory, key_allowed = self._encode(values, observed, calendar, context, context_observed)
         x_hat = self.impute_head(memory)
         if self.cfg.level_norm:
             x_hat = x_hat * spread + mean  # back to the global normalisation before mixing with the estimates
@@ -599,6 +654,10 @@ class ConFill(nn.Module):
                 i_est, i_avail = self.interp(values * observed, observed)  # [B, L, C] each
                 sources = torch.cat([sources, i_est.unsqueeze(-1)], dim=-1)  # [B, L, C, W+2]
                 avail = torch.cat([avail, i_avail.unsqueeze(-1)], dim=-1)
+            if self.cfg.n_context:
+                c_est, c_avail = self.context_sources(values, observed, context, context_observed)
+                sources = torch.cat([sources, c_est], dim=-1)  # [B, L, C, n_src]
+                avail = torch.cat([avail, c_avail], dim=-1)
             n_src = sources.shape[-1]
             logits = self.source_mix(memory).reshape(-1, L, C, n_src) + (1.0 - avail) * NEG_MASK
             x_hat = (torch.softmax(logits, dim=-1) * sources).sum(dim=-1)  # [B, L, C]
@@ -610,19 +669,44 @@ class ConFill(nn.Module):
             forecast = forecast * spread + mean
         return x_hat, forecast, memory
 
-    def forward(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor):
+    def context_sources(self, values: torch.Tensor, observed: torch.Tensor, context, context_observed):
+        """The two neighbour estimates of the imputation mix, on the station channels.
+
+        Args:
+            values, observed: [B, L, C] float32 (global normalisation).
+            context, context_observed: [B, L, G] float32 or None.
+
+        Returns:
+            (estimate [B, L, C, 2], available [B, L, C, 2]): the neighbour value and the neighbour value plus the
+            window's mean offset ``mean(x - context)`` over the steps where both are observed; unavailable for
+            channels without context and at steps where no neighbour reported.
+        """
+        cm, co = self._context(values, context, context_observed)
+        ctx = torch.matmul(cm, self.context_pick)  # [B, L, C]
+        cav = torch.matmul(co, self.context_pick)
+        both = observed * cav
+        n = both.sum(dim=1, keepdim=True)  # [B, 1, C]
+        offset = ((values - ctx) * both).sum(dim=1, keepdim=True) / torch.clamp(n, min=1.0)
+        est = torch.stack([ctx, ctx + offset], dim=-1)
+        avail = torch.stack([cav, cav * torch.clamp(n, max=1.0)], dim=-1)
+        return est, avail
+
+    def forward(self, values: torch.Tensor, observed: torch.Tensor, calendar: torch.Tensor, context=None,
+                context_observed=None):
         """Fill the window's gaps and forecast the horizon.
 
         Args:
             values: [B, L, C] float32, normalised, 0 where unobserved (any value there is ignored).
             observed: [B, L, C] float32, 1 = observed, 0 = missing.
             calendar: [B, L + H, F] float32, calendar features of the past and future steps.
+            context, context_observed: [B, L, G] float32 neighbour context and its 0/1 mask
+                (``gapcast.neighbours.build_context``), for models with ``n_context``; None = no neighbour.
 
         Returns:
             imputed: [B, L, C] float32, normalised: the observed values where observed, the model's estimate
                 elsewhere (m * x + (1 - m) * x_hat).
             forecast: [B, H, C] float32, normalised.
         """
-        x_hat, forecast, _ = self.compute(values, observed, calendar)
+        x_hat, forecast, _ = self.compute(values, observed, calendar, context, context_observed)
         imputed = observed * values + (1.0 - observed) * x_hat
         return imputed, forecast

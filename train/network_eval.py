@@ -31,7 +31,13 @@ import numpy as np
 
 from gapcast.baselines import linear_interpolate, locf
 from gapcast.duration import format_duration, steps_of
-from gapcast.neighbours import CorrelatedRegression, idw_estimate, neighbour_estimate
+from gapcast.neighbours import (
+    ContextSpec,
+    CorrelatedRegression,
+    build_context,
+    idw_estimate,
+    neighbour_estimate,
+)
 from gapcast.train import TrainError
 from gapcast.train.data import Normalizer, StationSeries, time_split
 
@@ -42,6 +48,7 @@ __all__ = [
     "Trials",
     "align_network",
     "build_network_scenarios",
+    "context_model_method",
     "evaluate_network",
     "model_method",
     "network_markdown",
@@ -355,6 +362,59 @@ def model_method(imputer: Callable, calendar: Callable[[np.ndarray], np.ndarray]
     return fn
 
 
+def context_model_method(imputer: Callable, spec: ContextSpec, stations: Sequence[str],
+                         calendar: Callable[[np.ndarray], np.ndarray], *, lookback: int, horizon: int,
+                         batch: int = 2048) -> NetworkMethod:
+    """A ConFill with neighbour context on the model window of each row: the context comes from the OTHER stations'
+    input windows of the same trial at the same steps (hidden values removed, as the gateway would see them),
+    built by :func:`gapcast.neighbours.build_context`, the function the gateway runs.
+
+    Args:
+        imputer: ``fn(values, observed, calendar, context [R, L, G], context_observed [R, L, G]) -> (imputed,
+            forecast)`` (:func:`gapcast.train.evaluate.model_imputer` of a context model).
+        spec: the checkpoint's :class:`ContextSpec`.
+        stations: the S station names of the trials' station axis (a station the spec lacks gets no context).
+        calendar, lookback, horizon, batch: as :func:`model_method`.
+
+    Returns:
+        A :data:`NetworkMethod`.
+    """
+    where = {name: j for j, name in enumerate(stations)}
+    rows_of_spec = [where.get(name) for name in spec.stations]  # spec row -> trial station index (None: absent)
+    spec_row = {j: i for i, j in enumerate(rows_of_spec) if j is not None}
+
+    def fn(tr: Trials) -> np.ndarray:
+        W = tr.values.shape[2]
+        N, _, _, C = tr.values.shape
+        G = len(spec.channels)
+        # The trials in the spec's station order; absent stations stay silent.
+        sv = np.zeros((N, len(spec.stations), lookback, C), dtype=np.float32)
+        so = np.zeros_like(sv)
+        for i, j in enumerate(rows_of_spec):
+            if j is not None:
+                sv[:, i] = tr.values[:, j, W - lookback :]
+                so[:, i] = tr.observed[:, j, W - lookback :]
+        ctx, cobs = build_context(spec, sv, so)  # [N, S_spec, L, G]
+        out = tr.pick(tr.values).astype(np.float32)
+        steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
+        for a in range(0, len(tr.rows), batch):
+            rows = tr.rows[a : a + batch]
+            x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+            m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+            c = np.zeros((len(rows), lookback, G), dtype=np.float32)
+            co = np.zeros_like(c)
+            for r, (n, j) in enumerate(rows):
+                if int(j) in spec_row:
+                    c[r], co[r] = ctx[n, spec_row[int(j)]], cobs[n, spec_row[int(j)]]
+            t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
+            cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
+            imputed, _ = imputer(x, m, cal, c, co)
+            out[a : a + batch, W - lookback :] = imputed
+        return out
+
+    return fn
+
+
 def score_network(
     net: AlignedNetwork,
     normalizer: Normalizer,
@@ -442,6 +502,7 @@ def evaluate_network(
     models: Mapping[str, Callable] | None = None,
     calendar: Callable[[np.ndarray], np.ndarray] | None = None,
     split: Callable[[StationSeries], Any] = _default_split,
+    context_models: Mapping[str, tuple[Callable, ContextSpec]] | None = None,
 ) -> dict[str, Any]:
     """The network section of ``gapcast evaluate`` and ``gapcast bench accuracy``.
 
@@ -462,6 +523,8 @@ def evaluate_network(
         models: label -> per-station :data:`evaluate.Imputer` scored on the model window (e.g. ``{"ConFill": fn}``).
         calendar: ``epoch_s [n] -> [n, F]`` calendar features, needed with ``models``.
         split: the time split (see :func:`align_network`).
+        context_models: label -> (context imputer, its :class:`ContextSpec`), scored with the other stations'
+            windows as context (:func:`context_model_method`).
 
     Returns:
         ``{"protocol": {...}, "scenarios": score_network(...)}``.
@@ -490,12 +553,15 @@ def evaluate_network(
                         ", ".join(s for s in test.stations if s not in coordinates))
     methods = network_methods(normalizer=normalizer, cadence_s=test.cadence_s, scale=scale,
                               ratio_lookback=ratio_lookback, regression=regression, coordinates=coords)
-    if models:
+    if models or context_models:
         if calendar is None:
             msg = "scoring a model in the network scenarios needs the calendar features"
             raise TrainError(msg)
-        for label, fn in models.items():
+        for label, fn in (models or {}).items():
             methods[label] = (model_method(fn, calendar, lookback=lookback, horizon=horizon), True)
+    for label, (fn, cspec) in (context_models or {}).items():
+        methods[label] = (context_model_method(fn, cspec, test.stations, calendar, lookback=lookback,
+                                               horizon=horizon), True)
     scenarios = build_network_scenarios(test, group=group, lookback=lookback, ratio_lookback=ratio_lookback,
                                         blocks=blocks, kinds=kinds, trials=trials, seed=seed)
     scores = score_network(test, normalizer, scenarios, methods, channels=channels)

@@ -187,6 +187,11 @@ def _with_steps(d: dict[str, Any], spec: DatasetSpec | None) -> dict[str, Any]:
                    f"({', '.join(spec.channel_names)}): leave n_channels out, the spec sets it")
             raise TrainError(msg)
         model["n_channels"] = n
+        if model.get("context", "none") == "neighbours":  # issue 20: G context channels from the spec's groups
+            from gapcast.train.context import context_channels
+
+            idx = context_channels(spec.groups, n, str(model.get("context_group", "")))
+            model["n_context"], model["context_index"] = len(idx), list(idx)
     for table, keys in DURATION_KEYS.items():
         tab = d.get(table)
         if not isinstance(tab, dict):
@@ -264,6 +269,9 @@ class PreparedData:
     train: WindowSet
     val: WindowSet
     stations: list[str]
+    context: Any = None  # gapcast.neighbours.ContextSpec with [model] context = "neighbours"
+    train_context: Any = None  # gapcast.train.context.ContextSeries on the training rows
+    val_context: Any = None
 
 
 def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig, spec: DatasetSpec | None = None) -> PreparedData:
@@ -308,7 +316,15 @@ def prepare_data(series: dict[str, StationSeries], cfg: TrainConfig, spec: Datas
                f"steps (shortest {shortest}). Lengthen that split, shorten [model] lookback/horizon, or lower "
                "data.min_observed")
         raise TrainError(msg)
-    return PreparedData(normalizer=normalizer, train=train_ws, val=val_ws, stations=names)
+    prepared = PreparedData(normalizer=normalizer, train=train_ws, val=val_ws, stations=names)
+    if cfg.model.n_context:
+        from gapcast.train.context import fit_training_context, series_context
+
+        prepared.context = fit_training_context(names, tr_v, tr_t, channel_names=spec.channel_names,
+                                                channel_index=cfg.model.context_index, k=cfg.model.context_k)
+        prepared.train_context = series_context(prepared.context, tr_v, tr_t)
+        prepared.val_context = series_context(prepared.context, va_v, va_t)
+    return prepared
 
 
 class _TrainNet(nn.Module):
@@ -320,8 +336,8 @@ class _TrainNet(nn.Module):
         self.proj = ProjectionHead(model.cfg.d_model)
         self.view_grad = view_grad
 
-    def forward(self, values, observed, calendar, n_anchor: int, extra=None):
-        x_hat, forecast, memory = self.model.compute(values, observed, calendar)
+    def forward(self, values, observed, calendar, n_anchor: int, extra=None, context=None):
+        x_hat, forecast, memory = self.model.compute(values, observed, calendar, *(context or ()))
         if extra is None:
             return x_hat, forecast, None, None
         ev, eo, ec = extra
@@ -373,9 +389,10 @@ class _ValSet:
     target: torch.Tensor  # [N, L+H, C]
     hidden: torch.Tensor  # [N, L, C] 1 = observed then hidden
     future_obs: torch.Tensor  # [N, H, C]
+    context: tuple | None = None  # ([N, L, G], [N, L, G]) neighbour context, for context models
 
 
-def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int, groups: list[tuple[int, ...]]) -> _ValSet:
+def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int, groups: list[tuple[int, ...]], context=None) -> _ValSet:
     """A fixed validation set: evenly spaced windows with outages drawn once from a fixed seed."""
     n = min(len(ws), cfg.data.val_windows)
     idx = np.linspace(0, len(ws) - 1, n).round().astype(np.int64)
@@ -384,7 +401,8 @@ def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int, groups: list[tuple[
     rng = np.random.default_rng(seed + 7919)
     hide = outage_mask(m[:, :L], rng, cfg.masking, groups).astype(np.float32)
     m_in = m[:, :L] * (1.0 - hide)
-    return _ValSet(*_to_t(v[:, :L] * m_in, m_in, c, v, hide, m[:, L:]))
+    ctx = tuple(_to_t(*context.batch(ws.starts[idx], L))) if context is not None else None
+    return _ValSet(*_to_t(v[:, :L] * m_in, m_in, c, v, hide, m[:, L:]), context=ctx)
 
 
 @torch.no_grad()
@@ -394,7 +412,8 @@ def _validate(model: ConFill, vs: _ValSet, batch: int = 256) -> dict[str, float]
     err_i = cnt_i = err_f = cnt_f = 0.0
     for a in range(0, len(vs.values), batch):
         sl = slice(a, a + batch)
-        x_hat, fc, _ = model.compute(vs.values[sl], vs.observed[sl], vs.calendar[sl])
+        ctx = (vs.context[0][sl], vs.context[1][sl]) if vs.context is not None else ()
+        x_hat, fc, _ = model.compute(vs.values[sl], vs.observed[sl], vs.calendar[sl], *ctx)
         err_i += float((torch.abs(x_hat - vs.target[sl, :L]) * vs.hidden[sl]).sum())
         cnt_i += float(vs.hidden[sl].sum())
         err_f += float((torch.abs(fc - vs.target[sl, L:]) * vs.future_obs[sl]).sum())
@@ -503,6 +522,8 @@ def train(
     meta["dataset"] = spec.to_dict()
     meta["train_config"] = cfg.to_dict()
     meta["stations"] = prepared.stations
+    if prepared.context is not None:
+        meta["context"] = prepared.context.to_dict()  # neighbour lists and weights, fixed from the training range
 
     torch.manual_seed(oc.seed)
     rng = np.random.default_rng([oc.seed, rank])
@@ -510,7 +531,7 @@ def train(
     net = _TrainNet(model, view_grad=cfg.contrast.view_grad)
     opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
     sampler = ContrastiveSampler(prepared.train, cfg.contrast)
-    valset = _make_valset(prepared.val, cfg, oc.seed, groups)
+    valset = _make_valset(prepared.val, cfg, oc.seed, groups, prepared.val_context)
 
     step, epoch, best, bad_epochs, history = 0, 0, math.inf, 0, []
     elapsed_before = 0.0
@@ -583,7 +604,14 @@ def train(
             views = sampler.sample(prepared.train.starts[idx[:n_anchor]], rng)
             extra = tuple(_to_t(*views.stacked()))
         tv, tm_in, tc, thide, tm = _to_t(v, m_in, c, hide, m)
-        x_hat, fc, z_a, z_x = runner(tv[:, :L] * tm_in, tm_in, tc, n_anchor, extra)
+        ctx = None
+        if prepared.train_context is not None:
+            from gapcast.train.context import drop_context
+
+            cv, co = prepared.train_context.batch(prepared.train.starts[idx], L)
+            co = drop_context(co, hide, cfg.model.context_index, cfg.model.context_dropout, rng)
+            ctx = tuple(_to_t(cv * co, co))
+        x_hat, fc, z_a, z_x = runner(tv[:, :L] * tm_in, tm_in, tc, n_anchor, extra, ctx)
         l_imp = masked_mae(x_hat, tv[:, :L], thide)
         l_rec = masked_mae(x_hat, tv[:, :L], tm_in)
         l_fc = masked_mae(fc, tv[:, L:], tm[:, L:])

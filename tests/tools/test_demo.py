@@ -88,6 +88,28 @@ def test_score_run_hand_computed():
     assert s["latency_ms"]["agent_done_after_last_reading_s"] == pytest.approx(141.05 - 147.0)
 
 
+def test_score_run_neighbour_estimate_by_hand():
+    """A's PM2.5 is t**2 (linear interpolation is off), B's is 2 t**2: the level ratio before the gap is exactly
+    1/2, so the neighbour estimate of A's hidden steps is exact; the constant channels too (ratio 1)."""
+    a, b = _station(48), _station(48)
+    t = np.arange(48, dtype=np.float32)
+    a.values[:, 0], b.values[:, 0] = t**2, 2 * t**2
+    b.station = "B"
+    plan = plan_replay({"A": a, "B": b}, outages=[Outage("A", T0 + 30 * 3600, 3.0, POLLUTANTS)])
+    filled = [(0.0, {"station": s, "epoch_s": T0 + i * 3600, "values": {c: 0.0 for c in NAMES}})
+              for s in ("A", "B") for i in range(48)]
+    collector = SimpleNamespace(filled=filled, revisions=[], forecasts=[], _lock=threading.Lock())
+    std = dict.fromkeys(POLLUTANTS, 1.0)
+    fill = score_run(plan, collector, [], channel_std=std, horizon=4)["fill"]
+    assert fill["neighbours"]["PM2.5"] == pytest.approx(0.0, abs=1e-3) and fill["neighbours"]["CO"] == pytest.approx(0.0)
+    # linear interpolation between 29**2 and 33**2: off by (30-29)(33-30) = 3, 4, 3 at steps 30, 31, 32
+    assert fill["linear"]["PM2.5"] == pytest.approx(10 / 3, rel=1e-4)
+    from gapcast.tools.demo import format_table
+
+    table = format_table({"stages": [], "ok": True, "wall_s": 1.0, "scores": {"fill": fill}})
+    assert "neighbour est. (real time)" in table
+
+
 @pytest.mark.slow
 @pytest.mark.broker
 def test_demo_end_to_end_short(tmp_path, data_root):
