@@ -302,7 +302,7 @@ def run_runtime(
             path = bundle.variant_path(name)
             engines.append((f"onnxruntime {name}", {
                 "kind": "onnxruntime", "file": str(path), "lookback": card.lookback, "horizon": card.horizon,
-                "n_channels": len(card.channels), "n_calendar": n_calendar,
+                "n_channels": card.n_inputs, "n_calendar": n_calendar,
                 "precision": str(card.variants[name].get("precision", name))}, path.stat().st_size))
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gapcast-bench-") as tmp:

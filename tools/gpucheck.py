@@ -339,7 +339,7 @@ class _Checks:
         g = self.bundle.golden()
         backend = OrtBackend(
             self.bundle.variant_path("fp32"), lookback=card.lookback, horizon=card.horizon,
-            n_channels=len(card.channels), n_calendar=int(g["calendar"].shape[-1]), providers=[provider],
+            n_channels=card.n_inputs, n_calendar=int(g["calendar"].shape[-1]), providers=[provider],
         )  # fmt: skip
         if backend.providers[0] != provider:
             return FAILED, f"asked for {provider}, the session runs {backend.providers}", {}
