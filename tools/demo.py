@@ -1090,7 +1090,8 @@ def _json_default(o: Any) -> Any:
 def run_demo(opts: DemoOptions) -> int:
     """Run the whole demo.
 
-    SIGTERM is handled like Ctrl-C while it runs (everything started is stopped); the previous handler is restored.
+    SIGTERM is handled like Ctrl-C while it runs (everything started is stopped), and Ctrl-C (SIGINT) is handled
+    even when the process inherited it ignored; the previous handlers are restored.
 
     Returns:
         0 when every stage passed, 1 otherwise.
