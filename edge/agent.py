@@ -267,7 +267,8 @@ class AgentCore:
             self.skill = SkillTracker(
                 self.channels, self.std, self.H, self.cadence_s,
                 SkillSettings(span_s=settings.skill_span_s, drift_after_s=settings.drift_after_s,
-                              min_count=settings.skill_min_count, season_steps=season if season < self.L else 0),
+                              min_count=settings.skill_min_count, season_steps=season if season < self.L else 0,
+                              fill_steps=self.L),
             )
         self.drift: dict[str, dict[str, Any]] = {}  # station -> evidence, while in drift
         self._shadow_rng = np.random.default_rng(0)  # which observed values are shadow-hidden (deterministic)
@@ -573,6 +574,8 @@ class AgentCore:
                 )
                 self.counters["revisions"] += 1
                 self._round["revisions"] += 1
+                if sk is not None and reason == "gap_end":  # the outage's real-time fills vs their revision
+                    sk.observe_revision(r.station, first, filled[b, i0:i1])
                 steps_log.debug(
                     "%s revision %s..%s (%d steps, %s, %s)",
                     r.station, iso(first * cad), iso(hi * cad), hi - first + 1, reason, used[b],
@@ -582,6 +585,7 @@ class AgentCore:
             if sk is not None:
                 seas = (raw[b, -1 - season], obs[b, -1 - season]) if season else (None, None)
                 sk.observe(r.station, r.end, raw[b, -1], obs[b, -1], *seas)
+                sk.note_fill(r.station, r.end, filled[b, -1], ~obs[b, -1])
                 if hidden[b].any():
                     sk.observe_fill(r.station, r.end, imp_phys[b, -1], raw[b, -1], hidden[b], before[b])
                     self.counters["shadow_hidden"] += int(hidden[b].sum())
@@ -698,9 +702,11 @@ class AgentCore:
             return {"enabled": False}
         body = sk.summary()
         body["fill"] = sk.fill_mae()
+        body["revision"] = sk.revision_mae()
         body["drift"] = sorted(self.drift)
         body["stations"] = {
-            name: {**sk.station_mae(name), "drift": name in self.drift, "fill": sk.fill_mae(name)}
+            name: {**sk.station_mae(name), "drift": name in self.drift, "fill": sk.fill_mae(name),
+                   "revision": sk.revision_mae(name)}
             for name in sorted(sk.stations)
         }
         return body
@@ -762,7 +768,8 @@ class AgentCore:
         """The status's skill section: the gateway summary, the fill skill and the stations in drift."""
         if self.skill is None:
             return {"enabled": False}
-        return {**self.skill.summary(), "fill": self.skill.fill_mae(), "drift": sorted(self.drift)}
+        return {**self.skill.summary(), "fill": self.skill.fill_mae(), "revision": self.skill.revision_mae(),
+                "drift": sorted(self.drift)}
 
     def status(self, now_s: float, extra: dict[str, Any] | None = None) -> OutMessage:
         """The retained status message (``state: online``) with counters; ``extra`` is merged in."""

@@ -26,6 +26,12 @@ metric                                 type       labels / meaning
 ``inference_seconds``                  histogram  ``backend``: one backend call (one batch), seconds
 ``inference_batch_size``               histogram  ``backend``: windows per backend call
 ``model``                              info       ``gateway``, ``fleet``, ``name``, ``version``, ``backend``
+``skill_mae``                          gauge      ``bucket``, ``method``: rolling forecast MAE, normalised units
+``drift_stations``                     gauge      stations in drift (worse than the better naive method)
+``shadow_fill_mae``                    gauge      ``method`` (``model``, ``locf``): shadow-hidden fills vs
+                                                  the readings, normalised units
+``revision_fill_mae``                  gauge      ``channel``: real-time fills vs the revision after an
+                                                  outage, the channel's units
 =====================================  =========  ==========================================================
 
 Counters come from the same figures as the retained status message: the step loop hands a copy to
@@ -311,3 +317,17 @@ class _SnapshotCollector:
             yield fam
             yield GaugeMetricFamily("gapcast_drift_stations", "Stations whose model is worse than the better naive "
                                     "method for longer than skill.drift_after.", value=float(len(skill.get("drift") or [])))
+            fill = skill.get("fill") if isinstance(skill.get("fill"), dict) else {}
+            fam = GaugeMetricFamily("gapcast_shadow_fill_mae", "Rolling MAE (normalised units) of real-time fills of "
+                                    "shadow-hidden values against the readings, model and LOCF.", labels=["method"])
+            for method in ("model", "locf"):
+                if isinstance(fill.get(method), int | float):
+                    fam.add_metric([method], float(fill[method]))
+            yield fam
+            rev = skill.get("revision") if isinstance(skill.get("revision"), dict) else {}
+            fam = GaugeMetricFamily("gapcast_revision_fill_mae", "Rolling MAE (the channel's units) of real-time fills "
+                                    "against the revision published when the outage ended.", labels=["channel"])
+            for channel, c in sorted((rev.get("channels") or {}).items()):
+                if isinstance(c, dict) and isinstance(c.get("mae"), int | float):
+                    fam.add_metric([channel], float(c["mae"]))
+            yield fam

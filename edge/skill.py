@@ -15,6 +15,15 @@ Drift: a station's skill ratio is model MAE / min(persistence MAE, seasonal MAE)
 when it stays above 1 (worse than the better naive method) for longer than ``drift_after_s`` with at least
 ``min_count`` scored values, the station is in drift until the ratio comes back under 1.
 
+Real-time fills are scored two ways, neither waiting for a truth that never comes:
+
+- shadow-hidden values (:meth:`SkillTracker.observe_fill`): observed values withheld from the model input only, the
+  fill against the actual reading, next to LOCF;
+- revisions (:meth:`SkillTracker.note_fill`, :meth:`SkillTracker.observe_revision`): the agent remembers the first
+  real-time fill of each imputed value (a ring of the last ``lookback`` steps per station, float32 [lookback, C]);
+  when a short outage ends, the ``gap_end`` revision (the re-fill with context on both sides) scores each of them
+  once: MAE per channel in the channel's units, and pooled in normalised units.
+
 Skill scores as in forecast verification practice (Murphy 1988, "Skill scores based on the mean square error"):
 a skill score of 1 - MAE_model / MAE_reference, reference = the better naive method.
 """
@@ -67,6 +76,8 @@ class SkillSettings:
         drift_after_s: how long a station must stay worse than the better naive method before drift is raised.
         min_count: scored values a station needs in the span before its ratio counts.
         season_steps: seasonal naive's season in steps (0 = no seasonal naive: persistence is the reference).
+        fill_steps: how many recent steps' real-time fills are kept for scoring against a revision (the lookback:
+            a revision never reaches further back); 0 = revision skill off.
     """
 
     span_s: float = 7 * 86400.0
@@ -74,18 +85,27 @@ class SkillSettings:
     drift_after_s: float = 86400.0
     min_count: int = 200
     season_steps: int = 0
+    fill_steps: int = 0
 
 
 class _Station:
-    __slots__ = ("bin_ids", "counts", "fill_counts", "fill_sums", "pending", "sums", "worse_since_s")
+    __slots__ = ("bin_ids", "counts", "fill_counts", "fill_sums", "pending", "rev_counts", "rev_sums", "rt_fill",
+                 "rt_imputed", "rt_step", "sums", "worse_since_s")
 
-    def __init__(self, n_bins: int, n_buckets: int, channels: int) -> None:
+    def __init__(self, n_bins: int, n_buckets: int, channels: int, fill_steps: int = 0) -> None:
         self.sums = np.zeros((n_bins, n_buckets, channels, len(METHODS)), dtype=np.float64)
         self.counts = np.zeros((n_bins, n_buckets, channels), dtype=np.int64)
         self.bin_ids = np.full(n_bins, -1, dtype=np.int64)
         # real-time fill skill (shadow-hidden values): [bins, C, (fill, locf)] and [bins, C]
         self.fill_sums = np.zeros((n_bins, channels, 2), dtype=np.float64)
         self.fill_counts = np.zeros((n_bins, channels), dtype=np.int64)
+        # real-time fills vs revisions: |fill - revision| in the channel's units, [bins, C], and the counts
+        self.rev_sums = np.zeros((n_bins, channels), dtype=np.float64)
+        self.rev_counts = np.zeros((n_bins, channels), dtype=np.int64)
+        # the first real-time fill of recent steps, a ring indexed by step % fill_steps (rt_step -1 = empty slot)
+        self.rt_step = np.full(fill_steps, -1, dtype=np.int64)
+        self.rt_fill = np.zeros((fill_steps, channels), dtype=np.float32)
+        self.rt_imputed = np.zeros((fill_steps, channels), dtype=bool)
         # origin step -> (model forecast [H, C] float16, persistence [C] float16 with NaN where never observed)
         self.pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.worse_since_s: float | None = None
@@ -126,8 +146,11 @@ class SkillTracker:
     def _station(self, name: str) -> _Station:
         st = self.stations.get(name)
         if st is None:
-            st = self.stations[name] = _Station(self.settings.n_bins, len(self.buckets), len(self.channels))
+            st = self.stations[name] = self._new_station()
         return st
+
+    def _new_station(self) -> _Station:
+        return _Station(self.settings.n_bins, len(self.buckets), len(self.channels), self.settings.fill_steps)
 
     # -- the two verbs -----------------------------------------------------------------------------------------
 
@@ -184,6 +207,8 @@ class SkillTracker:
         if not ok.any():
             return 0
         row = self._bin_row(st, step)
+        if row is None:
+            return 0
         ref = np.broadcast_to(seas, model.shape) if seas is not None else pers
         err = np.stack([np.abs(model - truth), np.abs(pers - truth), np.abs(ref - truth)], axis=-1) / self.scale[:, None]
         err = np.where(ok[..., None], err, 0.0)
@@ -216,6 +241,8 @@ class SkillTracker:
         if not ok.any():
             return 0
         row = self._bin_row(st, step)
+        if row is None:
+            return 0
         err = np.stack([np.abs(fill - truth), np.abs(locf - truth)], axis=-1) / self.scale[:, None]
         st.fill_sums[row][ok] += err[ok]
         st.fill_counts[row][ok] += 1
@@ -234,16 +261,105 @@ class SkillTracker:
             n += int(st.fill_counts[live].sum())
         return {"model": float(sums[0] / n) if n else None, "locf": float(sums[1] / n) if n else None, "n": n}
 
-    def _bin_row(self, st: _Station, step: int) -> int:
+    def note_fill(self, station: str, step: int, fill: np.ndarray, imputed: np.ndarray) -> None:
+        """Remember the first real-time fill of ``step`` (its imputed channels), to score it against a revision.
+
+        Only the first call for a step counts (a real-time fill is published once); the ring holds the last
+        ``settings.fill_steps`` steps, so memory is O(fill_steps x C) per station. No-op when ``fill_steps`` is 0.
+
+        Args:
+            station: station name.
+            step: the step index of the closed step.
+            fill: [C] float, the published values of the step (physical units).
+            imputed: [C] bool, the channels that were imputed (not observed) in real time.
+        """
+        K = self.settings.fill_steps
+        imputed = np.asarray(imputed, dtype=bool)
+        if K <= 0 or not imputed.any():
+            return
+        st = self._station(station)
+        i = int(step) % K
+        if st.rt_step[i] == step:
+            return
+        st.rt_step[i] = int(step)
+        st.rt_fill[i] = np.asarray(fill, dtype=np.float32)
+        st.rt_imputed[i] = imputed
+
+    def observe_revision(self, station: str, first_step: int, values: np.ndarray) -> int:
+        """Score the remembered real-time fills of steps ``first_step ..`` against a revision's values.
+
+        Each real-time fill is scored at most once (its slot is emptied), on the channels imputed in real time.
+
+        Args:
+            station: station name.
+            first_step: the step index of the revision's first step.
+            values: [n, C] float, the revised values (physical units) of ``first_step .. first_step + n - 1``.
+
+        Returns:
+            How many values were scored.
+        """
+        K = self.settings.fill_steps
+        st = self.stations.get(station)
+        if K <= 0 or st is None:
+            return 0
+        values = np.asarray(values, dtype=np.float64)
+        n = 0
+        for k in range(values.shape[0]):
+            step = int(first_step) + k
+            i = step % K
+            if st.rt_step[i] != step:
+                continue
+            st.rt_step[i] = -1
+            ok = st.rt_imputed[i] & np.isfinite(values[k]) & np.isfinite(st.rt_fill[i])
+            row = self._bin_row(st, step)
+            if row is None or not ok.any():
+                continue
+            st.rev_sums[row][ok] += np.abs(st.rt_fill[i].astype(np.float64) - values[k])[ok]
+            st.rev_counts[row][ok] += 1
+            n += int(ok.sum())
+        return n
+
+    def revision_mae(self, station: str | None = None) -> dict[str, Any]:
+        """Rolling MAE of the real-time fills against the revisions that replaced them, for one station or pooled
+        over the gateway (``station`` None).
+
+        Returns:
+            ``{"channels": {name: {"mae": .., "n": ..}}, "mae_norm": .., "n": ..}``: ``mae`` in the channel's
+            units, ``mae_norm`` pooled over channels in normalised units (error / the card's std); None where
+            nothing was scored.
+        """
+        sts = [self.stations[station]] if station in self.stations else [] if station else list(self.stations.values())
+        sums, counts = np.zeros(len(self.channels)), np.zeros(len(self.channels), dtype=np.int64)
+        for st in sts:
+            if (st.bin_ids < 0).all():
+                continue
+            live = self._live_rows(st)
+            sums += st.rev_sums[live].sum(axis=0)
+            counts += st.rev_counts[live].sum(axis=0)
+        n = int(counts.sum())
+        return {
+            "channels": {
+                c: {"mae": float(sums[j] / counts[j]) if counts[j] else None, "n": int(counts[j])}
+                for j, c in enumerate(self.channels)
+            },
+            "mae_norm": float((sums / self.scale).sum() / n) if n else None,
+            "n": n,
+        }
+
+    def _bin_row(self, st: _Station, step: int) -> int | None:
+        """The sums' row of ``step``'s time bin (a new bin clears its row); None when the step is older than the
+        bin its row holds (out of the span: counted nowhere)."""
         bin_id = int(math.floor(step * self.cadence_s / self.bin_s))
         row = bin_id % self.settings.n_bins
         if st.bin_ids[row] != bin_id:
-            if st.bin_ids[row] > bin_id:  # an older bin than the one held: out of the span, counted nowhere
-                return row
+            if st.bin_ids[row] > bin_id:
+                return None
             st.sums[row] = 0.0
             st.counts[row] = 0
             st.fill_sums[row] = 0.0
             st.fill_counts[row] = 0
+            st.rev_sums[row] = 0.0
+            st.rev_counts[row] = 0
             st.bin_ids[row] = bin_id
         return row
 
@@ -335,6 +451,8 @@ class SkillTracker:
                 np.zeros((0, len(self.channels)), np.float16),
                 "worse_since_s": np.array([np.nan if st.worse_since_s is None else st.worse_since_s]),
                 "fill_sums": st.fill_sums, "fill_counts": st.fill_counts,
+                "rev_sums": st.rev_sums, "rev_counts": st.rev_counts,
+                "rt_step": st.rt_step, "rt_fill": st.rt_fill, "rt_imputed": st.rt_imputed,
             }
         return out
 
@@ -342,7 +460,7 @@ class SkillTracker:
         """Restore what :meth:`export_state` wrote; a station whose shapes do not fit is skipped. Returns the count."""
         n = 0
         for name, a in state.items():
-            st = _Station(self.settings.n_bins, len(self.buckets), len(self.channels))
+            st = self._new_station()
             if a["sums"].shape != st.sums.shape or a["fc"].shape[1:] != (self.H, len(self.channels)):
                 continue
             st.sums[...] = a["sums"]
@@ -354,6 +472,13 @@ class SkillTracker:
             if "fill_sums" in a and a["fill_sums"].shape == st.fill_sums.shape:  # absent in older snapshots
                 st.fill_sums[...] = a["fill_sums"]
                 st.fill_counts[...] = a["fill_counts"]
+            if "rev_sums" in a and a["rev_sums"].shape == st.rev_sums.shape:  # absent in older snapshots
+                st.rev_sums[...] = a["rev_sums"]
+                st.rev_counts[...] = a["rev_counts"]
+            if "rt_step" in a and a["rt_fill"].shape == st.rt_fill.shape:  # a lookback change drops the ring
+                st.rt_step[...] = a["rt_step"]
+                st.rt_fill[...] = a["rt_fill"]
+                st.rt_imputed[...] = a["rt_imputed"]
             self.stations[name] = st
             n += 1
         return n

@@ -1105,19 +1105,26 @@ class _Demo:
         r.detail = f"{cov['realtime']:,}/{cov['hidden_values']:,} hidden values filled in real time"
 
     def _cleanup(self) -> None:
-        if self.dashboard is not None:
+        """Stop the dashboard, every child process group, the collector and the broker; each step is logged with
+        its duration (DEBUG; WARNING past 5 s), so a slow exit says what it waited on."""
+
+        def step(what: str, fn) -> None:
+            t0 = time.monotonic()
             with contextlib.suppress(Exception):
-                self.dashboard[1]()
+                fn()
+            took = time.monotonic() - t0
+            log.log(logging.WARNING if took > 5.0 else logging.DEBUG, "exit: %s stopped in %.1f s", what, took)
+
+        if self.dashboard is not None:
+            step("the dashboard", self.dashboard[1])
             self.dashboard = None
         for p in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                p.stop()
+            step(f"{p.name} (pid {p.proc.pid})", p.stop)
         self.procs.clear()
         if self.collector is not None:
-            self.collector.close()
+            step("the collector", self.collector.close)
         if self.broker is not None:
-            with contextlib.suppress(Exception):
-                self.broker.stop()
+            step("the broker", self.broker.stop)
 
 
 def _json_default(o: Any) -> Any:
@@ -1133,7 +1140,8 @@ def _json_default(o: Any) -> Any:
 def run_demo(opts: DemoOptions) -> int:
     """Run the whole demo.
 
-    SIGTERM is handled like Ctrl-C while it runs (everything started is stopped); the previous handler is restored.
+    SIGTERM is handled like Ctrl-C while it runs (everything started is stopped), and Ctrl-C (SIGINT) is handled
+    even when the process inherited it ignored; the previous handlers are restored.
 
     Returns:
         0 when every stage passed, 1 otherwise.
@@ -1142,14 +1150,22 @@ def run_demo(opts: DemoOptions) -> int:
     def _on_term(signum, frame):
         raise _Terminated
 
-    previous = None
+    previous = previous_int = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_term)
+        # Ctrl-C is set explicitly: a process started as a background job of a non-interactive shell (`make test &`,
+        # a CI runner, nohup) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler, so
+        # the demo would never stop on SIGINT (and --dashboard would hold forever).
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+        if previous_int is signal.SIG_IGN:
+            log.debug("SIGINT was inherited ignored; the demo handles it (Ctrl-C stops everything it started)")
     try:
         return _Demo(opts).run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

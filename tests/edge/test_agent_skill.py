@@ -135,6 +135,110 @@ def test_shadow_hidden_values_score_the_fill_and_are_still_published(make_core):
     assert core.counters["shadow_hidden"] == 10
 
 
+class Recording(Backend):
+    """Imputes 1.0 normalised everywhere (a = 12, b = 5) and records the observed mask of each row's newest step."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.newest: list[np.ndarray] = []
+
+    def describe(self):
+        return "recording (test)"
+
+    def run(self, values, observed, calendar):
+        B, L, C = values.shape
+        H = calendar.shape[1] - L
+        self.newest += [observed[b, -1].copy() for b in range(B)]
+        assert not values[observed == 0].any()  # a withheld value never reaches the model, not even as a value
+        return np.ones((B, L, C), np.float32), np.zeros((B, H, C), np.float32)
+
+
+def test_shadow_hidden_fill_is_scored_against_the_actual_reading(make_core):
+    be = Recording()
+    core = make_core(backend=be, shadow_share=1.0)
+    out = replay(core)
+    # the model saw every newest step as missing, yet the filled messages carry the readings (never the fill)
+    assert all(not m.any() for m in be.newest) and len(be.newest) == 5
+    assert [json.loads(m.payload)["values"] for m in out if m.kind == "filled"] == [
+        {"a": 10.0 + k, "b": 0.0} for k in range(5)
+    ]
+    # fill a = 12 vs the readings 11, 12, 13, 14 (steps 1..4): |1|, 0, 1, 2 over std 2; b = 5 vs 0: 1 each.
+    # Against the published fill (12) the error would be 0: it is the reading that scores.
+    fill = core.skill.fill_mae("s1")
+    assert fill["n"] == 8 and fill["model"] == pytest.approx((0.5 + 0 + 0.5 + 1 + 4 * 1) / 8)
+    assert fill["locf"] == pytest.approx(4 * 0.5 / 8)  # LOCF a is 1 behind (0.5), b exact
+
+
+class Context(Backend):
+    """Imputes channel c as (c + 1) normalised where the row's newest step observed c, else 0: the real-time fill of
+    a gap step (newest step missing) is the mean (a = 10, b = 0); the revision after the gap is a = 12, b = 10."""
+
+    name = "context"
+
+    def describe(self):
+        return "context (test)"
+
+    def run(self, values, observed, calendar):
+        B, L, C = values.shape
+        H = calendar.shape[1] - L
+        imp = np.broadcast_to((observed[:, -1:, :] * np.arange(1, C + 1)), (B, L, C)).astype(np.float32)
+        return imp, np.zeros((B, H, C), np.float32)
+
+
+def outage(core, silent=(3, 4, 5), through=8):
+    """Readings a = 10 + k, b = 0 at steps 0 .. through-1, none at the silent steps (an outage)."""
+    out = []
+    for k in range(through):
+        if k not in silent:
+            t = T0 + k * CADENCE
+            body = json.dumps({"ts": t, "values": {"a": 10.0 + k, "b": 0.0}}).encode()
+            out += core.ingest("gapcast/v1/stations/s1/readings", body, t + 60)  # a jump ahead closes steps here
+            out += core.tick(t + 60)
+    return out
+
+
+def test_real_time_fills_are_scored_against_the_revision_when_an_outage_ends(make_core):
+    core = make_core(backend=Context())
+    out = outage(core)
+    filled = {json.loads(m.payload)["ts"]: json.loads(m.payload)["values"] for m in out if m.kind == "filled"}
+    (rev,) = [json.loads(m.payload) for m in out if m.kind == "revision"]
+    assert rev["reason"] == "gap_end" and [s["ts"] for s in rev["steps"]] == [
+        "2017-01-01T03:00:00Z", "2017-01-01T04:00:00Z", "2017-01-01T05:00:00Z"]  # fmt: skip
+    # what was published in real time for the gap steps, and what replaced it
+    assert [filled[s["ts"]] for s in rev["steps"]] == [{"a": 10.0, "b": 0.0}] * 3
+    assert [s["values"] for s in rev["steps"]] == [{"a": 12.0, "b": 10.0}] * 3
+    # a: |10 - 12| = 2, b: |0 - 10| = 10, three steps each; pooled normalised (2/2 + 10/5) / 2 = 1.5
+    want = {"channels": {"a": {"mae": 2.0, "n": 3}, "b": {"mae": 10.0, "n": 3}}, "mae_norm": 1.5, "n": 6}
+    assert core.skill.revision_mae("s1") == want and core.skill.revision_mae() == want
+    status = json.loads(core.status(T0 + 9 * CADENCE).payload)
+    assert status["skill"]["revision"] == want
+    msg = core.skill_message(T0 + 9 * CADENCE)
+    body = json.loads(msg.payload)
+    assert body["revision"] == want and body["stations"]["s1"]["revision"] == want
+    assert_contracts([(msg.topic, msg.payload), (core.topics.status, core.status(T0).payload)])
+    # each real-time fill is scored once: the gap is over, later steps add nothing
+    send(core, T0 + 8 * CADENCE, {"a": 18.0, "b": 0.0})
+    assert core.skill.revision_mae("s1")["n"] == 6
+
+
+def test_revision_skill_survives_a_restart_in_the_middle_of_the_outage(make_core):
+    core = make_core(backend=Context())
+    outage(core, through=5)  # readings 0, 1, 2; steps 3 and 4 silent ...
+    core.tick(T0 + 5 * CADENCE + 3600)  # ... and closed by the gateway clock: their real-time fills are published
+    state = core.export_state()
+    s0 = T0 // CADENCE  # step indices are epoch / cadence; the ring has lookback = 6 slots
+    assert sorted(state["s1"][0]["skill.rt_step"].tolist()) == [-1, -1, -1, -1, s0 + 3, s0 + 4]
+    again = make_core(backend=Context())
+    assert again.restore_state(state) == 1
+    for c in (core, again):
+        for k in (5, 6, 7):  # the outage ends at step 5 (6 and 7 close it)
+            send(c, T0 + k * CADENCE, {"a": 10.0 + k, "b": 0.0})
+    # steps 3 and 4, filled in real time before the restart, scored after it: a 2 off, b 10 off (as above)
+    want = {"channels": {"a": {"mae": 2.0, "n": 2}, "b": {"mae": 10.0, "n": 2}}, "mae_norm": 1.5, "n": 4}
+    assert again.skill.revision_mae("s1") == core.skill.revision_mae("s1") == want
+
+
 def test_skill_off(make_core):
     core = make_core(backend=ConstBackend(), skill=False)
     out = replay(core)
@@ -250,3 +354,31 @@ def test_skill_on_the_metrics_endpoint(make_core):
     assert 'gapcast_skill_mae{bucket="2h-3h",method="model"} 0.8' in lines
     assert 'gapcast_skill_mae{bucket="2h-3h",method="persistence"} 0.6' in lines
     assert "gapcast_drift_stations 0.0" in lines
+
+
+def test_fill_skill_on_the_metrics_endpoint(make_core):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from gapcast.edge.metrics import Metrics
+    from gapcast.tools.localbroker import free_port
+
+    shadow = make_core(backend=ConstBackend(), shadow_share=1.0)
+    replay(shadow)  # as in the shadow test above: model 5/8, LOCF 2/8
+    gap = make_core(backend=Context())
+    outage(gap)  # as in the revision test above: a 2.0, b 10.0
+    m = Metrics(f"127.0.0.1:{free_port()}", gateway="gw", fleet="default")
+    assert m.start()
+    try:
+        m.update(shadow.status_body())
+        lines = set(generate_latest(m.registry).decode().splitlines())
+        assert 'gapcast_shadow_fill_mae{method="model"} 0.625' in lines
+        assert 'gapcast_shadow_fill_mae{method="locf"} 0.25' in lines
+        assert not [x for x in lines if x.startswith("gapcast_revision_fill_mae{")]  # no outage: no figure
+        m.update(gap.status_body())
+        lines = set(generate_latest(m.registry).decode().splitlines())
+    finally:
+        m.close()
+    assert 'gapcast_revision_fill_mae{channel="a"} 2.0' in lines
+    assert 'gapcast_revision_fill_mae{channel="b"} 10.0' in lines
+    assert not [x for x in lines if x.startswith("gapcast_shadow_fill_mae{")]  # shadow hiding is off by default

@@ -84,3 +84,59 @@ def test_span_rolls_and_state_round_trips():
     assert sorted(u.stations["x"].pending) == sorted(t.stations["x"].pending)
     with pytest.raises(ValueError, match="positive"):
         SkillTracker(["a"], np.array([0.0]), 1, 3600)
+
+
+def test_real_time_fills_scored_once_against_the_revision_by_hand():
+    t = SkillTracker(["a", "b"], np.array([1.0, 2.0]), horizon=2, cadence_s=3600, settings=SkillSettings(fill_steps=4))
+    t.note_fill("s", 10, np.array([5.0, 1.0]), np.array([True, True]))
+    t.note_fill("s", 10, np.array([9.0, 9.0]), np.array([True, True]))  # only the first real-time fill counts
+    t.note_fill("s", 11, np.array([6.0, 2.0]), np.array([False, True]))  # a observed in real time: not scored
+    t.note_fill("s", 12, np.array([7.0, 3.0]), np.array([False, False]))  # nothing imputed: nothing kept
+    # revision of steps 10..12: a |5 - 4| = 1; b |1 - 4| = 3, |2 - 0| = 2
+    assert t.observe_revision("s", 10, np.array([[4.0, 4.0], [6.0, 0.0], [7.0, 3.0]])) == 3
+    r = t.revision_mae("s")
+    assert r["channels"] == {"a": {"mae": 1.0, "n": 1}, "b": {"mae": 2.5, "n": 2}} and r["n"] == 3
+    assert r["mae_norm"] == pytest.approx((1 / 1 + 3 / 2 + 2 / 2) / 3)  # pooled over channels: error / scale
+    assert t.observe_revision("s", 10, np.array([[0.0, 0.0], [0.0, 0.0]])) == 0  # each fill is scored once
+    assert t.revision_mae() == r  # the gateway pools its one station
+    assert t.revision_mae("other") == {"channels": {"a": {"mae": None, "n": 0}, "b": {"mae": None, "n": 0}},
+                                       "mae_norm": None, "n": 0}
+
+
+def test_real_time_fills_are_a_bounded_ring_and_roll_with_the_span():
+    t = SkillTracker(["a"], np.array([1.0]), horizon=2, cadence_s=3600,
+                     settings=SkillSettings(fill_steps=3, span_s=2 * 86400.0, n_bins=2))  # fmt: skip
+    for step in range(10):  # ten steps through a ring of three: steps 7, 8, 9 are kept
+        t.note_fill("s", step, np.array([float(step)]), np.array([True]))
+    st = t.stations["s"]
+    assert sorted(st.rt_step.tolist()) == [7, 8, 9] and st.rt_fill.shape == (3, 1)
+    assert t.observe_revision("s", 0, np.zeros((10, 1))) == 3  # steps 0..6 were evicted: 7 + 8 + 9 over 3
+    assert t.revision_mae("s")["channels"]["a"] == {"mae": 8.0, "n": 3}
+    # two days later (two 1-day bins), that day's bin rolls out of the span
+    t.note_fill("s", 58, np.array([1.0]), np.array([True]))
+    assert t.observe_revision("s", 58, np.array([[0.0]])) == 1
+    assert t.revision_mae("s")["channels"]["a"] == {"mae": 1.0, "n": 1}
+    # a revision of a step older than the span is counted nowhere (not in a newer bin either)
+    t.note_fill("s", 9, np.array([5.0]), np.array([True]))
+    assert t.observe_revision("s", 9, np.array([[0.0]])) == 0
+    assert t.revision_mae("s")["channels"]["a"] == {"mae": 1.0, "n": 1}
+
+
+def test_revision_skill_round_trips_and_is_off_without_fill_steps():
+    settings = SkillSettings(fill_steps=4)
+    t = SkillTracker(["a"], np.array([2.0]), horizon=2, cadence_s=3600, settings=settings)
+    t.note_fill("s", 1, np.array([3.0]), np.array([True]))
+    t.note_fill("s", 2, np.array([4.0]), np.array([True]))
+    assert t.observe_revision("s", 1, np.array([[1.0]])) == 1
+    again = SkillTracker(["a"], np.array([2.0]), horizon=2, cadence_s=3600, settings=settings)
+    assert again.restore_state(t.export_state()) == 1
+    assert again.revision_mae("s") == t.revision_mae("s") == {"channels": {"a": {"mae": 2.0, "n": 1}}, "mae_norm": 1.0, "n": 1}
+    assert again.observe_revision("s", 2, np.array([[0.0]])) == 1  # the pending real-time fill came along
+    assert again.revision_mae("s")["channels"]["a"] == {"mae": 3.0, "n": 2}
+    # a snapshot from before the revision skill (no rt_* / rev_* arrays) still restores the forecast skill
+    old = {k: {n: v for n, v in a.items() if not n.startswith(("rt_", "rev_"))} for k, a in t.export_state().items()}
+    fresh = SkillTracker(["a"], np.array([2.0]), horizon=2, cadence_s=3600, settings=settings)
+    assert fresh.restore_state(old) == 1 and fresh.revision_mae("s")["n"] == 0
+    off = SkillTracker(["a"], np.array([2.0]), horizon=2, cadence_s=3600)
+    off.note_fill("s", 1, np.array([3.0]), np.array([True]))
+    assert off.observe_revision("s", 1, np.array([[1.0]])) == 0 and "s" not in off.stations
