@@ -266,8 +266,10 @@ class AdaptiveHierarchicalAttention(nn.Module):
     The local branch only sees keys with |i - j| <= window // 2 (a constant band mask).
     """
 
-    def __init__(self, length: int, d_model: int, n_heads: int, window: int, dropout: float) -> None:
+    def __init__(self, length: int, d_model: int, n_heads: int, window: int, dropout: float,
+                 local_branch: bool = True) -> None:
         super().__init__()
+        self.local_branch = local_branch  # False (ablation): global attention only, no gate
         self.global_attn = MultiHeadAttention(d_model, n_heads)
         self.local_attn = MultiHeadAttention(d_model, n_heads)
         idx = torch.arange(length)
@@ -292,6 +294,9 @@ class AdaptiveHierarchicalAttention(nn.Module):
             [B, L, d] float32, or (that, gate) when ``return_gate``.
         """
         g_out = self.global_attn(x, x, key_allowed)
+        if not self.local_branch:
+            y = self.norm(x + self.drop(self.out(g_out)))
+            return (y, torch.ones_like(g_out)) if return_gate else y
         l_out = self.local(x, key_allowed)
         gate = torch.sigmoid(self.gate(torch.cat([g_out, l_out], dim=-1)))
         fused = gate * g_out + (1.0 - gate) * l_out
@@ -341,7 +346,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ConFillConfig) -> None:
         super().__init__()
         self.attn = AdaptiveHierarchicalAttention(
-            cfg.lookback, cfg.d_model, cfg.n_heads, cfg.local_window, cfg.dropout
+            cfg.lookback, cfg.d_model, cfg.n_heads, cfg.local_window, cfg.dropout, cfg.local_branch
         )
         self.conv = MultiScaleConv(cfg.d_model, cfg.conv_kernels, cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
@@ -397,6 +402,8 @@ class ConFillConfig:
         level_norm: per-window level normalisation (RevIN-style, Kim et al., ICLR 2022): the encoder and the heads
             see each window's channels centred and scaled by their own observed mean and spread; the head outputs
             are restored to the global normalisation. For stations whose levels differ from the training ones.
+        freq_embedding: add the frequency-domain embedding (False: ablation without it).
+        local_branch: the encoder's local attention branch and gate (False: ablation, global attention only).
     """
 
     n_channels: int = 1  # C: set from the dataset spec (TrainConfig.from_dict); 1 only so the dataclass has a default
@@ -415,6 +422,8 @@ class ConFillConfig:
     interp_source: bool = False
     dropout: float = 0.1
     level_norm: bool = False
+    freq_embedding: bool = True
+    local_branch: bool = True
 
     def __post_init__(self) -> None:
         positive = ("n_channels", "lookback", "horizon", "n_calendar", "d_model", "n_heads", "n_encoder_layers",
@@ -560,7 +569,9 @@ class ConFill(nn.Module):
         L = self.cfg.lookback
         xm = values * observed  # the only place values enter: unobserved cells become 0
         emb = self.value_emb(torch.cat([xm, observed], dim=-1))
-        emb = emb + self.pos_emb + self.cal_emb(calendar[:, :L]) + self.freq_emb(xm)
+        emb = emb + self.pos_emb + self.cal_emb(calendar[:, :L])
+        if self.cfg.freq_embedding:
+            emb = emb + self.freq_emb(xm)
         h = self.emb_drop(emb)
         key_allowed = torch.clamp(observed.sum(dim=-1), max=1.0).unsqueeze(1)  # [B, 1, L]
         w = self.depth_weights()

@@ -449,7 +449,8 @@ def _rank0_decides(flag: bool, *, distributed: bool, device: torch.device) -> bo
 
 def _model_config(state: dict[str, Any]) -> dict[str, Any]:
     """The model config saved in a checkpoint, with the defaults of keys added since (``interp_source``)."""
-    return {"interp_source": False, "level_norm": False, **dict(state.get("config") or {})}
+    return {"interp_source": False, "level_norm": False, "freq_embedding": True, "local_branch": True,
+            **dict(state.get("config") or {})}
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
