@@ -97,7 +97,8 @@ def _accuracy_protocol(args: argparse.Namespace) -> int:
     opts = ProtocolOptions(budget_min=budget if budget is not None else 10.0, seeds=seeds,
                            methods=tuple(args.methods.split(",")) if args.methods else None, stride=args.stride,
                            max_windows=args.max_windows, mask_seed=args.seed, stations=stations,
-                           threads=args.threads, quick=args.quick, pypots_chunk=64 if args.quick else 512)
+                           threads=args.threads, quick=args.quick, pypots_chunk=64 if args.quick else 512,
+                           holdout=tuple(x for x in (args.holdout or "").split(",") if x))
     out = Path(args.out) / "accuracy-protocol"
     res = run_protocol(dataset=args.dataset, data=args.data, out=out, options=opts, resume=args.resume)
     text = protocol_markdown(res)
@@ -420,6 +421,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default 10)")
     a.add_argument("--seeds", default="0,1,2", help="protocol: comma-separated training seeds (default 0,1,2)")
     a.add_argument("--resume", action="store_true", help="protocol: keep finished method/seed results in OUT")
+    a.add_argument("--holdout", help="protocol: comma-separated stations left out of training and scored alone "
+                   "(use another --out)")
     a.add_argument("--run", help="ConFill training run folder (best.pt) to score (checkpoint mode)")
     a.add_argument("--bundle", help=f"bundle whose variants are scored (checkpoint mode; e.g. {DEFAULT_BUNDLE})")
     a.add_argument("--stride", type=int, default=24, help="steps between test windows (default 24)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -114,3 +115,18 @@ def test_quick_protocol_runs_every_method_and_resumes(tmp_path, data_root):
         run_protocol(dataset="beijing", data=data_root, out=out, resume=True, progress=False,
                      options=ProtocolOptions(budget_min=0.5, seeds=(0,), max_windows=2, quick=True,
                                              stations=("Aotizhongxin", "Dingling")))
+
+
+def test_holdout_scores_only_the_held_out_station(tmp_path, data_root):
+    from gapcast import GapcastError
+    from gapcast.bench.protocol import ProtocolOptions, run_protocol
+
+    opts = ProtocolOptions(seeds=(0,), max_windows=3, stations=("Aotizhongxin", "Dingling"), quick=True,
+                           methods=("linear",), holdout=("Dingling",))
+    res = run_protocol(dataset="beijing", data=data_root, out=tmp_path / "h", options=opts, progress=False)
+    p = res["protocol"]
+    assert p["stations"] == ["Dingling"] and p["training_stations"] == ["Aotizhongxin"]
+    assert p["eval_windows"] == 3 and list(res["results"]) == ["linear interpolation"]
+    with pytest.raises(GapcastError, match="not in the data"):
+        run_protocol(dataset="beijing", data=data_root, out=tmp_path / "x", progress=False,
+                     options=dataclasses.replace(opts, holdout=("Nowhere",)))
