@@ -100,7 +100,8 @@ def _accuracy_protocol(args: argparse.Namespace) -> int:
                            threads=args.threads, quick=args.quick, pypots_chunk=64 if args.quick else 512,
                            holdout=tuple(x for x in (args.holdout or "").split(",") if x))
     out = Path(args.out) / "accuracy-protocol"
-    res = run_protocol(dataset=args.dataset, data=args.data, out=out, options=opts, resume=args.resume)
+    res = run_protocol(dataset=args.dataset, data=args.data, out=out, options=opts, resume=args.resume,
+                       report_only=args.report_only)
     text = protocol_markdown(res)
     print(text)
     png = bar_chart(res, out / "accuracy.png")
@@ -421,6 +422,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default 10)")
     a.add_argument("--seeds", default="0,1,2", help="protocol: comma-separated training seeds (default 0,1,2)")
     a.add_argument("--resume", action="store_true", help="protocol: keep finished method/seed results in OUT")
+    a.add_argument("--report-only", action="store_true",
+                   help="protocol: train nothing, tabulate the results saved in OUT (same options as the run)")
     a.add_argument("--holdout", help="protocol: comma-separated stations left out of training and scored alone "
                    "(use another --out)")
     a.add_argument("--run", help="ConFill training run folder (best.pt) to score (checkpoint mode)")

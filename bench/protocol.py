@@ -341,7 +341,7 @@ def _forecaster(name: str, seed: int, budget_s: float, prepared, cfg, valset, op
 
 def run_protocol(
     *, dataset=None, data=None, out: str | Path, options: ProtocolOptions | None = None, resume: bool = False,
-    progress: bool = True,
+    progress: bool = True, report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or continue) the protocol and return its aggregated results.
 
@@ -352,6 +352,7 @@ def run_protocol(
         options: :class:`ProtocolOptions`.
         resume: keep results already in ``out`` (same options) and run only the missing ones.
         progress: print one line per finished method and seed.
+        report_only: train nothing: aggregate the results already saved in ``out`` (implies ``resume``).
 
     Returns:
         ``{"protocol": ..., "options": ..., "results": {method: {seed: result}}, "aggregate": ...}``.
@@ -371,6 +372,7 @@ def run_protocol(
     from gapcast.train.trainer import _make_valset, load_config, prepare_data
 
     opts = options or ProtocolOptions()
+    resume = resume or report_only
     torch.set_num_threads(opts.threads)
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
@@ -430,11 +432,12 @@ def run_protocol(
             print(f"  {method} seed {seed}: trained {train_s:.0f} s, scored in {res['score_s']:.0f} s", flush=True)
 
     def done(method: str, seed: int | None) -> bool:
+        """True when this method and seed need no training: saved (and loaded) or ``report_only``."""
         p = path_of(method, seed)
         if resume and p.is_file():
             results.setdefault(method, {})[-1 if seed is None else seed] = json.loads(p.read_text())
             return True
-        return False
+        return report_only
 
     base = baseline_imputers(H, season=season)
 
