@@ -603,15 +603,22 @@ def bar_chart(res: dict[str, Any], path: Path) -> Path:
     agg = res["aggregate"]
     parts = [*res["protocol"]["scenarios"], "forecast"]
     methods = list(agg)
-    fig, axes = plt.subplots(1, len(parts), figsize=(2.2 * len(parts), 4.5), sharey=False)
-    for ax, part in zip(np.atleast_1d(axes), parts, strict=True):
+    ncols = 4
+    nrows = math.ceil(len(parts) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(14, 3.6 * nrows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[len(parts):]:
+        ax.axis("off")
+    for ax, part in zip(flat, parts, strict=False):
         ms = [m for m in methods if part in agg[m]]
         ax.bar(range(len(ms)), [agg[m][part]["mean"] for m in ms], yerr=[agg[m][part]["std"] for m in ms],
                color=[f"C{methods.index(m) % 10}" for m in ms], capsize=2)
         ax.set_title(part, fontsize=8)
-        ax.set_xticks(range(len(ms)), [m[:18] for m in ms], rotation=90, fontsize=6)
+        ax.set_xticks(range(len(ms)), [m.replace(" (paper's plain head)", "").replace(" (global attention only)", "")
+                                       for m in ms], rotation=90, fontsize=6)
         ax.tick_params(axis="y", labelsize=6)
-    np.atleast_1d(axes)[0].set_ylabel("MAE (normalised)")
+    for row in axes:
+        row[0].set_ylabel("MAE (normalised)", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
