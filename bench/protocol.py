@@ -202,8 +202,15 @@ def _confill(name: str, base_cfg, seed: int, budget_s: float, series, spec, out:
 
 def _pypots_model(name: str, L: int, C: int, seed: int, sizes: dict[str, Any], batch_size: int):
     import torch
-    from pypots.imputation import BRITS, SAITS, ImputeFormer, TimesNet
-    from pypots.nn.modules.loss import MAE
+
+    from gapcast import GapcastError
+
+    try:
+        from pypots.imputation import BRITS, SAITS, ImputeFormer, TimesNet
+        from pypots.nn.modules.loss import MAE
+    except ImportError as exc:
+        msg = f"{name} needs PyPOTS: pip install 'gapcast[bench]' (or leave it out with --methods)"
+        raise GapcastError(msg) from exc
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -469,8 +476,12 @@ def run_protocol(
                 predict, train_s, info = _forecaster(name, seed, budget_s, prepared, cfg, valset, opts)
                 record(name, seed, lambda v, m, c, p=predict: (None, p(v, m)), train_s, {"kind": "forecaster", **info})
 
-    import pypots
+    try:
+        import pypots
 
+        pypots_version = pypots.__version__
+    except ImportError:
+        pypots_version = "not installed"
     protocol = {
         **ss.protocol,
         "rules": " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "),
@@ -479,7 +490,7 @@ def run_protocol(
         "training_windows": f"{len(prepared.train)} stride-1 windows of the training range (drawn uniformly)",
         "validation_windows": f"{min(len(prepared.val), cfg.data.val_windows)} of the validation range, outages "
                               "drawn once per seed",
-        "pypots_version": pypots.__version__,
+        "pypots_version": pypots_version,
         "model_sizes": "papers' defaults" if not opts.quick else "QUICK: tiny sizes (CI smoke run, not a result)",
         "held_out_stations": list(opts.holdout),
         "training_stations": sorted(series),
