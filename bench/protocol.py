@@ -386,7 +386,9 @@ def run_protocol(
     stamp = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("methods", "threads", "seeds")}
     stamp_path = outp / "options.json"
     if resume and stamp_path.is_file():
-        old = json.loads(stamp_path.read_text())
+        # keys added since a run started take their default (the run had that behaviour)
+        defaults = {k: v for k, v in dataclasses.asdict(ProtocolOptions()).items() if k in stamp}
+        old = json.loads(json.dumps({**defaults, **json.loads(stamp_path.read_text())}))
         if old != json.loads(json.dumps(stamp)):
             msg = (f"--resume: {outp} holds results of other options ({old}); these are {stamp}. Use another --out "
                    "or drop --resume")
