@@ -88,15 +88,14 @@ def _accuracy_protocol(args: argparse.Namespace) -> int:
 
     seeds = tuple(int(x) for x in str(args.seeds).split(",") if x.strip())
     budget = args.budget_min
-    stations: tuple[str, ...] = ()
     if args.quick:
         budget = budget if budget is not None else 0.04
         seeds = seeds if args.seeds != "0,1,2" else (0,)
         args.max_windows = args.max_windows or 3
-        stations = ("Aotizhongxin", "Dingling") if (args.dataset or "beijing") == "beijing" else ()
     opts = ProtocolOptions(budget_min=budget if budget is not None else 10.0, seeds=seeds,
                            methods=tuple(args.methods.split(",")) if args.methods else None, stride=args.stride,
-                           max_windows=args.max_windows, mask_seed=args.seed, stations=stations,
+                           max_windows=args.max_windows, mask_seed=args.seed,
+                           max_stations=2 if args.quick else None,
                            threads=args.threads, quick=args.quick, pypots_chunk=64 if args.quick else 512,
                            holdout=tuple(x for x in (args.holdout or "").split(",") if x))
     out = Path(args.out) / "accuracy-protocol"

@@ -106,6 +106,7 @@ class ProtocolOptions:
         quick: tiny model sizes and budgets (CI); stated in the output.
         pypots_chunk: windows per PyPOTS training pass (a fresh draw each pass; the budget is checked between them).
         holdout: held-out stations: every method is trained (and normalised) without them and scored only on them.
+        max_stations: keep only the first this many stations (by name) after ``stations`` (None: all).
     """
 
     budget_min: float = 10.0
@@ -119,6 +120,7 @@ class ProtocolOptions:
     quick: bool = False
     pypots_chunk: int = 512
     holdout: tuple[str, ...] = ()
+    max_stations: int | None = None
 
 
 def slug(name: str) -> str:
@@ -402,6 +404,8 @@ def run_protocol(
 
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
     series = load_dataset(spec, data, list(opts.stations) or None)
+    if opts.max_stations:
+        series = {k: series[k] for k in sorted(series)[: opts.max_stations]}
     cfg = load_config(None, spec)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stations=()))
     if opts.quick:
