@@ -6,7 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,edge,tools,sink,dev
+# bench: PyPOTS and PyGrinder, so CI runs `gapcast bench accuracy --quick` and the mask test
+EXTRAS ?= train,edge,tools,sink,bench,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gapcast-installed
 SHARED_DATA := $(abspath ../shared/data)

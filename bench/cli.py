@@ -82,7 +82,37 @@ def _command(argv_name: str, args: argparse.Namespace, skip: tuple[str, ...] = (
 # ------------------------------------------------------------------------------------------------------- accuracy
 
 
+def _accuracy_protocol(args: argparse.Namespace) -> int:
+    """The equal-footing protocol (issue 19): every method trained here at the same budget, several seeds."""
+    from gapcast.bench.protocol import ProtocolOptions, bar_chart, protocol_markdown, run_protocol
+
+    seeds = tuple(int(x) for x in str(args.seeds).split(",") if x.strip())
+    budget = args.budget_min
+    if args.quick:
+        budget = budget if budget is not None else 0.04
+        seeds = seeds if args.seeds != "0,1,2" else (0,)
+        args.max_windows = args.max_windows or 3
+    opts = ProtocolOptions(budget_min=budget if budget is not None else 10.0, seeds=seeds,
+                           methods=tuple(args.methods.split(",")) if args.methods else None, stride=args.stride,
+                           max_windows=args.max_windows, mask_seed=args.seed,
+                           max_stations=2 if args.quick else None,
+                           threads=args.threads, quick=args.quick, pypots_chunk=64 if args.quick else 512,
+                           holdout=tuple(x for x in (args.holdout or "").split(",") if x))
+    out = Path(args.out) / "accuracy-protocol"
+    res = run_protocol(dataset=args.dataset, data=args.data, out=out, options=opts, resume=args.resume,
+                       report_only=args.report_only)
+    text = protocol_markdown(res)
+    print(text)
+    png = bar_chart(res, out / "accuracy.png")
+    res["chart"] = str(png)
+    _save(out, "accuracy", res, text + "\n\n![MAE per scenario, mean and seed spread](accuracy.png)\n",
+          _command("accuracy", args))
+    return 0
+
+
 def _accuracy(args: argparse.Namespace) -> int:
+    if args.run is None and args.bundle is None:
+        return _accuracy_protocol(args)
     from gapcast.bench.accuracy import SCENARIOS, AccuracyOptions, method_order, run_accuracy
 
     trimmed = []
@@ -197,8 +227,9 @@ def _ett(args: argparse.Namespace) -> int:
         rows_mae.append([r["dataset"], r["horizon"], *[o["mae"] if o else None for o in ours],
                          *[r["published"][m]["mae"] for m in pub_models]])
     tr = res["training"]["ConFill"]
-    md = [f"# gapcast bench ett\n\n{res['protocol']}\n\nConFill: trained {args.confill_budget_min:g} min per "
-          f"(dataset, horizon) on this machine's CPU, {tr['threads']} torch threads ({tr['loss']}); DLinear: the paper's settings, trained here. "
+    md = [f"# gapcast bench ett\n\n{res['protocol']}\n\nBudget: {args.confill_budget_min:g} min of wall clock per "
+          "(dataset, horizon) for ConFill and for DLinear alike (DLinear's own schedule may end it first). ConFill: "
+          f"trained on this machine's CPU, {tr['threads']} torch threads ({tr['loss']}); DLinear: the paper's settings, trained here. "
           "The last three published columns use a longer input (336 or 512), shown for reference only."
           + (f" Trimmed: {'; '.join(trimmed)}." if trimmed else ""),
           "\n## MSE (normalised)\n\n" + format_table(headers, rows_mse),
@@ -206,10 +237,11 @@ def _ett(args: argparse.Namespace) -> int:
     rows = []
     for r in res["rows"]:
         c, d = r.get("ConFill (ours)") or {}, r.get("DLinear (ours)") or {}
-        rows.append([r["dataset"], r["horizon"], r["windows"]["test"], c.get("train_s"), c.get("steps"),
-                     d.get("train_s"), d.get("epochs")])
-    md.append("\n## Training (this machine)\n\n" + format_table(
-        ["dataset", "H", "test windows", "ConFill s", "ConFill steps", "DLinear s", "DLinear epochs"], rows))
+        rows.append([r["dataset"], r["horizon"], r["windows"]["test"], r.get("budget_s"), c.get("train_s"),
+                     c.get("steps"), d.get("train_s"), d.get("epochs"), d.get("stopped")])
+    md.append("\n## Training (this machine; the same budget per horizon for both)\n\n" + format_table(
+        ["dataset", "H", "test windows", "budget s", "ConFill s", "ConFill steps", "DLinear s", "DLinear epochs",
+         "DLinear stop"], rows))
     md.append("\n## Sources of the published figures\n\n" + "\n".join(f"- {m}: {s}" for m, s in
                                                                          PUBLISHED_SOURCES.items()))
     text = "\n".join(md)
@@ -371,10 +403,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sp.add_argument("--threads", type=int, default=2, help="CPU threads for torch / onnxruntime (default 2)")
         sp.set_defaults(log_info=False)
 
-    a = sub.add_parser("accuracy", help="ConFill vs LOCF, linear, seasonal naive, SAITS, BRITS, DLinear on Beijing")
+    a = sub.add_parser(
+        "accuracy", help="the accuracy protocol: ConFill, ablations, PyPOTS, forecasters, equal budgets, seeds",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Without --run / --bundle: the equal-footing protocol (gapcast.bench.protocol): every learned "
+        "method trained here on the same windows and outage generator for the same wall-clock budget, per seed; "
+        "results saved per method and seed under OUT/accuracy-protocol/ (--resume continues). With --run or "
+        "--bundle: score that trained ConFill (and its bundle's variants) against the baselines.",
+        epilog="examples:\n"
+        "  gapcast bench accuracy --dataset beijing --budget-min 10 --seeds 0,1,2\n"
+        "  gapcast bench accuracy --budget-min 2 --max-windows 60 --resume      # continue an interrupted run\n"
+        "  gapcast bench accuracy --methods ConFill,SAITS,linear --seeds 0\n"
+        "  gapcast bench accuracy --quick                                       # CI smoke run, tiny sizes\n"
+        f"  gapcast bench accuracy --run runs/beijing --bundle {DEFAULT_BUNDLE}   # score a trained model")
     common(a)
-    a.add_argument("--run", help="ConFill training run folder (best.pt); default: the run recorded in the bundle")
-    a.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle whose variants are scored (default {DEFAULT_BUNDLE})")
+    a.add_argument("--budget-min", type=float, help="protocol: training budget per method and seed, minutes "
+                   "(default 10)")
+    a.add_argument("--seeds", default="0,1,2", help="protocol: comma-separated training seeds (default 0,1,2)")
+    a.add_argument("--resume", action="store_true", help="protocol: keep finished method/seed results in OUT")
+    a.add_argument("--report-only", action="store_true",
+                   help="protocol: train nothing, tabulate the results saved in OUT (same options as the run)")
+    a.add_argument("--holdout", help="protocol: comma-separated stations left out of training and scored alone "
+                   "(use another --out)")
+    a.add_argument("--run", help="ConFill training run folder (best.pt) to score (checkpoint mode)")
+    a.add_argument("--bundle", help=f"bundle whose variants are scored (checkpoint mode; e.g. {DEFAULT_BUNDLE})")
     a.add_argument("--stride", type=int, default=24, help="steps between test windows (default 24)")
     a.add_argument("--max-windows", type=int, help="at most this many test windows per station")
     a.add_argument("--seed", type=int, default=0, help="seed of the masks and the trained baselines")
@@ -393,8 +445,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(e)
     e.add_argument("--datasets", default="ETTh1,ETTh2", help="comma-separated (default ETTh1,ETTh2)")
     e.add_argument("--horizons", help="comma-separated (default 96,192,336,720)")
-    e.add_argument("--confill-budget-min", type=float, default=3.0,
-                   help="ConFill training budget per (dataset, horizon), minutes (default 3)")
+    e.add_argument("--budget-min", "--confill-budget-min", dest="confill_budget_min", type=float, default=3.0,
+                   help="training budget per (dataset, horizon) of ConFill and of DLinear alike, minutes (default 3)")
     e.add_argument("--dlinear-epochs", type=int, default=10, help="DLinear epoch cap (default 10, as the paper)")
     e.add_argument("--no-confill", action="store_true", help="DLinear and the published figures only")
     e.add_argument("--seed", type=int, default=0, help="training seed")

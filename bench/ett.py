@@ -290,7 +290,8 @@ def run_ett(
         data: data root holding ``ett/`` (None: ``$GAPCAST_DATA`` / cache).
         datasets: ``ETTh1`` and/or ``ETTh2``.
         horizons: forecast horizons H.
-        confill_budget_s: ConFill's wall-clock training budget per (dataset, horizon), seconds.
+        confill_budget_s: the wall-clock training budget per (dataset, horizon), seconds, of ConFill and of DLinear
+            alike (DLinear may stop earlier on its own schedule).
         confill_model: the ``ConFillConfig`` whose sizes are used (None: the packaged ``beijing.toml``).
         dlinear_epochs: DLinear's epoch cap.
         run_confill: False skips ConFill (DLinear and the published figures only).
@@ -341,7 +342,10 @@ def run_ett(
         va = splits["val"]
         val_batches = [(np.ascontiguousarray(va.x[a : a + 512]), np.ascontiguousarray(va.y[a : a + 512]),
                         np.ones_like(va.y[a : a + 512])) for a in range(0, len(va), 512)]
-        fit = train_dlinear(dcfg, epoch_batches, val_batches)
+        # The same wall-clock budget as ConFill (issue 19); DLinear's own schedule (epoch cap, patience, the learning
+        # rate halved every epoch) usually ends it first, which is recorded as its stop reason.
+        fit = train_dlinear(dcfg, epoch_batches, val_batches, budget_s=confill_budget_s)
+        row["budget_s"] = confill_budget_s
         row["DLinear (ours)"] = {**_scores(_dlinear_predict(fit.model, splits["test"]), splits["test"].y),
                                  "train_s": round(fit.train_s, 1), "epochs": fit.epochs, "stopped": fit.stopped}
 

@@ -273,8 +273,10 @@ class AdaptiveHierarchicalAttention(nn.Module):
     The local branch only sees keys with |i - j| <= window // 2 (a constant band mask).
     """
 
-    def __init__(self, length: int, d_model: int, n_heads: int, window: int, dropout: float) -> None:
+    def __init__(self, length: int, d_model: int, n_heads: int, window: int, dropout: float,
+                 local_branch: bool = True) -> None:
         super().__init__()
+        self.local_branch = local_branch  # False (ablation): global attention only, no gate
         self.global_attn = MultiHeadAttention(d_model, n_heads)
         self.local_attn = MultiHeadAttention(d_model, n_heads)
         idx = torch.arange(length)
@@ -299,6 +301,9 @@ class AdaptiveHierarchicalAttention(nn.Module):
             [B, L, d] float32, or (that, gate) when ``return_gate``.
         """
         g_out = self.global_attn(x, x, key_allowed)
+        if not self.local_branch:
+            y = self.norm(x + self.drop(self.out(g_out)))
+            return (y, torch.ones_like(g_out)) if return_gate else y
         l_out = self.local(x, key_allowed)
         gate = torch.sigmoid(self.gate(torch.cat([g_out, l_out], dim=-1)))
         fused = gate * g_out + (1.0 - gate) * l_out
@@ -348,7 +353,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ConFillConfig) -> None:
         super().__init__()
         self.attn = AdaptiveHierarchicalAttention(
-            cfg.lookback, cfg.d_model, cfg.n_heads, cfg.local_window, cfg.dropout
+            cfg.lookback, cfg.d_model, cfg.n_heads, cfg.local_window, cfg.dropout, cfg.local_branch
         )
         self.conv = MultiScaleConv(cfg.d_model, cfg.conv_kernels, cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
@@ -411,6 +416,8 @@ class ConFillConfig:
             over the hidden block's span, as in a network-wide outage), so empty context keeps working.
         n_context: G, context channels (set from the dataset spec when ``context = "neighbours"``; 0 otherwise).
         context_index: the G station-channel columns the context channels estimate.
+        freq_embedding: add the frequency-domain embedding (False: ablation without it).
+        local_branch: the encoder's local attention branch and gate (False: ablation, global attention only).
     """
 
     n_channels: int = 1  # C: set from the dataset spec (TrainConfig.from_dict); 1 only so the dataclass has a default
@@ -435,6 +442,8 @@ class ConFillConfig:
     context_dropout: float = 0.3
     n_context: int = 0
     context_index: tuple[int, ...] = ()
+    freq_embedding: bool = True
+    local_branch: bool = True
 
     def __post_init__(self) -> None:
         positive = ("n_channels", "lookback", "horizon", "n_calendar", "d_model", "n_heads", "n_encoder_layers",
@@ -609,7 +618,9 @@ class ConFill(nn.Module):
         L = self.cfg.lookback
         xm = values * observed  # the only place values enter: unobserved cells become 0
         emb = self.value_emb(torch.cat([xm, observed], dim=-1))
-        emb = emb + self.pos_emb + self.cal_emb(calendar[:, :L]) + self.freq_emb(xm)
+        emb = emb + self.pos_emb + self.cal_emb(calendar[:, :L])
+        if self.cfg.freq_embedding:
+            emb = emb + self.freq_emb(xm)
         seen = observed.sum(dim=-1)  # [B, L]
         if self.cfg.n_context:
             cm, co = self._context(values, context, context_observed)

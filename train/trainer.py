@@ -6,8 +6,12 @@ weighted losses. An "epoch" is a fixed number of steps; after each one the model
 set, checkpoints are written (``last.pt`` always, ``best.pt`` when the validation score improves) and early
 stopping is checked.
 
-Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the same command runs DistributedDataParallel over
-gloo: every rank draws its own batches, gradients are averaged, rank 0 writes the run folder.
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the same command runs DistributedDataParallel (NCCL
+with the model and batches on ``cuda:LOCAL_RANK`` when CUDA is present, gloo on the CPU otherwise): every rank draws
+its own batches and gradients are averaged. So that the replicas never drift, everything that decides the loop comes
+from one place: the clock that drives the learning-rate cosine and the ``--time-budget-min`` stop is rank 0's,
+broadcast every step; the validation set is sharded across the ranks and its error sums all-reduced, so every rank
+sees the same score and takes the same early-stopping decision. Rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -358,6 +362,7 @@ class TrainResult:
         best_val: the best validation score (normalised MAE, imputation + forecast).
         stop_reason: ``max_steps``, ``time_budget`` or ``early_stopping``.
         history: one dict per epoch (step, train losses, validation figures, seconds).
+        model: the model in its final state (this rank's replica; ``best.pt`` holds the best one).
     """
 
     out_dir: Path
@@ -365,6 +370,7 @@ class TrainResult:
     best_val: float
     stop_reason: str
     history: list[dict[str, float]]
+    model: ConFill | None = None
 
 
 def _lr_at(step: int, elapsed_s: float, cfg: OptimConfig, budget_s: float | None) -> float:
@@ -406,19 +412,30 @@ def _make_valset(ws: WindowSet, cfg: TrainConfig, seed: int, groups: list[tuple[
 
 
 @torch.no_grad()
-def _validate(model: ConFill, vs: _ValSet, batch: int = 256) -> dict[str, float]:
+def _validate(model: ConFill, vs: _ValSet, batch: int = 256, *, rank: int = 0, world: int = 1,
+              device: torch.device | None = None) -> dict[str, float]:
+    """Normalised validation MAE (imputation of the hidden cells, forecast of the observed future) and their sum.
+
+    Under DDP each rank scores the windows ``rank::world`` and the four error / count sums are all-reduced, so every
+    rank returns the same figures (those of the whole set) and takes the same early-stopping decision.
+    """
     model.eval()
     L = model.cfg.lookback
-    err_i = cnt_i = err_f = cnt_f = 0.0
-    for a in range(0, len(vs.values), batch):
-        sl = slice(a, a + batch)
-        ctx = (vs.context[0][sl], vs.context[1][sl]) if vs.context is not None else ()
-        x_hat, fc, _ = model.compute(vs.values[sl], vs.observed[sl], vs.calendar[sl], *ctx)
-        err_i += float((torch.abs(x_hat - vs.target[sl, :L]) * vs.hidden[sl]).sum())
-        cnt_i += float(vs.hidden[sl].sum())
-        err_f += float((torch.abs(fc - vs.target[sl, L:]) * vs.future_obs[sl]).sum())
-        cnt_f += float(vs.future_obs[sl].sum())
+    device = device or torch.device("cpu")
+    shard = torch.arange(rank, len(vs.values), world)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # err_i, cnt_i, err_f, cnt_f
+    for a in range(0, len(shard), batch):
+        ix = shard[a : a + batch]
+        v, o, c, t, h, f = (x[ix].to(device) for x in (vs.values, vs.observed, vs.calendar, vs.target, vs.hidden,
+                                                        vs.future_obs))
+        ctx = (vs.context[0][ix].to(device), vs.context[1][ix].to(device)) if vs.context is not None else ()
+        x_hat, fc, _ = model.compute(v, o, c, *ctx)
+        sums += torch.stack([(torch.abs(x_hat - t[:, :L]) * h).sum(), h.sum(),
+                             (torch.abs(fc - t[:, L:]) * f).sum(), f.sum()]).to(torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
     model.train()
+    err_i, cnt_i, err_f, cnt_f = (float(x) for x in sums.cpu())
     mae_i, mae_f = err_i / max(cnt_i, 1.0), err_f / max(cnt_f, 1.0)
     return {"val_impute_mae": mae_i, "val_forecast_mae": mae_f, "val_score": mae_i + mae_f}
 
@@ -429,9 +446,35 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def _train_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _shared_clock(seconds: float, *, distributed: bool, device: torch.device) -> float:
+    """Rank 0's clock reading, broadcast to every rank (this rank's own reading without DDP)."""
+    if not distributed:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t.item())
+
+
+def _rank0_decides(flag: bool, *, distributed: bool, device: torch.device) -> bool:
+    """Rank 0's decision, broadcast (every rank computes the same one; this makes the agreement structural)."""
+    if not distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item() > 0)
+
+
 def _model_config(state: dict[str, Any]) -> dict[str, Any]:
     """The model config saved in a checkpoint, with the defaults of keys added since (``interp_source``)."""
-    return {"interp_source": False, "level_norm": False, **dict(state.get("config") or {})}
+    return {"interp_source": False, "level_norm": False, "freq_embedding": True, "local_branch": True,
+            **dict(state.get("config") or {})}
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -487,11 +530,15 @@ def train(
     rank, world = _dist_info()
     distributed = world > 1
     own_group = False
+    device = _train_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if distributed:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")  # CPU training: gloo, launched by torchrun (env:// rendezvous)
+            # launched by torchrun (env:// rendezvous): NCCL between GPUs, gloo on the CPU
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             own_group = True
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -573,11 +620,18 @@ def train(
             json.dumps({**prepared.normalizer.to_dict(), "channels": list(spec.channel_names)}, indent=2)
         )
 
+    net.to(device)
+    if resume:  # the optimiser state was loaded onto the CPU; move it next to its parameters
+        for st in opt.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    st[k] = v.to(device)
     runner: nn.Module = net
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(net, find_unused_parameters=cfg.loss.contrast == 0)
+        runner = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=cfg.loss.contrast == 0)
 
     L = cfg.model.lookback
     w = cfg.loss
@@ -592,7 +646,9 @@ def train(
     n_sum = 0
     net.train()
     while step < oc.max_steps:
-        elapsed = elapsed_before + time.monotonic() - t_start
+        # Rank 0's clock drives every rank's learning rate and time-budget stop: replicas never drift.
+        run_s = _shared_clock(time.monotonic() - t_start, distributed=distributed, device=device)
+        elapsed = elapsed_before + run_s
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, elapsed, oc, schedule_s)
         idx = rng.integers(0, len(prepared.train), size=oc.batch_size)
@@ -602,15 +658,15 @@ def train(
         extra = None
         if n_anchor:
             views = sampler.sample(prepared.train.starts[idx[:n_anchor]], rng)
-            extra = tuple(_to_t(*views.stacked()))
-        tv, tm_in, tc, thide, tm = _to_t(v, m_in, c, hide, m)
+            extra = tuple(t.to(device) for t in _to_t(*views.stacked()))
+        tv, tm_in, tc, thide, tm = (t.to(device) for t in _to_t(v, m_in, c, hide, m))
         ctx = None
         if prepared.train_context is not None:
             from gapcast.train.context import drop_context
 
             cv, co = prepared.train_context.batch(prepared.train.starts[idx], L)
             co = drop_context(co, hide, cfg.model.context_index, cfg.model.context_dropout, rng)
-            ctx = tuple(_to_t(cv * co, co))
+            ctx = tuple(t.to(device) for t in _to_t(cv * co, co))
         x_hat, fc, z_a, z_x = runner(tv[:, :L] * tm_in, tm_in, tc, n_anchor, extra, ctx)
         l_imp = masked_mae(x_hat, tv[:, :L], thide)
         l_rec = masked_mae(x_hat, tv[:, :L], tm_in)
@@ -635,16 +691,15 @@ def train(
         if step % 10 == 0:
             bar.set_postfix({k: f"{s / n_sum:.3f}" for k, s in sums.items()})
 
-        out_of_time = budget_s is not None and time.monotonic() - t_start >= budget_s
-        if distributed:
-            flag = torch.tensor([1.0 if out_of_time else 0.0])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item() > 0)
+        # The step just done counts against the budget by rank 0's clock (the reading before the step plus its time
+        # on rank 0), one broadcast decides for all.
+        out_of_time = _rank0_decides(budget_s is not None and time.monotonic() - t_start >= budget_s,
+                                     distributed=distributed, device=device)
         end_of_epoch = step % oc.steps_per_epoch == 0 or step >= oc.max_steps or out_of_time
         if not end_of_epoch:
             continue
         epoch += 1
-        figures = _validate(model, valset)
+        figures = _validate(model, valset, rank=rank, world=world, device=device)
         record = {"epoch": epoch, "step": step, "seconds": round(elapsed_before + time.monotonic() - t_start, 1),
                   "lr": opt.param_groups[0]["lr"], **{f"train_{k}": s / max(n_sum, 1) for k, s in sums.items()},
                   **figures}
@@ -669,7 +724,8 @@ def train(
         if out_of_time:
             stop_reason = "time_budget"
             break
-        if bad_epochs >= oc.patience:
+        # Every rank holds the same all-reduced score, hence the same bad_epochs; rank 0 still decides for all.
+        if _rank0_decides(bad_epochs >= oc.patience, distributed=distributed, device=device):
             stop_reason = "early_stopping"
             break
     bar.close()
@@ -678,4 +734,4 @@ def train(
         if own_group:
             torch.distributed.destroy_process_group()
     log.info("training stopped (%s) at step %d, best validation score %.4f", stop_reason, step, best)
-    return TrainResult(out_dir=out, steps=step, best_val=best, stop_reason=stop_reason, history=history)
+    return TrainResult(out_dir=out, steps=step, best_val=best, stop_reason=stop_reason, history=history, model=model)

@@ -1,0 +1,642 @@
+"""``gapcast bench accuracy --dataset SPEC``: the equal-footing accuracy protocol (issue 19).
+
+Every decision is taken on the validation range; the test range is only scored. Every learned method
+
+* sees the same training windows: the stride-1 windows of the training range that ConFill trains on
+  (:func:`gapcast.train.trainer.prepare_data`, at least ``data.min_observed`` of the past observed), drawn uniformly;
+* imputers are trained on the same outage generator (:func:`gapcast.train.masking.outage_mask` with ConFill's
+  ``[masking]`` config: scattered points, blocks over one channel / several / one outage group / the whole station,
+  fresh masks for every draw). The PyPOTS models get them through PyPOTS's own dataset classes
+  (``DatasetForSAITS`` / ``DatasetForBRITS`` with ``X`` = the windows with our outages and ``X_ori`` = the windows
+  as recorded, so PyPOTS's MIT/ORT losses act on our hidden cells) and its own training loop (``_train_model``,
+  one pass over a fresh draw of windows per call);
+* is selected on the same validation figure: the normalised MAE on a fixed validation set (the validation range's
+  windows with outages drawn once from the run's seed, :func:`gapcast.train.trainer._make_valset`): imputation MAE
+  on the hidden cells for imputers, forecast MAE on the observed future for forecasters, their sum for ConFill
+  (its trainer's ``val_score``);
+* gets the same wall-clock training budget on this machine (``--budget-min``, default 10 min; validation counts);
+* is run for every seed; tables give the mean and the spread (sample standard deviation) over seeds.
+
+Scenarios (test range; masks fixed by ``mask_seed``, the same for every method and seed): point-10%; blocks of
+6 / 24 / 72 h over the spec's first outage group and over the whole station, inside the window; blocks of 6 / 24 /
+72 h over the whole station ending at the window's newest step (``edge-*``, what the agent faces in real time);
+the real missingness pattern of another window. The forecast is H steps from the window's real observed mask.
+
+Results are written per method and seed as they finish (``results/<method>/seed<k>.json``); ``resume`` skips
+those already there, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ABLATIONS",
+    "FORECASTERS",
+    "PYPOTS_SIZES",
+    "ProtocolOptions",
+    "aggregate",
+    "edge_scenarios",
+    "protocol_markdown",
+    "run_protocol",
+]
+
+log = logging.getLogger(__name__)
+
+BLOCKS = ("6h", "24h", "72h")
+
+#: ConFill ablations: name -> overrides of the training config tables. The base config (``beijing.toml``) has no
+#: ``interp_source``, so "without the neighbour smoother" is the paper's plain imputation head: one row for both.
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "ConFill": {},
+    "ConFill w/o neighbour smoother (paper's plain head)": {"model": {"smoother_widths": (), "interp_source": False}},
+    "ConFill w/o frequency embedding": {"model": {"freq_embedding": False}},
+    "ConFill w/o local branch (global attention only)": {"model": {"local_branch": False}},
+    "ConFill w/o contrastive loss": {"loss": {"contrast": 0.0}},
+}
+
+#: PyPOTS imputers and their sizes: the papers' / PyPOTS documentation defaults. ``--quick`` shrinks them (stated).
+PYPOTS_SIZES: dict[str, dict[str, Any]] = {
+    # SAITS paper / PyPOTS README example: 2 layers, d_model 256, d_ffn 128, 4 heads of 64
+    "SAITS": {"n_layers": 2, "d_model": 256, "n_heads": 4, "d_k": 64, "d_v": 64, "d_ffn": 128, "dropout": 0.1},
+    # BRITS paper: 108 hidden units
+    "BRITS": {"rnn_hidden_size": 108},
+    # ImputeFormer paper (Nie et al., KDD 2024) defaults
+    "ImputeFormer": {"n_layers": 3, "d_input_embed": 32, "d_learnable_embed": 96, "d_proj": 8, "d_ffn": 256,
+                     "n_temporal_heads": 4, "dropout": 0.1},
+    # TimesNet paper (Wu et al., ICLR 2023) imputation setting: 2 layers, d_model 64, top-k 3, 6 kernels
+    "TimesNet": {"n_layers": 2, "top_k": 3, "d_model": 64, "d_ffn": 64, "n_kernels": 6, "dropout": 0.1},
+}
+QUICK_PYPOTS_SIZES: dict[str, dict[str, Any]] = {
+    "SAITS": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_k": 8, "d_v": 8, "d_ffn": 16, "dropout": 0.0},
+    "BRITS": {"rnn_hidden_size": 8},
+    "ImputeFormer": {"n_layers": 1, "d_input_embed": 8, "d_learnable_embed": 8, "d_proj": 4, "d_ffn": 16,
+                     "n_temporal_heads": 2, "dropout": 0.0},
+    "TimesNet": {"n_layers": 1, "top_k": 2, "d_model": 8, "d_ffn": 8, "n_kernels": 2, "dropout": 0.0},
+}
+FORECASTERS = ("DLinear", "iTransformer")
+UNTRAINED = ("LOCF", "linear interpolation", "persistence", "seasonal naive (1 d)")
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """What the protocol runs.
+
+    Attributes:
+        budget_min: wall-clock training budget of every learned method and seed, minutes.
+        seeds: training seeds (each learned method runs once per seed).
+        methods: name prefixes to run (None: all); matched case-insensitively against the method names.
+        stride: steps between test-window starts.
+        max_windows: at most this many test windows per station (None: all).
+        mask_seed: seed of the test scenario masks (the same for every method and seed).
+        stations: stations used (empty: all the spec's).
+        threads: torch CPU threads.
+        quick: tiny model sizes and budgets (CI); stated in the output.
+        pypots_chunk: windows per PyPOTS training pass (a fresh draw each pass; the budget is checked between them).
+        holdout: held-out stations: every method is trained (and normalised) without them and scored only on them.
+        max_stations: keep only the first this many stations (by name) after ``stations`` (None: all).
+    """
+
+    budget_min: float = 10.0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] | None = None
+    stride: int = 24
+    max_windows: int | None = None
+    mask_seed: int = 0
+    stations: tuple[str, ...] = ()
+    threads: int = 1
+    quick: bool = False
+    pypots_chunk: int = 512
+    holdout: tuple[str, ...] = ()
+    max_stations: int | None = None
+
+
+def slug(name: str) -> str:
+    """A file-name form of a method name (``ConFill w/o local branch`` -> ``confill-w-o-local-branch``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def all_methods() -> list[str]:
+    return [*UNTRAINED, *ABLATIONS, *PYPOTS_SIZES, *FORECASTERS]
+
+
+def _wanted(opts: ProtocolOptions, name: str) -> bool:
+    return opts.methods is None or any(name.lower().startswith(m.strip().lower()) for m in opts.methods)
+
+
+def edge_scenarios(observed_past: np.ndarray, cadence_s: int):
+    """Blocks over the whole station that end at the window's newest step (6 / 24 / 72 h).
+
+    Args:
+        observed_past: [N, L, C] bool, the real observed mask of the test windows' past.
+        cadence_s: the dataset's cadence.
+
+    Returns:
+        A list of :class:`gapcast.train.evaluate.Scenario`, ``edge-6h:station`` ...: the last n steps of every
+        channel hidden where observed (n clipped to L - 1, so one step is left to start from).
+    """
+    from gapcast.duration import steps_of
+    from gapcast.train.evaluate import Scenario
+
+    N, L, C = observed_past.shape
+    out = []
+    for text in BLOCKS:
+        n = min(steps_of(text, cadence_s, key="evaluation block"), L - 1)
+        block = np.zeros((N, L, C), dtype=bool)
+        block[:, L - n :, :] = True
+        out.append(Scenario(f"edge-{text}:station", observed_past & block,
+                            f"the last {n} steps of every channel hidden: an outage still going on at the newest step"))
+    return out
+
+
+def _scenario_set(series, normalizer, spec, L: int, H: int, opts: ProtocolOptions):
+    from gapcast.train.evaluate import build_scenarios
+
+    ss = build_scenarios(series, normalizer, channels=spec.channel_names, lookback=L, horizon=H, stride=opts.stride,
+                         max_windows=opts.max_windows, seed=opts.mask_seed, spec=spec)
+    keep = {"point-10%", "real-pattern", *(f"block-{b}" for b in BLOCKS), *(f"block-{b}:station" for b in BLOCKS)}
+    ss.scenarios = [s for s in ss.scenarios if s.name in keep]
+    ss.scenarios += edge_scenarios(ss.windows.observed[:, :L].astype(bool), spec.cadence_s)
+    ss.protocol["scenarios"] = {s.name: s.description for s in ss.scenarios}
+    return ss
+
+
+def _summary(scores: dict[str, Any]) -> dict[str, Any]:
+    """Scores without the per-channel detail: {part: {all_norm, group_norm}}."""
+    return {part: {k: v for k, v in errs.items() if k in ("all_norm", "group_norm")} for part, errs in scores.items()}
+
+
+# ------------------------------------------------------------------------------------------------ training methods
+
+
+def _confill(name: str, base_cfg, seed: int, budget_s: float, series, spec, out: Path, opts: ProtocolOptions):
+    from gapcast.train.checkpoint import load_checkpoint
+    from gapcast.train.trainer import train
+
+    over = ABLATIONS[name]
+    tables = {t: dataclasses.replace(getattr(base_cfg, t), **kv) for t, kv in over.items()}
+    cfg = dataclasses.replace(base_cfg, **tables)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, seed=seed))
+    run = out / "runs" / f"{slug(name)}-seed{seed}"
+    t0 = time.perf_counter()
+    res = train(cfg, out_dir=run, series=series, dataset=spec, time_budget_min=budget_s / 60.0, progress=False)
+    train_s = time.perf_counter() - t0
+    model, _ = load_checkpoint(run / "best.pt")
+    info = {"steps": res.steps, "stop": res.stop_reason, "best_val_score": res.best_val, "run": str(run),
+            "config_overrides": {t: {k: list(v) if isinstance(v, tuple) else v for k, v in kv.items()}
+                                 for t, kv in over.items()},
+            "sizes": {"d_model": cfg.model.d_model, "layers": cfg.model.n_encoder_layers,
+                      "batch_size": cfg.optim.batch_size}}
+    return model, train_s, info
+
+
+def _pypots_model(name: str, L: int, C: int, seed: int, sizes: dict[str, Any], batch_size: int):
+    import torch
+
+    from gapcast import GapcastError
+
+    try:
+        from pypots.imputation import BRITS, SAITS, ImputeFormer, TimesNet
+        from pypots.nn.modules.loss import MAE
+    except ImportError as exc:
+        msg = f"{name} needs PyPOTS: pip install 'gapcast[bench]' (or leave it out with --methods)"
+        raise GapcastError(msg) from exc
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    cls = {"SAITS": SAITS, "BRITS": BRITS, "ImputeFormer": ImputeFormer, "TimesNet": TimesNet}[name]
+    return cls(n_steps=L, n_features=C, batch_size=batch_size, epochs=1, patience=None, device="cpu",
+               saving_path=None, model_saving_strategy=None, verbose=False, validation_metric=MAE, **sizes)
+
+
+def _pypots_dataset(name: str, x: np.ndarray, x_ori: np.ndarray):
+    """PyPOTS's own training dataset over our outages: ``X`` with them (NaN), ``X_ori`` as recorded (NaN).
+
+    SAITS-style models (SAITS, ImputeFormer, TimesNet) get both, so their masked-imputation loss acts on our hidden
+    cells. BRITS has no masked-imputation term (its loss is the recurrent estimate of each observed value before it
+    is read): it gets ``X`` with our outages as missing input, its loss on what remains.
+    """
+    if name == "BRITS":
+        from pypots.imputation.brits.data import DatasetForBRITS
+
+        return DatasetForBRITS({"X": x}, return_X_ori=False, return_y=False, file_type="hdf5")
+    from pypots.imputation.saits.data import DatasetForSAITS
+
+    return DatasetForSAITS({"X": x, "X_ori": x_ori}, return_X_ori=True, return_y=False, file_type="hdf5")
+
+
+def _pypots_impute(model, values: np.ndarray, observed: np.ndarray, batch: int = 256) -> np.ndarray:
+    from gapcast.bench.pypots_baselines import pypots_impute
+
+    return pypots_impute(model, values, observed, batch=batch)
+
+
+def _val_impute_mae(impute: Callable, vs, L: int) -> float:
+    """The trainer's ``val_impute_mae`` for any imputer: normalised MAE on the validation set's hidden cells."""
+    imp = impute(vs.values.numpy(), vs.observed.numpy())
+    hidden = vs.hidden.numpy().astype(bool)
+    return float(np.abs(imp - vs.target.numpy()[:, :L])[hidden].mean())
+
+
+def _val_forecast_mae(forecast: Callable, vs, L: int) -> float:
+    """The trainer's ``val_forecast_mae`` for any forecaster (the same inputs, outages hidden)."""
+    fc = forecast(vs.values.numpy(), vs.observed.numpy())
+    obs = vs.future_obs.numpy().astype(bool)
+    return float(np.abs(fc - vs.target.numpy()[:, L:])[obs].mean())
+
+
+def _pypots(name: str, seed: int, budget_s: float, prepared, cfg, groups, valset, opts: ProtocolOptions):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gapcast.train.masking import outage_mask
+
+    L, C = cfg.model.lookback, cfg.model.n_channels
+    sizes = (QUICK_PYPOTS_SIZES if opts.quick else PYPOTS_SIZES)[name]
+    model = _pypots_model(name, L, C, seed, sizes, cfg.optim.batch_size)
+    rng = np.random.default_rng([seed, 19])
+    best, best_state, passes, best_pass, history = math.inf, None, 0, 0, []
+    t0 = time.perf_counter()
+    while True:
+        idx = rng.integers(0, len(prepared.train), size=opts.pypots_chunk)
+        v, m, _ = prepared.train.batch(idx)
+        v, m = v[:, :L], m[:, :L].astype(bool)
+        hide = outage_mask(m, rng, cfg.masking, groups)
+        x_ori = np.where(m, v, np.nan).astype(np.float32)
+        x = np.where(m & ~hide, v, np.nan).astype(np.float32)
+        loader = DataLoader(_pypots_dataset(name, x, x_ori), batch_size=cfg.optim.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+        model._train_model(loader, None)  # PyPOTS's own loop: one pass; its optimiser state carries over
+        passes += 1
+        val = _val_impute_mae(lambda a, b: _pypots_impute(model, a, b), valset, L)
+        history.append(round(val, 5))
+        if val < best:
+            best, best_pass, best_state = val, passes, copy.deepcopy(model.model.state_dict())
+        if time.perf_counter() - t0 >= budget_s:
+            break
+    model.model.load_state_dict(best_state)
+    info = {"passes": passes, "windows_seen": passes * opts.pypots_chunk, "best_pass": best_pass,
+            "best_val_impute_mae": best, "val_history": history, "sizes": sizes}
+    return model, time.perf_counter() - t0, info
+
+
+def _forecaster(name: str, seed: int, budget_s: float, prepared, cfg, valset, opts: ProtocolOptions):
+    import torch
+
+    from gapcast.bench.dlinear import DLinear, DLinearConfig, fill_for_dlinear
+    from gapcast.bench.itransformer import ITransformer, ITransformerConfig
+
+    L, H = cfg.model.lookback, cfg.model.horizon
+    torch.manual_seed(seed)
+    if name == "DLinear":
+        net, lr, sizes = DLinear(DLinearConfig(lookback=L, horizon=H, channels=cfg.model.n_channels)), 5e-3, {
+            "kernel_size": 25, "individual": False}
+    else:
+        icfg = ITransformerConfig(lookback=L, horizon=H, **({"d_model": 16, "d_ff": 16, "n_heads": 2, "n_layers": 1}
+                                                            if opts.quick else {}))
+        net, lr, sizes = ITransformer(icfg), 1e-3, dataclasses.asdict(icfg)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    rng = np.random.default_rng([seed, 23])
+
+    def predict(values: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        net.eval()
+        x = fill_for_dlinear(values, observed)
+        with torch.no_grad():
+            out = np.concatenate([net(torch.from_numpy(x[a : a + 512])).numpy() for a in range(0, len(x), 512)])
+        net.train()
+        return out
+
+    best, best_state, steps, history = math.inf, None, 0, []
+    every = 25 if opts.quick else 200  # steps between validations
+    t0 = time.perf_counter()
+    while True:
+        idx = rng.integers(0, len(prepared.train), size=cfg.optim.batch_size)
+        v, m, _ = prepared.train.batch(idx)
+        x = torch.from_numpy(fill_for_dlinear(v[:, :L], m[:, :L]))
+        y, ym = torch.from_numpy(v[:, L:]), torch.from_numpy(m[:, L:])
+        loss = (((net(x) - y) ** 2) * ym).sum() / ym.sum().clamp(min=1.0)  # MSE on the observed future
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        out_of_time = time.perf_counter() - t0 >= budget_s
+        if steps % every == 0 or out_of_time:
+            val = _val_forecast_mae(predict, valset, L)
+            history.append(round(val, 5))
+            if val < best:
+                best, best_state = val, copy.deepcopy(net.state_dict())
+        if out_of_time:
+            break
+    net.load_state_dict(best_state)
+    info = {"steps": steps, "best_val_forecast_mae": best, "val_history": history, "sizes": sizes, "lr": lr,
+            "input": "linear interpolation across the window's gaps"}
+    return predict, time.perf_counter() - t0, info
+
+
+# ------------------------------------------------------------------------------------------------------- the run
+
+
+def run_protocol(
+    *, dataset=None, data=None, out: str | Path, options: ProtocolOptions | None = None, resume: bool = False,
+    progress: bool = True, report_only: bool = False,
+) -> dict[str, Any]:
+    """Run (or continue) the protocol and return its aggregated results.
+
+    Args:
+        dataset: a dataset spec, preset name or spec path (default ``beijing``).
+        data: data root (None: ``$GAPCAST_DATA`` / cache).
+        out: results folder: ``results/<method>/seed<k>.json``, ``runs/`` (ConFill run folders).
+        options: :class:`ProtocolOptions`.
+        resume: keep results already in ``out`` (same options) and run only the missing ones.
+        progress: print one line per finished method and seed.
+        report_only: train nothing: aggregate the results already saved in ``out`` (implies ``resume``).
+
+    Returns:
+        ``{"protocol": ..., "options": ..., "results": {method: {seed: result}}, "aggregate": ...}``.
+
+    Raises:
+        GapcastError subclasses: missing data, bad spec; ``BenchError`` when ``resume`` meets results of other
+        options.
+    """
+    import torch
+
+    from gapcast import GapcastError
+    from gapcast.bench.accuracy import _imputation_only
+    from gapcast.train.data import Normalizer
+    from gapcast.train.evaluate import baseline_imputers, model_imputer, score_imputer
+    from gapcast.train.loader import load_dataset, split_indices
+    from gapcast.train.spec import DatasetSpec, load_spec
+    from gapcast.train.trainer import _make_valset, load_config, prepare_data
+
+    opts = options or ProtocolOptions()
+    resume = resume or report_only
+    torch.set_num_threads(opts.threads)
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    stamp = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("methods", "threads", "seeds")}
+    stamp_path = outp / "options.json"
+    if resume and stamp_path.is_file():
+        # keys added since a run started take their default (the run had that behaviour)
+        defaults = {k: v for k, v in dataclasses.asdict(ProtocolOptions()).items() if k in stamp}
+        old = json.loads(json.dumps({**defaults, **json.loads(stamp_path.read_text())}))
+        if old != json.loads(json.dumps(stamp)):
+            msg = (f"--resume: {outp} holds results of other options ({old}); these are {stamp}. Use another --out "
+                   "or drop --resume")
+            raise GapcastError(msg)
+    elif not resume and (outp / "results").is_dir():
+        import shutil
+
+        shutil.rmtree(outp / "results")
+        log.info("removed the earlier results in %s (no --resume)", outp)
+    stamp_path.write_text(json.dumps(stamp, indent=2))
+
+    spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
+    series = load_dataset(spec, data, list(opts.stations) or None)
+    if opts.max_stations:
+        series = {k: series[k] for k in sorted(series)[: opts.max_stations]}
+    cfg = load_config(None, spec)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stations=()))
+    if opts.quick:
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1),
+            data=dataclasses.replace(cfg.data, val_windows=32), optim=dataclasses.replace(cfg.optim, batch_size=16))
+    L, H = cfg.model.lookback, cfg.model.horizon
+    test_series = series
+    if opts.holdout:  # held-out stations: trained without them (normaliser too), scored only on them
+        unknown = sorted(set(opts.holdout) - set(series))
+        if unknown:
+            msg = f"held-out station(s) {unknown} not in the data ({sorted(series)})"
+            raise GapcastError(msg)
+        test_series = {k: v for k, v in series.items() if k in opts.holdout}
+        series = {k: v for k, v in series.items() if k not in opts.holdout}
+    normalizer = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
+    ss = _scenario_set(test_series, normalizer, spec, L, H, opts)
+    prepared = prepare_data(series, cfg, spec)
+    groups = list(spec.groups.values())
+    budget_s = opts.budget_min * 60.0
+    season = max(1, round(86400 / spec.cadence_s))
+    results: dict[str, dict[int, Any]] = {}
+
+    def path_of(method: str, seed: int | None) -> Path:
+        return outp / "results" / slug(method) / ("untrained.json" if seed is None else f"seed{seed}.json")
+
+    def record(method: str, seed: int | None, fn, train_s: float, info: dict[str, Any]) -> None:
+        t = time.perf_counter()
+        scores = _summary(score_imputer(fn, ss, name=method))
+        res = {"method": method, "seed": seed, "train_s": round(train_s, 1), "budget_s": budget_s if seed is not None
+               else 0.0, "score_s": round(time.perf_counter() - t, 1), "scores": scores, **info}
+        p = path_of(method, seed)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(res, indent=2, default=str))
+        results.setdefault(method, {})[-1 if seed is None else seed] = res
+        if progress:
+            print(f"  {method} seed {seed}: trained {train_s:.0f} s, scored in {res['score_s']:.0f} s", flush=True)
+
+    def done(method: str, seed: int | None) -> bool:
+        """True when this method and seed need no training: saved (and loaded) or ``report_only``."""
+        p = path_of(method, seed)
+        if resume and p.is_file():
+            results.setdefault(method, {})[-1 if seed is None else seed] = json.loads(p.read_text())
+            return True
+        return report_only
+
+    base = baseline_imputers(H, season=season)
+
+    def locf_imp(v, m, c):
+        return base["locf"](v, m, c)[0], None
+
+    def persistence(v, m, c):
+        return None, base["locf"](v, m, c)[1]
+
+    untrained = {"LOCF": locf_imp, "linear interpolation": base["linear"], "persistence": persistence,
+                 "seasonal naive (1 d)": base["seasonal_naive"]}
+    for name, fn in untrained.items():
+        if _wanted(opts, name) and not done(name, None):
+            record(name, None, fn, 0.0, {"kind": "untrained"})
+
+    for seed in opts.seeds:  # seed-outer: an interrupted run has every method of the first seeds
+        valset = _make_valset(prepared.val, cfg, seed, groups)
+        for name in ABLATIONS:
+            if _wanted(opts, name) and not done(name, seed):
+                model, train_s, info = _confill(name, cfg, seed, budget_s, series, spec, outp, opts)
+                record(name, seed, model_imputer(model, progress=False), train_s, {"kind": "confill", **info})
+        for name in PYPOTS_SIZES:
+            if _wanted(opts, name) and not done(name, seed):
+                model, train_s, info = _pypots(name, seed, budget_s, prepared, cfg, groups, valset, opts)
+                fn = _imputation_only(lambda v, m, fm=model: _pypots_impute(fm, v, m), ss)
+                record(name, seed, fn, train_s, {"kind": "pypots", **info})
+        for name in FORECASTERS:
+            if _wanted(opts, name) and not done(name, seed):
+                predict, train_s, info = _forecaster(name, seed, budget_s, prepared, cfg, valset, opts)
+                record(name, seed, lambda v, m, c, p=predict: (None, p(v, m)), train_s, {"kind": "forecaster", **info})
+
+    try:
+        import pypots
+
+        pypots_version = pypots.__version__
+    except ImportError:
+        pypots_version = "not installed"
+    protocol = {
+        **ss.protocol,
+        "rules": " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "),
+        "budget_per_method_and_seed_min": opts.budget_min,
+        "seeds": list(opts.seeds),
+        "training_windows": f"{len(prepared.train)} stride-1 windows of the training range (drawn uniformly)",
+        "validation_windows": f"{min(len(prepared.val), cfg.data.val_windows)} of the validation range, outages "
+                              "drawn once per seed",
+        "pypots_version": pypots_version,
+        "model_sizes": "papers' defaults" if not opts.quick else "QUICK: tiny sizes (CI smoke run, not a result)",
+        "held_out_stations": list(opts.holdout),
+        "training_stations": sorted(series),
+        "confill_config": "gapcast/train/configs/beijing.toml" + (" shrunk (quick)" if opts.quick else ""),
+    }
+    return {"benchmark": "accuracy-protocol", "protocol": protocol, "options": dataclasses.asdict(opts),
+            "results": results, "aggregate": aggregate(results, [s.name for s in ss.scenarios])}
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def aggregate(results: dict[str, dict[int, Any]], scenarios: list[str]) -> dict[str, Any]:
+    """Mean and spread over seeds of every method's normalised MAE per scenario and for the forecast.
+
+    Returns:
+        ``{method: {part: {"mean": float, "std": float, "n": seeds}}}``; ``std`` is the sample standard deviation
+        (0 for one seed or an untrained method).
+    """
+    out: dict[str, Any] = {}
+    for method, by_seed in results.items():
+        row = {}
+        for part in (*scenarios, "forecast"):
+            vals = [r["scores"][part]["all_norm"]["mae"] for r in by_seed.values()
+                    if part in r["scores"] and r["scores"][part]["all_norm"]["mae"] is not None]
+            if vals:
+                row[part] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                             "n": len(vals)}
+        row["train_s"] = float(np.mean([r["train_s"] for r in by_seed.values()]))
+        out[method] = row
+    return out
+
+
+def targets(agg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals with measured values; a win counts only when it exceeds both spreads."""
+    out = []
+    key = "block-72h:station"
+    ours = agg.get("ConFill", {}).get(key)
+    learned = {m: agg[m][key] for m in PYPOTS_SIZES if key in agg.get(m, {})}
+    if ours and learned:
+        best = min(learned, key=lambda m: learned[m]["mean"])
+        b = learned[best]
+        rel = (ours["mean"] - b["mean"]) / b["mean"]
+        out.append({"target": f"ConFill {key} MAE >= 20% below the best learned baseline ({best})",
+                    "measured": rel, "goal": -0.20, "met": rel <= -0.20 and b["mean"] - ours["mean"] > ours["std"] + b["std"]})
+    lin = agg.get("linear interpolation", {}).get(key)
+    if ours and lin:
+        rel = (ours["mean"] - lin["mean"]) / lin["mean"]
+        out.append({"target": f"ConFill {key} MAE >= 30% below linear interpolation", "measured": rel, "goal": -0.30,
+                    "met": rel <= -0.30 and lin["mean"] - ours["mean"] > ours["std"]})
+    ours_f = agg.get("ConFill", {}).get("forecast")
+    rivals = {m: agg[m]["forecast"] for m in ("persistence", "seasonal naive (1 d)", "DLinear")
+              if "forecast" in agg.get(m, {})}
+    if ours_f and rivals:
+        best = min(rivals, key=lambda m: rivals[m]["mean"])
+        b = rivals[best]
+        rel = (ours_f["mean"] - b["mean"]) / b["mean"]
+        out.append({"target": f"ConFill 24 h forecast MAE >= 10% below the best of persistence / seasonal naive / "
+                              f"DLinear ({best})", "measured": rel, "goal": -0.10,
+                    "met": rel <= -0.10 and b["mean"] - ours_f["mean"] > ours_f["std"] + b["std"]})
+    return out
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "–"
+    return f"{c['mean']:.4f} ± {c['std']:.4f}" if c["n"] > 1 else f"{c['mean']:.4f}"
+
+
+def protocol_markdown(res: dict[str, Any]) -> str:
+    """The tables: imputation (every imputer), forecast, ablations, targets; mean ± spread over seeds."""
+    agg = res["aggregate"]
+    scen = list(res["protocol"]["scenarios"])
+    p = res["protocol"]
+    seeds_run = {m: len([s for s in res["results"][m] if s != -1]) for m in res["results"]}
+    lines = [
+        "# gapcast bench accuracy (protocol)\n",
+        f"{p['dataset']}; {p['eval_windows']} test windows ({len(p['stations'])} stations, stride "
+        f"{p['stride_steps']} steps, at most {p['max_windows_per_station']} per station), L = {p['lookback_L']}, "
+        f"H = {p['horizon_H']}. Training budget **{p['budget_per_method_and_seed_min']:g} min of wall clock per "
+        f"method and seed** on this machine, seeds {p['seeds']}; PyPOTS {p['pypots_version']}; model sizes: "
+        f"{p['model_sizes']}. MAE on normalised values over the hidden values, mean ± sample std over seeds "
+        "(no ± : one seed, or untrained).\n",
+    ]
+    imputers = [m for m in agg if any(s in agg[m] for s in scen) and not m.startswith("ConFill w/o")]
+    lines.append("## Imputation\n\n| method | " + " | ".join(scen) + " | seeds | training s |\n|---|"
+                 + "---:|" * (len(scen) + 2))
+    for m in imputers:
+        lines.append(f"| {m} | " + " | ".join(_cell(agg[m].get(s)) for s in scen)
+                     + f" | {seeds_run.get(m, 0) or '–'} | {agg[m]['train_s']:.0f} |")
+    fc = [m for m in agg if "forecast" in agg[m] and not m.startswith("ConFill w/o")]
+    lines.append(f"\n## Forecast, {p['horizon_H']} steps\n\n| method | MAE | seeds | training s |\n|---|---:|---:|---:|")
+    for m in fc:
+        lines.append(f"| {m} | {_cell(agg[m]['forecast'])} | {seeds_run.get(m, 0) or '–'} | {agg[m]['train_s']:.0f} |")
+    abl = [m for m in agg if m.startswith("ConFill")]
+    if abl:
+        cols = [s for s in ("point-10%", "block-24h", "block-72h", "block-72h:station", "edge-24h:station",
+                            "real-pattern", "forecast") if s in scen or s == "forecast"]
+        lines.append("\n## ConFill ablations (each retrained at the same budget)\n\n| variant | " + " | ".join(cols)
+                     + " |\n|---|" + "---:|" * len(cols))
+        for m in abl:
+            lines.append(f"| {m} | " + " | ".join(_cell(agg[m].get(s)) for s in cols) + " |")
+    tg = targets(agg)
+    if tg:
+        lines.append("\n## Goals (a win must exceed the spread)\n\n| goal | measured (relative) | goal | met |\n"
+                     "|---|---:|---:|---|")
+        for t in tg:
+            lines.append(f"| {t['target']} | {t['measured']:+.1%} | {t['goal']:+.0%} | {'yes' if t['met'] else 'NO'} |")
+    lines.append("\n## Protocol\n\n" + p["rules"] + "\n\nScenarios: " + "; ".join(f"**{k}**: {v}"
+                                                                                for k, v in p["scenarios"].items()))
+    return "\n".join(lines)
+
+
+def bar_chart(res: dict[str, Any], path: Path) -> Path:
+    """A PNG bar chart: per scenario (and the forecast) every method's mean MAE with the seed spread as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = res["aggregate"]
+    parts = [*res["protocol"]["scenarios"], "forecast"]
+    methods = list(agg)
+    ncols = 4
+    nrows = math.ceil(len(parts) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(14, 3.6 * nrows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[len(parts):]:
+        ax.axis("off")
+    for ax, part in zip(flat, parts, strict=False):
+        ms = [m for m in methods if part in agg[m]]
+        ax.bar(range(len(ms)), [agg[m][part]["mean"] for m in ms], yerr=[agg[m][part]["std"] for m in ms],
+               color=[f"C{methods.index(m) % 10}" for m in ms], capsize=2)
+        ax.set_title(part, fontsize=8)
+        ax.set_xticks(range(len(ms)), [m.replace(" (paper's plain head)", "").replace(" (global attention only)", "")
+                                       for m in ms], rotation=90, fontsize=6)
+        ax.tick_params(axis="y", labelsize=6)
+    for row in axes:
+        row[0].set_ylabel("MAE (normalised)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
