@@ -108,6 +108,7 @@ OUTAGE = range(14, 17)  # readings of these steps are null: real-time fills, the
 def test_the_page_in_headless_chromium_shows_a_live_agent(broker, tmp_path):
     pytest.importorskip("selenium")
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -137,18 +138,27 @@ def test_the_page_in_headless_chromium_shows_a_live_agent(broker, tmp_path):
         drv = webdriver.Chrome(service=Service(driver_path), options=opts)
         drv.set_page_load_timeout(15)
         drv.get(srv.url + "#s1")
-        WebDriverWait(drv, 15).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-plotted") == "s1")
-        WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "points").text == str(STEPS - 1))
-        row = drv.find_element(By.CSS_SELECTOR, 'li[data-station="s1"]')
-        assert row.get_attribute("data-state") == "online"
-        assert drv.find_element(By.ID, "station-state").text == "online"
-        assert drv.find_element(By.ID, "revisions").text == "1"
-        assert len(drv.find_elements(By.CSS_SELECTOR, ".plot canvas")) == 1  # one channel, one uPlot canvas
-        gw = drv.find_element(By.CSS_SELECTOR, 'dl[data-gateway="gw-01"]').text
+        # The page re-renders its lists as messages arrive: waits ignore an element replaced under them, and the
+        # reads below take the DOM's state in one script call (atomic with respect to the page's own updates).
+        stale = (StaleElementReferenceException,)
+        WebDriverWait(drv, 15, ignored_exceptions=stale).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-plotted") == "s1")
+        WebDriverWait(drv, 10, ignored_exceptions=stale).until(
+            lambda d: d.find_element(By.ID, "points").text == str(STEPS - 1))
+        dom = drv.execute_script("""
+            const q = (s) => document.querySelector(s);
+            return {row: q('li[data-station="s1"]').getAttribute("data-state"), state: q("#station-state").innerText,
+                    revisions: q("#revisions").innerText, canvases: document.querySelectorAll(".plot canvas").length,
+                    gw: q('dl[data-gateway="gw-01"]').innerText};""")
+        assert dom["row"] == "online"
+        assert dom["state"] == "online"
+        assert dom["revisions"] == "1"
+        assert dom["canvases"] == 1  # one channel, one uPlot canvas
+        gw = dom["gw"]
         assert "fake" in gw and "v3" in gw  # backend and model version from the retained status
         # live: one more reading closes one more step, and the page follows without a reload (SSE)
         pub.publish(f"{PREFIX}/stations/s1/readings", json.dumps({"ts": (first + STEPS) * CADENCE, "values": {"PM2.5": 70.0}}).encode())
-        WebDriverWait(drv, 15).until(lambda d: d.find_element(By.ID, "points").text == str(STEPS))
+        WebDriverWait(drv, 15, ignored_exceptions=stale).until(lambda d: d.find_element(By.ID, "points").text == str(STEPS))
         # GAPCAST_DASHBOARD_SCREENSHOT=docs/dashboard.png saves it there (how the README's picture was made)
         shot = Path(os.environ.get("GAPCAST_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
         drv.save_screenshot(str(shot))
