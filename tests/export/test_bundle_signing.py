@@ -53,7 +53,7 @@ def test_bundle_round_trips_and_card_states_the_contract(tiny_bundle, signing_ke
     assert card.channel_names[:2] == ("PM2.5", "PM10") and len(card.channels) == 13
     assert card.channels[0].unit == "ug/m3" and all(c.std > 0 for c in card.channels)
     assert (card.lookback, card.horizon, card.cadence_s) == (96, 24, 3600)
-    assert card.calendar == {"features": list(CALENDAR_FEATURES), "utc_offset_s": 8 * 3600}
+    assert card.calendar == {"features": list(CALENDAR_FEATURES), "utc_offset_s": 8 * 3600, "timezone": "+08:00"}
     assert card.inputs[0] == {"name": "values", "shape": ["batch", 96, 13], "dtype": "float32"}
     assert card.outputs[1]["shape"] == ["batch", 24, 13]
     assert raw["opset"] == 17 and raw["target"]["name"] == "trt10"
