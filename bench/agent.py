@@ -94,7 +94,7 @@ class AgentBenchOptions:
     profile_stations: int = 1000
     latency_steps: int = 3
     threads: int = 2
-    max_batch: int = 256
+    max_batch: int = 64
     variant: str = "auto"
     ceiling_s: float = 3.0
     step_timeout_s: float = 120.0

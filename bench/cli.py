@@ -444,7 +444,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--at-stations", type=int, default=1000,
                    help="station count of the ingest, latency and CPU-profile figures (default 1000)")
     g.add_argument("--latency-steps", type=int, default=3, help="paced steps for the latency figures (default 3)")
-    g.add_argument("--max-batch", type=int, default=256, help="the agent's model.max_batch (default 256, its default)")
+    g.add_argument("--max-batch", type=int, default=64, help="the agent's model.max_batch (default 64, its default)")
     g.add_argument("--variant", default="auto", help="onnxruntime variant (default auto: timed once, then pinned)")
     g.set_defaults(func=_agent)
     k = sub.add_parser("sink", help="gapcast sink: messages stored per second and its memory (private Mosquitto)")
