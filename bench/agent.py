@@ -25,7 +25,8 @@ time offset and a new name, :func:`synthetic_network`). The six figures of issue
    thread, per 1,000 station-steps, over phase (2) at the profile's station count.
 
 Agent settings stated in the output: the default delivery guarantees (SQLite outbox, ``synchronous = FULL``,
-readings acknowledged after their outputs are stored); ``max_missing_share = 1`` (every closed step is forecast:
+readings acknowledged after their outputs are stored) with a 1 GiB cap (a round of 10,000 stations is ~60 MiB
+of forecasts, over the 64 MiB default while the broker drains it); ``max_missing_share = 1`` (every closed step is forecast:
 inference costs the same whatever the window holds); window snapshots only at shutdown; ``clock = readings``
 (the replayed history is years old). The publisher and subscribers share the CPUs with the agent.
 """
@@ -252,6 +253,7 @@ snapshot_interval_s = 86400.0
 
 [outbox]
 kind = "sqlite"
+max_bytes = 1073741824
 rate_per_s = 1000000.0
 burst = 1000000
 """)
