@@ -596,7 +596,7 @@ def run_agent_bench(
         tmp = tempfile.TemporaryDirectory(prefix="gapcast-bench-agent-")
         work = Path(tmp.name)
     else:
-        work = Path(workdir)
+        work = Path(workdir).resolve()  # the agent resolves its state_dir against its config's folder
         work.mkdir(parents=True, exist_ok=True)
     say = print if progress else log.info
     verified = verify_bundle(bundle, [trusted_key], unpack_dir=work / "bundle-unpack")
