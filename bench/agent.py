@@ -1,24 +1,34 @@
-"""``gapcast bench agent``: how fast the gateway agent ingests, how soon it forecasts, how much memory it holds.
+"""``gapcast bench agent``: the gateway agent's own overhead against its backend, its latency, memory and CPU split.
 
 Everything runs on this machine through a private Mosquitto on loopback (:class:`gapcast.tools.localbroker.
-LocalBroker`). For each station count N (100, 1,000 and 5,000 by default) the stations are real Beijing test-month
-histories (the 10 stations, each reused with a different time offset and a new name), published by the replayer
-(:func:`gapcast.tools.replay.replay`, QoS 1, as fast as the broker acknowledges):
+LocalBroker`); the stations are real test-month histories of the bundle's dataset (each source station reused with a
+time offset and a new name, :func:`synthetic_network`). The six figures of issue 17, in one run on one bundle:
 
-1. raw ceiling: a bare paho-mqtt subscriber (MQTT 5, QoS 1) counts the stream of ``ingest`` readings; rate = readings
-   / (last one received - publishing start);
-2. agent: ``gapcast edge run`` (its own process, the bundle's default onnxruntime variant on the CPU) ingests the same
-   stream; rate = readings / (the last step it must close published as ``filled`` - publishing start). Each reading
-   closes its station's previous step, so this rate includes one window imputation + forecast per reading: the
-   agent's real work, batched as it does it;
-3. latency: then ``latency_steps`` more steps, one at a time for all N stations at once (how stations report at the
-   top of the hour): step-close-to-forecast latency = forecast received - the closing reading published, p50/p99
-   over stations and steps;
-4. the agent's resident memory (psutil, sampled every 0.1 s): peak over the whole run.
+1. backend ceiling: windows/s of the backend the agent runs (the same onnxruntime variant, pinned in the agent's
+   config, the same threads), alone in this process, at the agent's batch size (``model.max_batch``), on real
+   test-range windows with their real masks (:func:`gapcast.bench.runtime.load_bench_windows`); also the time of
+   one batch of 1,000 windows run as the agent runs it (chunks of ``max_batch``);
+2. step throughput: for each station count N, ``gapcast edge run`` (its own process) ingests whole-step readings as
+   fast as the broker takes them (QoS 1); each reading closes its station's previous step; rate = station-steps /
+   (the last forecast received by a subscriber - publishing start): reading in -> filled + forecast stored,
+   published and acknowledged by the broker. Reported as a ratio to (1);
+3. ingest without inference (at ``ingest_stations``): a fresh agent gets one message per channel per station for
+   one step (as stations that publish one channel per message do); none closes a step. A sentinel station's
+   reading for the next step ends the stream (one forecast); rate = messages / (that forecast received -
+   publishing start), as a ratio to a bare paho subscriber (MQTT 5, QoS 1) counting the same stream;
+4. latency (at ``latency_stations``): then ``latency_steps`` steps, one at a time, all stations at once (as they
+   report at the top of the hour); the reading that closes a step -> its forecast at the subscriber, p50/p99;
+5. memory: the agent's peak RSS at each N (psutil, every 0.1 s) and the slope in MiB per 1,000 stations; the
+   window-state snapshot's write time and size at the largest N (written at shutdown, timed inside the agent);
+6. CPU split: the agent runs with ``GAPCAST_PROFILE`` (:mod:`gapcast.edge.profile`, explicit per-stage timers):
+   CPU seconds of parse / window / inference / encode / outbox / publish / other (main thread) and the network
+   thread, per 1,000 station-steps, over phase (2) at the profile's station count.
 
-Agent settings stated in the output: windows start empty, so ``max_missing_share = 1`` makes every closed step
-forecast (inference costs the same whatever the window holds); SQLite outbox with ``synchronous = NORMAL``; window
-snapshots off during the run; ``clock = readings`` (the replayed history is years old).
+Agent settings stated in the output: the default delivery guarantees (SQLite outbox, ``synchronous = FULL``,
+readings acknowledged after their outputs are stored) with a 1 GiB cap (a round of 10,000 stations is ~60 MiB
+of forecasts, over the 64 MiB default while the broker drains it); ``max_missing_share = 1`` (every closed step is forecast:
+inference costs the same whatever the window holds); window snapshots only at shutdown; ``clock = readings``
+(the replayed history is years old). The publisher and subscribers share the CPUs with the agent.
 """
 
 from __future__ import annotations
@@ -41,16 +51,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AgentBenchOptions", "run_agent_bench", "synthetic_network"]
+from gapcast.timefmt import format_rfc3339, parse_rfc3339
+
+__all__ = ["AgentBenchOptions", "agent_targets", "run_agent_bench", "synthetic_network"]
 
 log = logging.getLogger(__name__)
 
 PREFIX = "gapcast/v1"
 GATEWAY = "bench-gw"
-INGEST_RATIO_TARGET = 0.7
-P99_TARGET_MS = 250.0
-P99_TARGET_STATIONS = 1000
-RSS_TARGET_MB = 300.0
+SENTINEL = "bench-sentinel"
+#: Targets of issue 17 (goal, and the station count each applies at).
+STEP_RATIO_TARGET = 0.85
+INGEST_RATIO_TARGET = 0.8
+P99_SLACK_MS = 150.0
+RSS_TARGET_MB = 200.0
+TARGET_STATIONS = 1000
+STAGES = ("parse", "window", "inference", "encode", "outbox", "publish", "other", "network_thread")
 
 
 @dataclass(frozen=True)
@@ -58,27 +74,42 @@ class AgentBenchOptions:
     """What the agent benchmark runs.
 
     Attributes:
-        stations: station counts N.
-        ingest_messages: readings in the ingest stream per N (rounded up to whole steps; at least 2 steps).
+        stations: station counts N (throughput and memory at each).
+        steps_readings: whole-step readings in the throughput stream per N (rounded up to whole steps, >= 2 steps).
+        ingest_stations: N of the ingest-without-inference figure (one of ``stations``; 0: none).
+        latency_stations: N of the latency figure (one of ``stations``; 0: none).
+        profile_stations: N whose throughput phase gives the CPU split (one of ``stations``; 0: none).
         latency_steps: paced steps for the latency figures.
-        threads: onnxruntime threads of the agent.
-        max_batch: the agent's ``model.max_batch`` (windows per backend call; its default is 256).
+        threads: onnxruntime threads of the agent (and of the ceiling).
+        max_batch: the agent's ``model.max_batch`` (windows per backend call).
+        variant: onnxruntime variant: ``auto`` (timed here once at ``max_batch``, then pinned for every agent) or a name.
+        ceiling_s: seconds the backend ceiling is timed.
         step_timeout_s: give up waiting for a step's forecasts after this long, seconds.
-        ingest_timeout_s: give up waiting for the agent to work through the ingest stream, seconds.
+        stream_timeout_s: give up waiting for the agent to work through a stream, seconds.
     """
 
-    stations: tuple[int, ...] = (100, 1000, 5000)
-    ingest_messages: int = 20_000
+    stations: tuple[int, ...] = (100, 1000, 10000)
+    steps_readings: int = 20_000
+    ingest_stations: int = 1000
+    latency_stations: int = 1000
+    profile_stations: int = 1000
     latency_steps: int = 3
     threads: int = 2
-    max_batch: int = 256
+    max_batch: int = 64
+    variant: str = "auto"
+    ceiling_s: float = 3.0
     step_timeout_s: float = 120.0
-    ingest_timeout_s: float = 600.0
+    stream_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if not self.stations or min(self.stations) < 1 or self.latency_steps < 1 or self.ingest_messages < 1:
-            msg = "stations, latency_steps and ingest_messages must be >= 1"
+        if not self.stations or min(self.stations) < 1 or self.latency_steps < 1 or self.steps_readings < 1:
+            msg = "stations, latency_steps and steps_readings must be >= 1"
             raise ValueError(msg)
+        for name in ("ingest_stations", "latency_stations", "profile_stations"):
+            v = getattr(self, name)
+            if v and v not in self.stations:
+                msg = f"{name} = {v} must be one of stations {self.stations} (or 0)"
+                raise ValueError(msg)
 
 
 def _default_split(first):
@@ -184,7 +215,7 @@ class _RssSampler:
 
 
 def _agent_toml(path: Path, *, port: int, bundle: Path, trusted: str, state: Path, n: int, threads: int,
-                max_batch: int) -> None:
+                max_batch: int, variant: str) -> None:
     path.write_text(f"""# Written by `gapcast bench agent`.
 [gateway]
 id = "{GATEWAY}"
@@ -199,12 +230,13 @@ max_inflight = 1000
 [stations]
 names = []
 auto_register = true
-max_stations = {n}
+max_stations = {n + 1}
 
 [model]
 bundle = {json.dumps(str(bundle))}
 trusted_keys = [{json.dumps(trusted)}]
-backend = "auto"
+backend = "onnxruntime"
+variant = {json.dumps(variant)}
 threads = {threads}
 max_batch = {max_batch}
 
@@ -215,13 +247,13 @@ lateness_s = 3600.0
 clock = "readings"
 max_missing_share = 1.0
 tick_interval_s = 0.2
-status_interval_s = 1.0
+status_interval_s = 2.0
 state_dir = {json.dumps(str(state))}
 snapshot_interval_s = 86400.0
 
 [outbox]
 kind = "sqlite"
-synchronous = "NORMAL"
+max_bytes = 1073741824
 rate_per_s = 1000000.0
 burst = 1000000
 """)
@@ -236,159 +268,281 @@ def _wait(cond, timeout_s: float, poll_s: float = 0.01) -> bool:
     return bool(cond())
 
 
-def _publish_step(client, readings, sent: dict[str, float]) -> None:
-    from gapcast.tools.replay import format_ts, readings_topic
+class _Publisher:
+    """A paho publisher (MQTT 5, QoS 1, 1,000 in flight) that can wait until the broker acknowledged everything."""
 
-    for r in readings:
-        payload = json.dumps({"ts": format_ts(r.ts), "values": r.values}, separators=(",", ":")).encode()
-        sent[r.station] = time.monotonic()
-        client.publish(readings_topic(PREFIX, r.station), payload, qos=1)
+    def __init__(self, host: str, port: int, name: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.acked = 0
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-publisher-{name}-{os.getpid()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_publish = self._on_publish
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        self.sent = 0
+
+    def _on_publish(self, client, userdata, mid, rc, props) -> None:  # paho network thread
+        self.acked += 1
+
+    def publish(self, msgs: list[tuple[str, bytes]], stamps: dict[str, float] | None = None) -> None:
+        for topic, payload in msgs:
+            if stamps is not None:
+                stamps[topic] = time.monotonic()
+            self.client.publish(topic, payload, qos=1)
+        self.sent += len(msgs)
+
+    def wait_acked(self, timeout_s: float) -> bool:
+        return _wait(lambda: self.acked >= self.sent, timeout_s)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
-def _one_count(n: int, series: dict, bundle: Path, trusted: str, opts: AgentBenchOptions, work: Path,
+def _topic(station: str) -> str:
+    return f"{PREFIX}/stations/{station}/readings"
+
+
+def _whole_step(net: dict, step: int) -> list[tuple[str, bytes]]:
+    """One message per station with all its channels at ``step`` (NaN -> null: missing)."""
+    out = []
+    for name, s in net.items():
+        ts = format_rfc3339(float(s.epoch_s[step]))
+        vals = {c: (None if not np.isfinite(v) else round(float(v), 3)) for c, v in zip((ch.name for ch in s.channels), s.values[step])}
+        out.append((_topic(name), json.dumps({"ts": ts, "values": vals}, separators=(",", ":")).encode()))
+    return out
+
+
+def _per_channel(net: dict, step: int) -> list[tuple[str, bytes]]:
+    """One message per channel per station at ``step``, observed values only (per-channel stations)."""
+    out = []
+    for name, s in net.items():
+        ts = format_rfc3339(float(s.epoch_s[step]))
+        for c, v in zip((ch.name for ch in s.channels), s.values[step]):
+            if np.isfinite(v):
+                out.append((_topic(name), json.dumps({"ts": ts, "values": {c: round(float(v), 3)}},
+                                                     separators=(",", ":")).encode()))
+    return out
+
+
+def _forecast_times(collector, pos: list[int], seen: dict[str, float], want: set[int] | None = None,
+                    skip: str = SENTINEL) -> None:
+    """Record the first arrival of each (station, origin) forecast the collector got since ``pos[0]``."""
+    new = collector.forecasts[pos[0] :]  # the collector's list only grows (paho thread appends)
+    pos[0] += len(new)
+    for t, b in new:
+        if b["station"] == skip:
+            continue
+        o = int(parse_rfc3339(b["origin"]))
+        if want is None or o in want:
+            seen.setdefault(f"{b['station']}@{o}", t)
+
+
+def _dump_profile(agent, prefix: Path, k: int, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    path = prefix.with_name(f"{prefix.name}.{k}.json")
+    os.kill(agent.pid, signal.SIGUSR1)
+    if not _wait(path.exists, timeout_s, 0.05):
+        log.warning("the agent wrote no profile dump %s within %.0f s", path, timeout_s)
+        return None
+    return json.loads(path.read_text())
+
+
+def _one_count(n: int, series: dict, bundle: Path, trusted: str, variant: str, opts: AgentBenchOptions, work: Path,
                progress: bool, spec=None) -> dict[str, Any]:
-    import paho.mqtt.client as mqtt
-
     from gapcast.tools.demo import Collector
     from gapcast.tools.localbroker import LocalBroker
-    from gapcast.tools.replay import ReplayOptions, plan_replay, replay
 
-    ingest_steps = max(2, math.ceil(opts.ingest_messages / n))
-    total_steps = ingest_steps + opts.latency_steps + 1
-    net = synthetic_network(series, n, total_steps, spec)
-    epoch = next(iter(net.values())).epoch_s
-    cadence = int(epoch[1] - epoch[0])
-    plan = plan_replay(net, start_s=int(epoch[0]), end_s=int(epoch[ingest_steps]))
-    m = len(plan.readings)
-    res: dict[str, Any] = {"stations": n, "ingest_steps": ingest_steps, "ingest_readings": m}
-    ropts = ReplayOptions(speed=0.0, qos=1, prefix=PREFIX, max_inflight=1000, drain_timeout_s=120.0)
+    do_ingest = n == opts.ingest_stations
+    do_latency = n == opts.latency_stations
+    tp_steps = max(2, math.ceil(opts.steps_readings / n))
+    total = 1 + tp_steps + (opts.latency_steps if do_latency else 0) + 1
+    net = synthetic_network(series, n, total, spec)
+    res: dict[str, Any] = {"stations": n, "throughput_steps": tp_steps}
     say = print if progress else log.info
+    sentinel = {SENTINEL: next(iter(net.values()))}
 
-    # A fresh broker and agent state every time: a persistent session or a window snapshot left by an earlier run
-    # would make the agent treat the stream as duplicates.
     for stale in (work / f"broker-{n}", work / f"state-{n}"):
         shutil.rmtree(stale, ignore_errors=True)
     bdir = work / f"broker-{n}"
     bdir.mkdir(parents=True)
     broker = LocalBroker(workdir=bdir)
     broker.start()
-    agent = None
-    sampler = None
-    collector = None
+    agent = sampler = collector = pub = None
+    prof_prefix = work / f"profile-{n}"
+    for old in work.glob(f"profile-{n}.*"):
+        old.unlink()
+    dumps = 0
     try:
-        # 1. raw ceiling
-        raw = _Counter(broker.host, broker.port)
-        t0 = time.monotonic()
-        summary = replay(plan, broker.url, ropts, progress=False)
-        _wait(lambda: raw.count >= m, 60.0)
-        raw.close()
-        raw_rate = raw.count / max(raw.last_rx - t0, 1e-9)
-        res["raw"] = {"received": raw.count, "seconds": round(raw.last_rx - t0, 3), "rate_per_s": raw_rate,
-                      "publisher_rate_per_s": summary.rate_per_s}
-        say(f"  N={n}: raw subscriber {raw.count:,} readings at {raw_rate:,.0f}/s")
+        if do_ingest:  # 3a. the raw subscriber on the per-channel stream
+            stream = _whole_step(sentinel, 0) + _per_channel(net, 0) + _whole_step(sentinel, 1)
+            raw = _Counter(broker.host, broker.port)
+            p = _Publisher(broker.host, broker.port, "raw")
+            t0 = time.monotonic()
+            p.publish(stream)
+            _wait(lambda: raw.count >= len(stream), 60.0)
+            raw.close()
+            p.close()
+            raw_rate = raw.count / max(raw.last_rx - t0, 1e-9)
+            res["ingest"] = {"messages": len(stream), "raw_received": raw.count, "raw_per_s": raw_rate}
 
-        # 2. the agent on the same stream
         toml = work / f"edge-{n}.toml"
         _agent_toml(toml, port=broker.port, bundle=bundle, trusted=trusted, state=work / f"state-{n}", n=n,
-                    threads=opts.threads, max_batch=opts.max_batch)
+                    threads=opts.threads, max_batch=opts.max_batch, variant=variant)
         log_path = work / f"agent-{n}.log"
+        env = {**os.environ, "GAPCAST_PROFILE": str(prof_prefix)}
         with open(log_path, "w") as logf:
             agent = subprocess.Popen([sys.executable, "-m", "gapcast.cli", "edge", "run", "--config", str(toml)],
-                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         sampler = _RssSampler(agent.pid)
         collector = Collector(broker.host, broker.port, PREFIX)
-        if not _wait(lambda: collector.latest_status().get("state") == "online" or agent.poll() is not None, 120):
-            msg = "the agent did not come online within 120 s"
+        if not _wait(lambda: collector.latest_status().get("state") == "online" or agent.poll() is not None, 180):
+            msg = "the agent did not come online within 180 s"
             raise RuntimeError(msg)
         if agent.poll() is not None:
             msg = f"the agent exited with code {agent.returncode}: {log_path.read_text()[-800:]}"
             raise RuntimeError(msg)
-        status0 = collector.latest_status()
-        res["agent_backend"] = status0.get("backend")
-        res["rss_idle_mb"] = sampler.last_mb
-        # Every step from a station's first reading to the step before its last one closes (a silent step too).
-        first: dict[str, int] = {}
-        last: dict[str, int] = {}
-        for r in plan.readings:
-            first[r.station] = min(first.get(r.station, r.ts), r.ts)
-            last[r.station] = max(last.get(r.station, r.ts), r.ts)
-        want_filled = sum((last[s] - first[s]) // cadence for s in first)
+        res["agent_backend"] = collector.latest_status().get("backend")
+        res["rss_idle_mib"] = sampler.last_mb
+        pub = _Publisher(broker.host, broker.port, "pub")
+        first_tp = 0
+        if do_ingest:  # 3b. the agent on the same stream
+            t0 = time.monotonic()
+            pub.publish(stream)
+            ok = _wait(lambda: any(b["station"] == SENTINEL for _, b in list(collector.forecasts)),
+                       opts.stream_timeout_s)
+            t_end = next((t for t, b in list(collector.forecasts) if b["station"] == SENTINEL), time.monotonic())
+            rate = len(stream) / max(t_end - t0, 1e-9)
+            res["ingest"].update({"agent_per_s": rate, "complete": ok, "ratio": rate / raw_rate if raw_rate else None})
+            dumps += 1
+            res["ingest"]["profile"] = _dump_profile(agent, prof_prefix, dumps)
+            say(f"  N={n}: ingest without inference: agent {rate:,.0f} msg/s, raw paho {raw_rate:,.0f} msg/s "
+                f"({res['ingest']['ratio'] or 0:.2f}; raw received {raw.count:,} of {len(stream):,})"
+                + ("" if ok else " INCOMPLETE"))
+            first_tp = 1
+
+        # 2. step throughput: whole-step readings, each closing its station's previous step
+        epoch = next(iter(net.values())).epoch_s
+        # A reading at step k closes step k - 1: the forecasts' origins are the closed steps.
+        closed = range(0, tp_steps) if do_ingest else range(0, tp_steps - 1)
+        want_origins = {int(epoch[k]) for k in closed}
+        msgs = [m for k in range(first_tp, first_tp + tp_steps) for m in _whole_step(net, k)]
+        closing = n * len(want_origins)
+        seen: dict[str, float] = {}
+        pos = [len(collector.forecasts)]
         t0 = time.monotonic()
-        replay(plan, broker.url, ropts, progress=False)
-        ok = _wait(lambda: collector.counts()["filled"] >= want_filled, opts.ingest_timeout_s, 0.01)
-        times = sorted(t for t, _ in list(collector.filled))  # the collector's lists only grow (paho thread)
-        done = times[min(want_filled, len(times)) - 1] if times else time.monotonic()
-        agent_rate = m / max(done - t0, 1e-9)
-        res["agent"] = {"filled_expected": want_filled, "filled_received": len(times), "complete": ok,
-                        "seconds": round(done - t0, 3), "rate_per_s": agent_rate}
-        res["ingest_ratio"] = agent_rate / raw_rate if raw_rate else None
-        say(f"  N={n}: agent {agent_rate:,.0f} readings/s ({res['ingest_ratio']:.2f} of raw)"
-            + ("" if ok else " INCOMPLETE"))
+        pub.publish(msgs)
 
-        # 3. latency: one step at a time for all stations
-        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}",
-                          protocol=mqtt.MQTTv5)
-        pub.max_inflight_messages_set(2000)
-        pub.max_queued_messages_set(0)
-        pub.connect(broker.host, broker.port, keepalive=30)
-        pub.loop_start()
-        lat: list[float] = []
-        missing = 0
-        for k in range(opts.latency_steps):
-            step = ingest_steps + k
-            step_plan = plan_replay(net, start_s=int(epoch[step]), end_s=int(epoch[step]) + cadence)
-            closing = {r.station for r in step_plan.readings}
-            origin = int(epoch[step - 1])
-            pos = [len(collector.forecasts)]
-            arrived: dict[str, float] = {}
-            sent: dict[str, float] = {}
-            _publish_step(pub, step_plan.readings, sent)
+        def done_tp() -> bool:
+            _forecast_times(collector, pos, seen, want_origins)
+            return len(seen) >= closing
 
-            def got(pos=pos, arrived=arrived, origin=origin, closing=closing):
-                new = collector.forecasts[pos[0] :]  # the collector's list only grows (paho thread appends)
-                pos[0] += len(new)
-                for t, b in new:  # each forecast parsed once
-                    if b["station"] in closing and _origin(b) == origin:
-                        arrived.setdefault(b["station"], t)
-                return len(arrived) >= len(closing)
+        ok = _wait(done_tp, opts.stream_timeout_s, 0.02)
+        t_end = max(seen.values()) if seen else time.monotonic()
+        rate = len(seen) / max(t_end - t0, 1e-9)
+        res["throughput"] = {"readings": len(msgs), "station_steps": closing, "received": len(seen), "complete": ok,
+                             "seconds": round(t_end - t0, 3), "steps_per_s": rate,
+                             "rss_mib_after": sampler.last_mb}
+        say(f"  N={n}: {closing:,} station-steps at {rate:,.0f}/s" + ("" if ok else " INCOMPLETE"))
+        if n == opts.profile_stations:
+            dumps += 1
+            res["throughput"]["profile"] = _dump_profile(agent, prof_prefix, dumps)
 
-            _wait(got, opts.step_timeout_s, 0.02)
-            missing += len(closing) - len(arrived)
-            lat += [(t - sent[s]) * 1e3 for s, t in arrived.items()]
-        pub.disconnect()
-        pub.loop_stop()
-        a = np.asarray(lat) if lat else np.zeros(0)
-        res["latency_ms"] = {"n": len(lat), "missing": missing,
-                             **({"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-                                 "max": float(a.max())} if lat else {})}
-        if lat:
-            say(f"  N={n}: step-to-forecast p50 {res['latency_ms']['p50']:.0f} ms, p99 {res['latency_ms']['p99']:.0f} ms")
+        if do_latency:  # 4. one step at a time for all stations
+            lat: list[float] = []
+            missing = 0
+            last = first_tp + tp_steps - 1
+            for k in range(opts.latency_steps):
+                step = last + 1 + k
+                origin = int(epoch[step - 1])
+                sent: dict[str, float] = {}
+                got: dict[str, float] = {}
+                pos = [len(collector.forecasts)]
+                pub.publish(_whole_step(net, step), sent)
+                _wait(lambda got=got, pos=pos, origin=origin: (
+                    _forecast_times(collector, pos, got, {origin}), len(got) >= n)[1], opts.step_timeout_s, 0.02)
+                missing += n - len(got)
+                lat += [(t - sent[_topic(key.split("@")[0])]) * 1e3 for key, t in got.items()]
+            a = np.asarray(lat) if lat else np.zeros(0)
+            res["latency_ms"] = {"n": len(lat), "missing": missing,
+                                 **({"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+                                     "max": float(a.max())} if lat else {})}
+            if lat:
+                say(f"  N={n}: step-to-forecast p50 {res['latency_ms']['p50']:.0f} ms, "
+                    f"p99 {res['latency_ms']['p99']:.0f} ms")
         status = collector.latest_status()
         res["agent_counters"] = status.get("counters", {})
-        res["agent_rejected"] = status.get("rejected", {})
     finally:
+        if pub is not None:
+            pub.close()
         if sampler is not None:
             sampler.stop()
-            res["rss_peak_mb"] = sampler.peak_mb
-            res["rss_last_mb"] = sampler.last_mb
+            res["rss_peak_mib"] = sampler.peak_mb
         if agent is not None and agent.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(agent.pid, signal.SIGTERM)
             try:
-                agent.wait(timeout=30)
+                agent.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(agent.pid, signal.SIGKILL)
                 agent.wait(timeout=10)
+        final = prof_prefix.with_name(f"{prof_prefix.name}.final.json")
+        if final.exists():
+            snap = json.loads(final.read_text()).get("snapshot")
+            if snap:
+                res["snapshot"] = snap
         if collector is not None:
             collector.close()
         broker.close()
     return res
 
 
-def _origin(body: dict) -> int:
-    from gapcast.tools.replay import parse_time
+def measure_ceiling(bundle, *, threads: int, max_batch: int, variant: str, seconds: float, data=None,
+                    dataset=None) -> dict[str, Any]:
+    """The backend alone: windows/s at ``max_batch`` on real windows, and one batch of 1,000 as the agent runs it.
 
-    return int(parse_time(body["origin"]))
+    Args:
+        bundle: a verified :class:`gapcast.edge.bundle.Bundle`.
+        threads: onnxruntime intra-op threads.
+        max_batch: windows per call.
+        variant: ``auto`` (the agent's own timed choice at ``max_batch``) or a variant name.
+        seconds: how long the ceiling is timed.
+
+    Returns:
+        ``{"variant", "windows_per_s", "batch", "batch_ms", "batch_1000_ms", "windows"}``.
+
+    Raises:
+        BackendError: no onnxruntime variant runs.
+    """
+    from gapcast.bench.runtime import load_bench_windows
+    from gapcast.edge.backends import select_backend
+    from gapcast.edge.variant import variant_status
+
+    backend = select_backend(bundle, prefer="onnxruntime", threads=threads, variant=variant, variant_batch=max_batch)
+    chosen = (variant_status(backend) or {}).get("chosen") or variant
+    w, where = load_bench_windows(bundle, max(1000, max_batch), data=data, dataset=dataset)
+    v, o, c = (w[k].astype(np.float32) for k in ("values", "observed", "calendar"))
+    sl = slice(0, max_batch)
+    for _ in range(3):
+        backend.run(v[sl], o[sl], c[sl])
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        t0 = time.perf_counter()
+        backend.run(v[sl], o[sl], c[sl])
+        times.append(time.perf_counter() - t0)
+    med = float(np.median(times))
+    t1000 = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for s in range(0, 1000, max_batch):
+            backend.run(v[s : min(1000, s + max_batch)], o[s : min(1000, s + max_batch)], c[s : min(1000, s + max_batch)])
+        t1000.append(time.perf_counter() - t0)
+    backend.close()
+    return {"variant": chosen, "windows_per_s": max_batch / med, "batch": max_batch, "batch_ms": med * 1e3,
+            "batch_1000_ms": float(np.median(t1000)) * 1e3, "runs": len(times), "windows": where}
 
 
 def run_agent_bench(
@@ -402,7 +556,7 @@ def run_agent_bench(
     progress: bool = True,
     dataset=None,
 ) -> dict[str, Any]:
-    """Run the agent benchmark for every station count (``dataset``: spec or preset; default the bundle's own).
+    """Run the agent benchmark (see the module docstring; ``dataset``: spec or preset, default the bundle's own).
 
     Args:
         bundle_path: the signed bundle the agent serves.
@@ -414,12 +568,15 @@ def run_agent_bench(
         progress: print one line per phase.
 
     Returns:
-        A JSON-ready dict: protocol, per-N results, targets.
+        A JSON-ready dict: the figures under plain keys (``backend_ceiling_windows_per_s``,
+        ``step_throughput_ratio``, ``ingest_ratio``, ``latency_p99_ms``, ``rss_peak_mib``,
+        ``rss_mib_per_1000_stations``, ``snapshot_write_s``, ``cpu_s_per_1000_steps``, ...), per-N results, targets.
 
     Raises:
         GapcastError: no data, a bundle without a key, a broker that does not start.
     """
     from gapcast.edge import BundleError
+    from gapcast.edge.bundle import verify_bundle
     from gapcast.train.evaluate import spec_of_run
     from gapcast.train.loader import load_dataset
 
@@ -439,8 +596,14 @@ def run_agent_bench(
         tmp = tempfile.TemporaryDirectory(prefix="gapcast-bench-agent-")
         work = Path(tmp.name)
     else:
-        work = Path(workdir)
+        work = Path(workdir).resolve()  # the agent resolves its state_dir against its config's folder
         work.mkdir(parents=True, exist_ok=True)
+    say = print if progress else log.info
+    verified = verify_bundle(bundle, [trusted_key], unpack_dir=work / "bundle-unpack")
+    ceiling = measure_ceiling(verified, threads=opts.threads, max_batch=opts.max_batch, variant=opts.variant,
+                              seconds=opts.ceiling_s, data=data, dataset=dataset)
+    say(f"  backend ceiling: {ceiling['variant']} {ceiling['windows_per_s']:,.0f} windows/s at batch "
+        f"{ceiling['batch']} ({ceiling['batch_ms']:.1f} ms); 1,000 windows {ceiling['batch_1000_ms']:.0f} ms")
     results = []
 
     def _on_term(signum, frame):  # SIGTERM (e.g. `timeout`): unwind so the agent and the broker are stopped
@@ -450,7 +613,8 @@ def run_agent_bench(
     try:
         for n in opts.stations:
             try:
-                results.append(_one_count(n, series, bundle.resolve(), trusted_key, opts, work, progress, spec))
+                results.append(_one_count(n, series, bundle.resolve(), trusted_key, ceiling["variant"], opts, work,
+                                          progress, spec))
             except Exception as exc:  # one station count failing must not lose the others' figures
                 log.exception("agent bench at %d stations failed", n)
                 results.append({"stations": n, "error": f"{type(exc).__name__}: {exc}"})
@@ -459,33 +623,80 @@ def run_agent_bench(
             signal.signal(signal.SIGTERM, previous)
         if tmp is not None:
             tmp.cleanup()
+    figures = summarize(ceiling, results)
     return {
         "benchmark": "agent",
         "protocol": __doc__.split("\n\n", 1)[1].replace("\n", " "),
         "bundle": str(bundle),
         "bundle_note": bundle_note,
         "options": asdict(opts),
+        "cpus": os.cpu_count(),
+        "backend_ceiling": ceiling,
+        **figures,
         "results": results,
-        "targets": agent_targets(results),
+        "targets": agent_targets(figures),
     }
 
 
-def agent_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's agent targets with the measured value and the margin (positive = met by that much)."""
+def summarize(ceiling: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures under plain keys, from the ceiling and the per-N results (pure)."""
+    ok = [r for r in results if "error" not in r]
+    ceil = ceiling["windows_per_s"]
+    out: dict[str, Any] = {
+        "backend_ceiling_windows_per_s": ceil,
+        "backend_batch": ceiling["batch"],
+        "backend_batch_1000_ms": ceiling["batch_1000_ms"],
+        "step_throughput_per_s": {str(r["stations"]): r["throughput"]["steps_per_s"] for r in ok if "throughput" in r},
+    }
+    out["step_throughput_ratio"] = {k: v / ceil for k, v in out["step_throughput_per_s"].items()}
+    ing = next((r["ingest"] for r in ok if "ingest" in r), None)
+    if ing is not None:
+        out.update(ingest_ratio=ing.get("ratio"), ingest_agent_per_s=ing.get("agent_per_s"),
+                   ingest_raw_per_s=ing["raw_per_s"], ingest_stations=next(r["stations"] for r in ok if "ingest" in r))
+    lat = next(((r["stations"], r["latency_ms"]) for r in ok if r.get("latency_ms", {}).get("p99") is not None), None)
+    if lat is not None:
+        out.update(latency_stations=lat[0], latency_p50_ms=lat[1]["p50"], latency_p99_ms=lat[1]["p99"])
+    rss = {r["stations"]: r["rss_peak_mib"] for r in ok if r.get("rss_peak_mib")}
+    out["rss_peak_mib"] = {str(k): v for k, v in sorted(rss.items())}
+    if len(rss) >= 2:
+        ns = np.array(sorted(rss), dtype=float)
+        slope = np.polyfit(ns, np.array([rss[int(k)] for k in ns]), 1)[0]
+        out["rss_mib_per_1000_stations"] = float(slope * 1000)
+    snap = next((r["snapshot"] for r in sorted(ok, key=lambda r: -r["stations"]) if r.get("snapshot")), None)
+    if snap is not None:
+        out.update(snapshot_write_s=snap["write_s"], snapshot_bytes=snap["bytes"], snapshot_stations=snap["stations"])
+    prof = next(((r["stations"], r["throughput"]["profile"]) for r in ok
+                 if (r.get("throughput") or {}).get("profile")), None)
+    if prof is not None:
+        steps = max(prof[1]["counters"]["filled"], 1)
+        out["cpu_profile_stations"] = prof[0]
+        out["cpu_profile_steps"] = prof[1]["counters"]["filled"]
+        out["cpu_s_per_1000_steps"] = {k: prof[1]["cpu_s"][k] / steps * 1000 for k in STAGES}
+        out["cpu_s_per_1000_steps"]["total"] = prof[1]["process_cpu_s"] / steps * 1000
+    return out
+
+
+def agent_targets(fig: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 17's targets with the measured value and the margin (positive = met by that much) (pure)."""
     out = []
-    for r in results:
-        n = r["stations"]
-        if r.get("ingest_ratio") is not None:
-            v = r["ingest_ratio"]
-            out.append({"target": f"agent ingest >= {INGEST_RATIO_TARGET} of raw ({n} stations)", "measured": v,
-                        "goal": INGEST_RATIO_TARGET, "met": v >= INGEST_RATIO_TARGET,
-                        "margin": v - INGEST_RATIO_TARGET})
-        p99 = r.get("latency_ms", {}).get("p99")
-        if p99 is not None and n == P99_TARGET_STATIONS:
-            out.append({"target": f"step-to-forecast p99 < {P99_TARGET_MS:.0f} ms ({n} stations)", "measured": p99,
-                        "goal": P99_TARGET_MS, "met": p99 < P99_TARGET_MS, "margin": P99_TARGET_MS - p99})
-        if r.get("rss_peak_mb") and n <= P99_TARGET_STATIONS:
-            v = r["rss_peak_mb"]
-            out.append({"target": f"agent RSS < {RSS_TARGET_MB:.0f} MB ({n} stations)", "measured": v,
-                        "goal": RSS_TARGET_MB, "met": v < RSS_TARGET_MB, "margin": RSS_TARGET_MB - v})
+    n = str(TARGET_STATIONS)
+
+    def add(target, v, goal, higher_is_better):
+        met = v >= goal if higher_is_better else v <= goal
+        out.append({"target": target, "measured": v, "goal": goal, "met": bool(met),
+                    "margin": (v - goal) if higher_is_better else (goal - v)})
+
+    if n in fig.get("step_throughput_ratio", {}):
+        add(f"step throughput >= {STEP_RATIO_TARGET} of the backend ceiling ({n} stations)",
+            fig["step_throughput_ratio"][n], STEP_RATIO_TARGET, True)
+    if fig.get("ingest_ratio") is not None:
+        add(f"ingest without inference >= {INGEST_RATIO_TARGET} of raw paho ({fig['ingest_stations']} stations)",
+            fig["ingest_ratio"], INGEST_RATIO_TARGET, True)
+    if fig.get("latency_p99_ms") is not None:
+        goal = fig["backend_batch_1000_ms"] + P99_SLACK_MS
+        add(f"p99 step-to-forecast <= backend batch of 1,000 + {P99_SLACK_MS:.0f} ms ({fig['latency_stations']} "
+            "stations)", fig["latency_p99_ms"], goal, False)
+    if n in fig.get("rss_peak_mib", {}):
+        add(f"peak RSS <= {RSS_TARGET_MB:.0f} MB ({n} stations)", fig["rss_peak_mib"][n] * 2**20 / 1e6,
+            RSS_TARGET_MB, False)
     return out

@@ -317,40 +317,59 @@ def _runtime(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from gapcast.bench.agent import AgentBenchOptions, run_agent_bench
+    from gapcast.bench.agent import STAGES, AgentBenchOptions, run_agent_bench
 
     out = Path(args.out)
     stations = tuple(int(s) for s in args.stations.split(","))
-    msgs, steps = args.ingest_messages, args.latency_steps
-    if args.quick:
-        stations = tuple(s for s in stations if s <= 100) or (min(stations),)
-        msgs, steps = min(msgs, 2000), min(steps, 2)
+    readings, steps, ceiling_s = args.steps_readings, args.latency_steps, 3.0
+    at = args.at_stations
+    if args.quick:  # CI / a quick look: two small counts, short streams
+        stations = (50, 100)
+        readings, steps, ceiling_s = min(readings, 400), 1, 1.0
+        at = max(stations)
+    if at not in stations:
+        at = min(stations, key=lambda s: abs(s - at))
     bundle, key, note = _bundle_or_tiny(args, out)
-    opts = AgentBenchOptions(stations=stations, ingest_messages=msgs, latency_steps=steps, threads=args.threads,
-                             max_batch=args.max_batch)
+    opts = AgentBenchOptions(stations=stations, steps_readings=readings, latency_steps=steps, threads=args.threads,
+                             max_batch=args.max_batch, ingest_stations=at, latency_stations=at, profile_stations=at,
+                             variant=args.variant, ceiling_s=ceiling_s)
     res = run_agent_bench(bundle, trusted_key=key, data=args.data, options=opts, workdir=out / "agent-work",
-                          dataset=args.dataset,
-                          bundle_note=note)
-    md = [f"# gapcast bench agent\n\n{note}. Private Mosquitto on loopback; agent backend "
-          f"{next((r.get('agent_backend') for r in res['results'] if r.get('agent_backend')), 'n/a')}, "
-          f"{args.threads} onnxruntime threads, max batch {args.max_batch}; {os.cpu_count()} CPUs shared by the broker, the publisher, the "
-          "subscribers and the agent."]
+                          dataset=args.dataset, bundle_note=note)
+    c = res["backend_ceiling"]
+    md = [f"# gapcast bench agent\n\n{note}. Private Mosquitto on loopback; {os.cpu_count()} CPUs shared by the broker, "
+          f"the publisher, the subscribers and the agent; onnxruntime {c['variant']}, {args.threads} threads, "
+          f"max batch {args.max_batch}; outbox SQLite synchronous FULL (the default), acks after store.",
+          f"\n## 1. Backend ceiling\n\n{c['windows_per_s']:,.0f} windows/s at batch {c['batch']} "
+          f"({c['batch_ms']:.1f} ms per batch; one batch of 1,000 windows {c['batch_1000_ms']:.0f} ms), {c['windows']}."]
     rows = []
     for r in res["results"]:
         if "error" in r:
-            rows.append([r["stations"], "error: " + r["error"], "", "", "", "", "", ""])
+            rows.append([r["stations"], "error: " + r["error"], "", "", ""])
             continue
-        lat = r.get("latency_ms", {})
-        rows.append([r["stations"], r["ingest_readings"], r["raw"]["rate_per_s"], r["agent"]["rate_per_s"],
-                     r.get("ingest_ratio"), lat.get("p50"), lat.get("p99"), r.get("rss_peak_mb")])
-    md.append("\n## Ingest, latency and memory\n\n" + format_table(
-        ["stations", "readings", "raw paho msg/s", "agent readings/s", "agent / raw", "p50 ms", "p99 ms",
-         "agent peak RSS MiB"], rows))
+        t = r["throughput"]
+        rows.append([r["stations"], t["station_steps"], t["steps_per_s"], t["steps_per_s"] / c["windows_per_s"],
+                     r.get("rss_peak_mib")])
+    md.append("\n## 2. Step throughput and 5. memory\n\n" + format_table(
+        ["stations", "station-steps", "steps/s", "/ ceiling", "peak RSS MiB"], rows))
+    if res.get("rss_mib_per_1000_stations") is not None:
+        md.append(f"\nRSS slope {res['rss_mib_per_1000_stations']:.1f} MiB per 1,000 stations (least squares over the counts).")
+    if res.get("snapshot_write_s") is not None:
+        md.append(f"Window snapshot at {res['snapshot_stations']:,} stations: {res['snapshot_write_s'] * 1e3:.0f} ms, "
+                  f"{res['snapshot_bytes'] / 2**20:.1f} MiB.")
+    if res.get("ingest_ratio") is not None:
+        md.append(f"\n## 3. Ingest without inference ({res['ingest_stations']:,} stations, one channel per message)\n\n"
+                  f"agent {res['ingest_agent_per_s']:,.0f} msg/s, raw paho {res['ingest_raw_per_s']:,.0f} msg/s: "
+                  f"ratio {res['ingest_ratio']:.2f}.")
+    if res.get("latency_p99_ms") is not None:
+        md.append(f"\n## 4. Latency ({res['latency_stations']:,} stations at the top of the hour)\n\n"
+                  f"p50 {res['latency_p50_ms']:.0f} ms, p99 {res['latency_p99_ms']:.0f} ms; the backend's batch of "
+                  f"1,000: {res['backend_batch_1000_ms']:.0f} ms.")
+    if res.get("cpu_s_per_1000_steps"):
+        cpu = res["cpu_s_per_1000_steps"]
+        md.append(f"\n## 6. CPU seconds per 1,000 station-steps ({res['cpu_profile_stations']:,} stations, "
+                  f"{res['cpu_profile_steps']:,} steps profiled)\n\n" + format_table(
+                      [*STAGES, "total"], [[cpu[k] for k in (*STAGES, "total")]]))
     md.append("\n## Targets\n\n" + _targets_table(res["targets"]))
-    if res.get("network") and "skipped" not in res["network"]:
-        from gapcast.train.network_eval import network_markdown
-
-        md.append(network_markdown(res["network"]))
     text = "\n".join(md)
     print(text)
     _save(out, "agent", res, text, _command("agent", args))
@@ -461,14 +480,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--min-time-s", type=float, default=3.0, help="seconds measured per engine and batch (default 3)")
     r.set_defaults(func=_runtime)
 
-    g = sub.add_parser("agent", help="agent ingest vs raw paho, step-to-forecast latency, RSS (private Mosquitto)")
+    g = sub.add_parser("agent", help="the agent vs its backend: step throughput, ingest, latency, RSS, CPU split",
+                       description="Issue 17's six figures in one run (see gapcast.bench.agent): backend ceiling, "
+                       "step throughput at each station count as a ratio to it, ingest without inference vs raw paho, "
+                       "p50/p99 latency, peak RSS and its slope, the CPU split per 1,000 station-steps.",
+                       epilog="examples:\n  gapcast bench agent --bundle demo-out/bundle\n"
+                       "  gapcast bench agent --quick   # CI: 2 small counts, short streams, a tiny bundle if none",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     common(g)
     g.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle (default {DEFAULT_BUNDLE}; a tiny one if absent)")
     g.add_argument("--pubkey", help="trusted public key (default: the card's own key)")
-    g.add_argument("--stations", default="100,1000,5000", help="station counts (default 100,1000,5000)")
-    g.add_argument("--ingest-messages", type=int, default=20000, help="readings in the ingest stream per count")
+    g.add_argument("--stations", default="100,1000,10000", help="station counts (default 100,1000,10000)")
+    g.add_argument("--steps-readings", type=int, default=20000,
+                   help="whole-step readings in the throughput stream per count (default 20000; >= 2 steps)")
+    g.add_argument("--at-stations", type=int, default=1000,
+                   help="station count of the ingest, latency and CPU-profile figures (default 1000)")
     g.add_argument("--latency-steps", type=int, default=3, help="paced steps for the latency figures (default 3)")
-    g.add_argument("--max-batch", type=int, default=256, help="the agent's model.max_batch (default 256, its default)")
+    g.add_argument("--max-batch", type=int, default=64, help="the agent's model.max_batch (default 64, its default)")
+    g.add_argument("--variant", default="auto", help="onnxruntime variant (default auto: timed once, then pinned)")
     g.set_defaults(func=_agent)
     k = sub.add_parser("sink", help="gapcast sink: messages stored per second and its memory (private Mosquitto)")
     common(k)

@@ -154,7 +154,7 @@ class CoreSettings:
     lateness_s: float = 300.0
     max_future_s: float = 300.0
     max_missing_share: float = 0.5
-    max_batch: int = 256
+    max_batch: int = 64
     max_pending: int = 48
     max_catchup_steps: int = 24 * 31
     fleet: str = "default"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -226,6 +227,11 @@ def _run(args) -> int:
     core = AgentCore.from_config(cfg, bundle.card, backend)
     cfg.agent.state_dir.mkdir(parents=True, exist_ok=True)
     agent = MqttAgent(cfg, core, make_outbox(cfg), update_link=update_link)
+    prof = None
+    if os.environ.get("GAPCAST_PROFILE"):  # per-stage CPU timers for `gapcast bench agent` (gapcast.edge.profile)
+        from gapcast.edge.profile import install
+
+        prof = install(agent, os.environ["GAPCAST_PROFILE"])
     stop = threading.Event()
 
     def _stop(signum, frame) -> None:
@@ -243,6 +249,10 @@ def _run(args) -> int:
     try:
         return agent.run(stop)
     finally:
+        if prof is not None:
+            from gapcast.edge.profile import dump_final
+
+            dump_final(prof)
         if stop_dashboard is not None:
             stop_dashboard()
         state_lock.release()

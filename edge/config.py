@@ -149,7 +149,7 @@ class ModelSettings:
     trusted_keys: tuple[str, ...] = ()
     backend: str = "auto"
     threads: int = 0
-    max_batch: int = 256
+    max_batch: int = 64
     variant: str = "auto"
     variant_budget_s: float = 3.0
 
@@ -639,7 +639,7 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         trusted_keys=tuple(resolved_keys),
         backend=md.str_("backend", "auto", choices=BACKENDS) or "auto",
         threads=md.int_("threads", 0, 0, 1024),
-        max_batch=md.int_("max_batch", 256, 1, 65536),
+        max_batch=md.int_("max_batch", 64, 1, 65536),
         variant=md.str_("variant", "auto", choices=VARIANTS) or "auto",
         variant_budget_s=md.float_("variant_budget_s", 3.0, 0.0, 60.0),
     )

@@ -16,6 +16,7 @@ The contract's other halves live next to it: :mod:`gapcast.edge.topics` (the top
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -123,6 +124,29 @@ def _dumps(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
+try:  # the step outputs' encoder (issue 17): orjson writes the same compact JSON about 10x faster than json
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - an edge install without orjson encodes with json, same bytes
+    _orjson = None
+
+
+def _dumps_step(obj: dict) -> bytes:
+    """:func:`_dumps` for the filled / revision / forecast bodies, the same bytes, faster (issue 17: encoding was
+    about a third of the agent's CPU per step). Their floats are rounded to 4 decimals, where orjson's shortest
+    float text equals Python's ``repr``; anything orjson writes differently from ``json.dumps`` (a non-ASCII
+    character, which json escapes; ``null``, which orjson also writes for NaN where json raises) goes through
+    :func:`_dumps`."""
+    if _orjson is not None:
+        b = _orjson.dumps(obj)
+        if b.isascii() and b"null" not in b:
+            return b
+    return _dumps(obj)
+
+
+#: Step timestamps repeat across stations and forecasts: their RFC 3339 text is cached (same text, no gmtime).
+_iso_step = functools.lru_cache(maxsize=8192)(format_rfc3339)
+
+
 def _units(channels: tuple[str, ...], units: dict[str, str] | None) -> dict[str, str]:
     units = units or {}
     return {c: str(units[c]) for c in channels if c in units}
@@ -203,7 +227,7 @@ def filled_message(
         "units": _units(channels, units),
         **({"context": context} if context is not None else {}),
     }
-    return OutMessage(topics.filled(station), _dumps(body), "filled", mid, created_s=created_s)
+    return OutMessage(topics.filled(station), _dumps_step(body), "filled", mid, created_s=created_s)
 
 
 def revision_message(
@@ -266,7 +290,7 @@ def revision_message(
         "units": _units(channels, units),
         **({"context": context} if context is not None else {}),
     }
-    return OutMessage(topics.revisions(station), _dumps(body), "revision", mid, created_s=created_s)
+    return OutMessage(topics.revisions(station), _dumps_step(body), "revision", mid, created_s=created_s)
 
 
 def forecast_message(
@@ -316,12 +340,12 @@ def forecast_message(
         "method": method,
         "imputed_share": round(float(imputed_share), 4),
         "steps": [
-            {"ts": iso(origin_s + (h + 1) * cadence_s), "values": dict(zip(channels, rows[h]))} for h in range(H)
+            {"ts": _iso_step(int(origin_s + (h + 1) * cadence_s)), "values": dict(zip(channels, rows[h]))} for h in range(H)
         ],
         "units": _units(channels, units),
         **({"context": context} if context is not None else {}),
     }
-    return OutMessage(topics.forecast(station), _dumps(body), "forecast", mid, created_s=issued_s)
+    return OutMessage(topics.forecast(station), _dumps_step(body), "forecast", mid, created_s=issued_s)
 
 
 def status_message(topics: Topics, body: dict, now_s: float, model_version: int) -> OutMessage:

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 #: Inference latency buckets, seconds: 1 ms (a tiny CPU batch) to 10 s (a cold TensorRT engine).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-#: Batch size buckets, windows: powers of two up to 4096 (``model.max_batch`` is 256 by default).
+#: Batch size buckets, windows: powers of two up to 4096 (``model.max_batch`` is 64 by default).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: Output kinds counted per station.

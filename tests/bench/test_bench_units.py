@@ -152,12 +152,16 @@ def test_targets_report_margins():
     assert brits["met"] and brits["margin"] == pytest.approx(0.375)
     int8 = next(v for k, v in t.items() if k.startswith("ConFill int8_cpu"))
     assert not int8["met"] and int8["measured"] == pytest.approx(0.04)
-    agent = agent_targets([{"stations": 1000, "ingest_ratio": 0.8, "latency_ms": {"p99": 300.0},
-                            "rss_peak_mb": 120.0}])
+    agent = agent_targets({"step_throughput_ratio": {"1000": 0.9}, "ingest_ratio": 0.7, "ingest_stations": 1000,
+                           "latency_p99_ms": 300.0, "latency_stations": 1000, "backend_batch_1000_ms": 100.0,
+                           "rss_peak_mib": {"1000": 150.0}})
     by = {x["target"]: x for x in agent}
-    assert by["agent ingest >= 0.7 of raw (1000 stations)"]["margin"] == pytest.approx(0.1)
-    assert by["step-to-forecast p99 < 250 ms (1000 stations)"]["margin"] == pytest.approx(-50.0)
-    assert by["agent RSS < 300 MB (1000 stations)"]["met"]
+    assert by["step throughput >= 0.85 of the backend ceiling (1000 stations)"]["margin"] == pytest.approx(0.05)
+    assert by["ingest without inference >= 0.8 of raw paho (1000 stations)"]["margin"] == pytest.approx(-0.1)
+    # 300 ms against 100 ms + 150 ms of slack: missed by 50 ms
+    assert by["p99 step-to-forecast <= backend batch of 1,000 + 150 ms (1000 stations)"]["margin"] == pytest.approx(-50.0)
+    rss = by["peak RSS <= 200 MB (1000 stations)"]
+    assert rss["met"] and rss["measured"] == pytest.approx(150.0 * 1.048576)
 
 
 def test_format_table():
