@@ -187,6 +187,21 @@ class CoreSettings:
         )
 
 
+
+@dataclass
+class _Batch:
+    """One round's model input (B rows): ``raw`` [B, L, C] physical (NaN unobserved), ``obs`` [B, L, C] bool,
+    ``cal`` [B, L + H, F], ``norm`` / ``obs_f`` [B, L, C(+G)] what the backend gets (normalised, 0 where unobserved;
+    with context columns), ``hidden`` [B, C] shadow-hidden cells of the newest step, ``with_ctx`` [B] bool."""
+
+    raw: np.ndarray
+    obs: np.ndarray
+    cal: np.ndarray
+    norm: np.ndarray
+    obs_f: np.ndarray
+    hidden: np.ndarray
+    with_ctx: np.ndarray
+
 @dataclass
 class _Row:
     """One window of the batch: the L steps ending at ``end`` of ``station``."""
@@ -479,6 +494,18 @@ class AgentCore:
         return out
 
     def _infer_and_publish(self, rows: list[_Row], now_s: float) -> list[OutMessage]:
+        """One round: gather the rows' windows into one batch, run the backend on it (falling back to interpolation
+        per sub-batch), and turn the results into filled / revision / forecast messages and skill updates."""
+        batch = self._gather(rows)
+        imputed, forecast, used = self._infer(batch)
+        out = self._emit(rows, batch, imputed, forecast, used, now_s)
+        if self.skill is not None:
+            out += self._check_drift(rows, now_s)
+        return out
+
+    def _gather(self, rows: list[_Row]) -> _Batch:
+        """The model input of a round: each row's window [L, C] (raw and normalised), its observed mask, the
+        calendar [L + H, F], shadow-hidden cells withheld from the input, and the neighbour context columns."""
         L, H, C = self.L, self.H, self.C
         B = len(rows)
         raw = np.empty((B, L, C), dtype=np.float32)
@@ -511,7 +538,15 @@ class AgentCore:
             ctx, ctx_obs = self._context(rows)
             with_ctx = ctx_obs.reshape(B, -1).any(axis=1)
             norm, obs_f = np.concatenate([norm, ctx], axis=-1), np.concatenate([obs_f, ctx_obs], axis=-1)
-        Cin = norm.shape[-1]
+        return _Batch(raw=raw, obs=obs, cal=cal, norm=norm, obs_f=obs_f, hidden=hidden, with_ctx=with_ctx)
+
+    def _infer(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run the backend over the batch in ``max_batch`` slices; a failing slice is served by the interpolation
+        fallback (counted, logged). Returns imputed [B, L, C], forecast [B, H, C] (normalised) and the backend name
+        that served each row [B]."""
+        L, H, C = self.L, self.H, self.C
+        norm, obs_f, cal = batch.norm, batch.obs_f, batch.cal
+        B, Cin = norm.shape[0], norm.shape[-1]
         imputed = np.empty((B, L, C), dtype=np.float32)
         forecast = np.empty((B, H, C), dtype=np.float32)
         used = np.empty(B, dtype=object)
@@ -541,6 +576,13 @@ class AgentCore:
             used[sl] = name
             self.counters["inference_batches"] += 1
             self.counters["inference_rows"] += sl.stop - sl.start
+        return imputed, forecast, used
+
+    def _emit(self, rows: list[_Row], batch: _Batch, imputed: np.ndarray, forecast: np.ndarray, used: np.ndarray,
+              now_s: float) -> list[OutMessage]:
+        """The round's messages, in row order: revisions, then the newest step's filled values and forecast."""
+        L, H = self.L, self.H
+        raw, obs, hidden, with_ctx = batch.raw, batch.obs, batch.hidden, batch.with_ctx
         # Back to physical units, inside each channel's valid range.
         imp_phys = np.clip(imputed * self.std + self.mean, self.vmin, self.vmax)
         fc_phys = np.clip(forecast * self.std + self.mean, self.vmin, self.vmax)
@@ -627,8 +669,6 @@ class AgentCore:
                 "%s step %s: %d/%d imputed, window %.0f%% missing, forecast %d steps (%s)",
                 r.station, iso(step_s), n_imp, self.C, 100 * share, H, used[b],
             )
-        if sk is not None:
-            out += self._check_drift(rows, now_s)
         return out
 
     def _context(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
