@@ -440,7 +440,7 @@ def format_table(summary: dict[str, Any]) -> str:
             ("agent_revision", "agent, after gap end"),
             ("locf", "LOCF (real time)"),
             ("linear", "linear interp. (offline)"),
-            ("neighbours", "neighbour est. (real time)"),
+            ("neighbours", "neighbours (real time)"),
         ):
             if key not in fill:
                 continue

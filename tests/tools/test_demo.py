@@ -107,7 +107,7 @@ def test_score_run_neighbour_estimate_by_hand():
     from gapcast.tools.demo import format_table
 
     table = format_table({"stages": [], "ok": True, "wall_s": 1.0, "scores": {"fill": fill}})
-    assert "neighbour est. (real time)" in table
+    assert "neighbours (real time)" in table
 
 
 @pytest.mark.slow
