@@ -621,6 +621,8 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     if len(names) > max_stations:
         raise ConfigError(f"stations.max_stations: {max_stations} is fewer than the {len(names)} listed stations")
     coords = _name_map(s.table("coordinates"), _lat_lon) if s.has("coordinates") else {}
+    if not auto and (stray := sorted(set(coords) - set(names))):  # a typo would silently leave a station without
+        raise ConfigError(f"stations.coordinates.{stray[0]}: not in stations.names (and auto_register is off)")
     stations = StationSettings(names=tuple(names), auto_register=auto, max_stations=max_stations, coordinates=coords)
     s.done()
 

@@ -31,3 +31,16 @@ def test_edge_config_errors_name_the_file_once(tmp_path):
     with pytest.raises(ConfigError, match=r"edge\.toml is not valid TOML") as err:
         load_config(bad)
     assert str(err.value).count("edge.toml") == 1
+
+
+def test_coordinates_of_a_station_the_gateway_does_not_serve_are_refused(tmp_path):
+    from gapcast.edge.config import ConfigError, load_config
+
+    cfg = tmp_path / "edge.toml"
+    base = '[gateway]\nid = "gw-01"\n[model]\nbundle = "b"\ntrusted_keys = ["k"]\n'
+    cfg.write_text(base + '[stations]\nnames = ["site-A"]\n[stations.coordinates]\nsite-Q = [52.0, 13.4]\n')
+    with pytest.raises(ConfigError, match=r"stations\.coordinates\.site-Q: not in stations\.names"):
+        load_config(cfg)
+    # With auto-registration a station not seen yet may well have a position.
+    cfg.write_text(base + '[stations]\nauto_register = true\n[stations.coordinates]\nsite-Q = [52.0, 13.4]\n')
+    assert load_config(cfg).stations.coordinates == {"site-Q": (52.0, 13.4)}

@@ -518,6 +518,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         end_s = None
     names = list(spec.channel_names)
     groups = {g: [names[i] for i in idx] for g, idx in spec.groups.items()}
+    # A spec channel that becomes several model channels (an angle -> _sin, _cos) is named as in the spec too.
+    for c in spec.channels:
+        derived = [mc.name for mc in c.model_channels()]
+        if derived != [c.name]:
+            groups.setdefault(c.name, derived)
     outages = [parse_outage(o, channels=names, groups=groups, relative_to=start_s) for o in args.outage]
     plan = plan_replay(
         series,

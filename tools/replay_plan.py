@@ -399,7 +399,8 @@ def plan_replay(
         The :class:`ReplayPlan`.
 
     Raises:
-        ReplayError: empty range, unknown outage station, shares outside [0, 1], or series of different cadence
+        ReplayError: empty range, unknown outage station, an outage outside the range, shares outside [0, 1], or
+            series of different cadence
             or channels, or a one-row series without ``cadence_s``.
     """
     stations, channels, cadence_s = _check_series(series, outages, late_share, out_of_order_share, cadence_s)
@@ -407,6 +408,11 @@ def plan_replay(
     hi = max(int(s.epoch_s[-1]) for s in series.values()) + cadence_s if end_s is None else int(end_s)
     if hi <= lo:
         msg = f"empty replay range: start {format_ts(lo)} is not before end {format_ts(hi)}"
+        raise ReplayError(msg)
+    outside = [o.spec() for o in outages if o.end_s <= lo or o.start_s >= hi]
+    if outside:
+        msg = (f"outage(s) {', '.join(outside)} outside the replayed range {format_ts(lo)} .. {format_ts(hi)} "
+               "(they would hide nothing)")
         raise ReplayError(msg)
     delay = 1.5 * cadence_s if late_delay_s is None else float(late_delay_s)
     if delay <= 0:

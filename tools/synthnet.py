@@ -17,7 +17,43 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SPEC_TEXT", "NetworkOptions", "make_network"]
+__all__ = ["SPEC_TEXT", "TRAIN_TEXT", "NetworkOptions", "make_network"]
+
+#: A training config sized for this network (README, "A 10-minute network"): six weeks are too short for the default
+#: config's 30-day contrastive negatives, and a 1-day lookback suits 10-minute steps on one CPU thread.
+TRAIN_TEXT = """\
+[model]
+lookback = "1d"
+horizon = "6h"
+d_model = 32
+n_heads = 4
+n_encoder_layers = 1
+n_decoder_layers = 1
+d_ff = 64
+local_window = 7
+n_freq = 8
+conv_kernels = [3, 5]
+smoother_widths = [3, 9]
+dropout = 0.0
+
+[data]
+val_stride = 36
+val_windows = 32
+
+[masking]
+max_block = "12h"
+long_from = "2h"
+
+[contrast]
+adjacent_min = "1h"
+adjacent_max = "4h"
+distant_min = "3d"
+
+[optim]
+batch_size = 16
+warmup_steps = 2
+steps_per_epoch = 10
+"""
 
 SPEC_TEXT = """\
 [dataset]
@@ -87,7 +123,7 @@ class NetworkOptions:
 
 
 def make_network(folder: str | Path, options: NetworkOptions | None = None) -> Path:
-    """Write ``folder/history/riverside.csv`` and ``folder/riverside.toml``.
+    """Write ``folder/history/riverside.csv``, ``folder/riverside.toml`` and a training config ``folder/train.toml``.
 
     Returns:
         The spec path.
@@ -136,6 +172,7 @@ def make_network(folder: str | Path, options: NetworkOptions | None = None) -> P
     stations = "".join(f'\n[[stations]]\nname = "site-{chr(ord("A") + k)}"\nlat = {52.50 + 0.02 * k:.2f}\n'
                        f"lon = {13.40 + 0.03 * k:.2f}\n" for k in range(o.stations))
     spec.write_text(SPEC_TEXT + stations)
+    (folder / "train.toml").write_text(TRAIN_TEXT)
     return spec
 
 

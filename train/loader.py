@@ -276,7 +276,11 @@ def load_dataset(
     if not frames:
         msg = f"{spec.path}: no readings found" + (f" for stations {sorted(wanted)}" if wanted else "")
         raise SpecError(msg)
-    return _by_station(frames, codes_of, wanted, spec, rep)
+    out = _by_station(frames, codes_of, wanted, spec, rep)
+    if wanted is None and (stray := sorted({d.name for d in spec.stations} - set(out))):
+        log.warning("%s: [[stations]] names %s that the files do not hold (a typo leaves a station without a position, "
+                    "and IDW off)", spec.path, ", ".join(stray))
+    return out
 
 
 def _long_frames(df, path: Path, st: np.ndarray, naive: np.ndarray, is_naive: bool, spec: DatasetSpec,

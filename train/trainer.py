@@ -577,7 +577,12 @@ def train(
     model = ConFill(cfg.model)
     net = _TrainNet(model, view_grad=cfg.contrast.view_grad)
     opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
-    sampler = ContrastiveSampler(prepared.train, cfg.contrast)
+    try:
+        sampler = ContrastiveSampler(prepared.train, cfg.contrast)
+    except ValueError as exc:  # a training range shorter than the contrastive sampler's distances
+        msg = (f"{exc}: the training range is too short for [contrast] of the training config; lower "
+               "contrast.distant_min (a duration, e.g. \"3d\"), or set loss.contrast = 0, or train on a longer range")
+        raise TrainError(msg) from exc
     valset = _make_valset(prepared.val, cfg, oc.seed, groups, prepared.val_context)
 
     step, epoch, best, bad_epochs, history = 0, 0, math.inf, 0, []

@@ -183,3 +183,14 @@ def test_own_network_from_csv_to_forecasts_on_mqtt(tmp_path, broker, capsys, mon
             agent.kill()
         log.close()
         collector.close()
+
+
+def test_a_history_too_short_for_the_default_contrast_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """Six weeks at 10 minutes with the default training config: 60 % of a station's span (3,629 steps) cannot hold
+    negatives 30 days (4,320 steps) apart. The user gets one line naming the key, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    make_network(tmp_path)
+    rc = main(["train", "--dataset", "riverside.toml", "--out", "run", "--max-steps", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    assert "too short (3629 steps) for distant negatives (4320 apart)" in err and "contrast.distant_min" in err

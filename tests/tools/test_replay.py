@@ -349,3 +349,10 @@ def test_topic_prefix_arg_keeps_a_good_prefix():
         topic_prefix_arg("a/#")
     with pytest.raises(argparse.ArgumentTypeError, match="must not be empty"):
         topic_prefix_arg("")
+
+
+def test_an_outage_outside_the_replayed_range_is_refused():
+    with pytest.raises(ReplayError, match="outside the replayed range"):
+        plan_replay({"A": _series("A", 10)}, outages=[Outage("A", T0 + 30 * 3600, 3.0)])
+    plan = plan_replay({"A": _series("A", 10)}, outages=[Outage("A", T0 + 8 * 3600, 5.0)])  # overlaps the end
+    assert int(plan.hidden["A"].sum()) == 2 * len(NAMES)
