@@ -123,7 +123,7 @@ def test_station_coordinates_in_the_gateway_config(tmp_path):
     from gapcast.edge.config import ConfigError, parse_config
 
     base = {"gateway": {"id": "gw"}, "mqtt": {"host": "localhost"}, "agent": {"state_dir": str(tmp_path)},
-            "stations": {"names": ["s1"], "coordinates": {"s1": [39.9, 116.4], "new": [39.95, 116.5]}}}
+            "stations": {"names": ["s1"], "auto_register": True, "coordinates": {"s1": [39.9, 116.4], "new": [39.95, 116.5]}}}
     cfg = parse_config(base, base=tmp_path)
     assert cfg.stations.coordinates == {"s1": (39.9, 116.4), "new": (39.95, 116.5)}
     base["stations"]["coordinates"] = {"s1": [139.9, 116.4]}
