@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -493,6 +494,7 @@ def train(
     resume: bool = False,
     init_from: str | os.PathLike | None = None,
     progress: bool = True,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """Train ConFill and write the run folder.
 
@@ -513,6 +515,9 @@ def train(
             see :meth:`ConFill.load_without_interp`; its projection head too when saved) with a fresh optimiser,
             step 0 and this config's schedule and masks. Ignored with ``resume``.
         progress: show a tqdm progress bar (rank 0 only).
+        clock: seconds counter for ``time_budget_min`` and the schedule: wall clock by default;
+            ``time.process_time`` counts this process's CPU seconds instead, so runs on a shared machine get the same
+            compute (``gapcast bench accuracy --budget-clock cpu``).
 
     Returns:
         :class:`TrainResult`.
@@ -643,7 +648,7 @@ def train(
     budget_s = time_budget_min * 60.0 if time_budget_min else None
     n_anchor = int(round(oc.batch_size * cfg.contrast.fraction)) if w.contrast > 0 else 0
     # The budget counts this invocation; the learning-rate schedule runs over the whole run (resumed parts too).
-    t_start = time.monotonic()
+    t_start = clock()
     schedule_s = elapsed_before + budget_s if budget_s else None
     bar = tqdm(total=oc.max_steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
     stop_reason = "max_steps"
@@ -652,7 +657,7 @@ def train(
     net.train()
     while step < oc.max_steps:
         # Rank 0's clock drives every rank's learning rate and time-budget stop: replicas never drift.
-        run_s = _shared_clock(time.monotonic() - t_start, distributed=distributed, device=device)
+        run_s = _shared_clock(clock() - t_start, distributed=distributed, device=device)
         elapsed = elapsed_before + run_s
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, elapsed, oc, schedule_s)
@@ -698,14 +703,14 @@ def train(
 
         # The step just done counts against the budget by rank 0's clock (the reading before the step plus its time
         # on rank 0), one broadcast decides for all.
-        out_of_time = _rank0_decides(budget_s is not None and time.monotonic() - t_start >= budget_s,
+        out_of_time = _rank0_decides(budget_s is not None and clock() - t_start >= budget_s,
                                      distributed=distributed, device=device)
         end_of_epoch = step % oc.steps_per_epoch == 0 or step >= oc.max_steps or out_of_time
         if not end_of_epoch:
             continue
         epoch += 1
         figures = _validate(model, valset, rank=rank, world=world, device=device)
-        record = {"epoch": epoch, "step": step, "seconds": round(elapsed_before + time.monotonic() - t_start, 1),
+        record = {"epoch": epoch, "step": step, "seconds": round(elapsed_before + clock() - t_start, 1),
                   "lr": opt.param_groups[0]["lr"], **{f"train_{k}": s / max(n_sum, 1) for k, s in sums.items()},
                   **figures}
         history.append(record)
@@ -717,7 +722,7 @@ def train(
             bad_epochs += 1
         if rank == 0:
             train_state = {"step": step, "epoch": epoch, "best_val": best, "bad_epochs": bad_epochs,
-                           "history": history, "elapsed_s": elapsed_before + time.monotonic() - t_start}
+                           "history": history, "elapsed_s": elapsed_before + clock() - t_start}
             if improved:
                 save_checkpoint(out / "best.pt", model, meta, **train_state, val=figures)
             save_checkpoint(out / "last.pt", model, meta, **train_state, val=figures,
