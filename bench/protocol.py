@@ -127,6 +127,11 @@ class ProtocolOptions:
     max_stations: int | None = None
     budget_clock: str = "wall"
 
+    def __post_init__(self) -> None:
+        if self.budget_clock not in ("wall", "cpu"):
+            msg = f"budget_clock must be 'wall' or 'cpu', not {self.budget_clock!r}"
+            raise ValueError(msg)
+
     def clock(self) -> Callable[[], float]:
         """The seconds counter the budget runs on (see ``budget_clock``)."""
         return time.process_time if self.budget_clock == "cpu" else time.perf_counter

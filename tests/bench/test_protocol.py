@@ -130,3 +130,14 @@ def test_holdout_scores_only_the_held_out_station(tmp_path, data_root):
     with pytest.raises(GapcastError, match="not in the data"):
         run_protocol(dataset="beijing", data=data_root, out=tmp_path / "x", progress=False,
                      options=dataclasses.replace(opts, holdout=("Nowhere",)))
+
+
+def test_budget_clock_is_wall_or_the_process_cpu_time():
+    import time
+
+    from gapcast.bench.protocol import ProtocolOptions
+
+    assert ProtocolOptions().clock() is time.perf_counter
+    assert ProtocolOptions(budget_clock="cpu").clock() is time.process_time
+    with pytest.raises(ValueError, match="budget_clock"):
+        ProtocolOptions(budget_clock="gpu")

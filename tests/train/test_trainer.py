@@ -144,3 +144,15 @@ def test_config_round_trip_and_errors(tmp_path):
         load_config(path)
     with pytest.raises(TrainError):
         load_config(tmp_path / "missing.toml")
+
+
+def test_time_budget_runs_on_the_given_clock(two_stations, tmp_path):
+    # A clock that jumps 40 s at every reading spends a 1-minute budget within the first two steps, however fast the
+    # machine: the budget counts the clock it is given (bench accuracy --budget-clock cpu passes time.process_time).
+    ticks = iter(range(0, 10**6, 40))
+    res = train(_tiny(max_steps=500, steps_per_epoch=500), out_dir=tmp_path / "fake", series=two_stations,
+                time_budget_min=1.0, clock=lambda: float(next(ticks)), progress=False)
+    assert res.stop_reason == "time_budget"
+    assert 1 <= res.steps <= 2
+    last = [json.loads(x) for x in (tmp_path / "fake" / "history.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == res.steps and last["seconds"] >= 60.0
