@@ -460,7 +460,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--pypots-train-windows", type=int, help="SAITS / BRITS training windows (default: all)")
     a.add_argument("--dlinear-epochs", type=int, default=10, help="DLinear epoch cap (default 10)")
     a.add_argument("--dlinear-stride", type=int, default=4, help="DLinear training-window stride (default 4)")
-    a.add_argument("--methods", help="comma-separated method name prefixes to run (default: all)")
+    a.add_argument("--methods", help="comma-separated method name prefixes to run (default: all); a trailing $ means that name "
+                   "exactly ('ConFill$' leaves out the ablations)")
     a.add_argument("--reuse-baselines", action="store_true",
                    help="save SAITS / BRITS under OUT/models and reuse them when the config matches")
     a.set_defaults(func=_accuracy)

@@ -98,7 +98,8 @@ class ProtocolOptions:
     Attributes:
         budget_min: wall-clock training budget of every learned method and seed, minutes.
         seeds: training seeds (each learned method runs once per seed).
-        methods: name prefixes to run (None: all); matched case-insensitively against the method names.
+        methods: name prefixes to run (None: all); matched case-insensitively against the method names; a
+            trailing ``$`` asks for that name exactly (``ConFill$``: ConFill without its ablations).
         stride: steps between test-window starts.
         max_windows: at most this many test windows per station (None: all).
         mask_seed: seed of the test scenario masks (the same for every method and seed).
@@ -147,7 +148,12 @@ def all_methods() -> list[str]:
 
 
 def _wanted(opts: ProtocolOptions, name: str) -> bool:
-    return opts.methods is None or any(name.lower().startswith(m.strip().lower()) for m in opts.methods)
+    if opts.methods is None:
+        return True
+    for m in (m.strip().lower() for m in opts.methods):
+        if name.lower() == m.removesuffix("$") if m.endswith("$") else name.lower().startswith(m):
+            return True
+    return False
 
 
 def edge_scenarios(observed_past: np.ndarray, cadence_s: int):

@@ -141,3 +141,15 @@ def test_budget_clock_is_wall_or_the_process_cpu_time():
     assert ProtocolOptions(budget_clock="cpu").clock() is time.process_time
     with pytest.raises(ValueError, match="budget_clock"):
         ProtocolOptions(budget_clock="gpu")
+
+
+def test_methods_match_by_prefix_or_exactly_with_a_dollar():
+    from gapcast.bench.protocol import ProtocolOptions, _wanted
+
+    prefix = ProtocolOptions(methods=("confill", "SAITS"))
+    assert [m for m in ABLATIONS if _wanted(prefix, m)] == list(ABLATIONS)
+    assert _wanted(prefix, "SAITS") and not _wanted(prefix, "BRITS")
+    exact = ProtocolOptions(methods=("ConFill$", "linear"))
+    assert [m for m in ABLATIONS if _wanted(exact, m)] == ["ConFill"]
+    assert _wanted(exact, "linear interpolation") and not _wanted(exact, "LOCF")
+    assert _wanted(ProtocolOptions(), "TimesNet")
