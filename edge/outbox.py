@@ -342,6 +342,19 @@ def _statvfs_free(folder: Path) -> Callable[[], int]:
 _REOPEN_EVERY_S = 2.0
 
 
+def release_inflight(inflight: set[int], outbox_ids: Iterable[int] | None) -> int:
+    """Take ``outbox_ids`` (every one when None) out of an outbox's in-flight set, in place; ids not in flight are
+    ignored. Shared by :class:`SQLiteOutbox` and :class:`gapcast.edge.outbox_memory.MemoryOutbox`, whose caller
+    holds the outbox's lock.
+
+    Returns:
+        How many were in flight (and are now released).
+    """
+    ids = set(inflight) if outbox_ids is None else set(outbox_ids) & inflight
+    inflight -= ids
+    return len(ids)
+
+
 class SQLiteOutbox:
     """The durable outbox (the other implementation of :class:`Outbox` is the in-memory ``MemoryOutbox``).
 
@@ -862,9 +875,7 @@ class SQLiteOutbox:
             How many were released. They are handed out again by :meth:`next_batch`, in their original order.
         """
         with self._lock:
-            ids = set(self._inflight) if outbox_ids is None else set(outbox_ids) & self._inflight
-            self._inflight -= ids
-            return len(ids)
+            return release_inflight(self._inflight, outbox_ids)
 
     # -- the input journal ------------------------------------------------------------------------------------
 
