@@ -17,6 +17,12 @@ same way. Without a backend, or when it fails, imputation falls back to linear i
 Normalisation is the card's mean/std; the calendar features are ``gapcast.calendar.calendar_features`` over the L
 past and H future step starts, in the card's time zone (``calendar.timezone``, else ``utc_offset_s``: what
 training used).
+
+Beside it: :mod:`gapcast.edge.coresettings` (the policy from ``edge.toml``), :mod:`gapcast.edge.interpolation` (the
+no-model backend) and :mod:`gapcast.edge.agent_status` (status, skill and drift messages, the window snapshot); the
+names defined there stay importable from here. (Over 600 lines on purpose: ingest, step closing and the round's
+gather / infer / emit stages all read and write the same station windows, due set and counters; cut apart they would
+pass that state around or reach into each other.)
 """
 
 from __future__ import annotations
@@ -29,31 +35,30 @@ from typing import Any
 
 import numpy as np
 
-from gapcast.baselines import locf
 from gapcast.calendar import calendar_features
-from gapcast.duration import format_duration
+from gapcast.edge.agent_status import StatusAndState
 from gapcast.edge.backends import Backend
 from gapcast.edge.bundle import Card
 from gapcast.edge.config import EdgeConfig
+from gapcast.edge.coresettings import CoreSettings, aggregate_rules  # re-exported: edge.agent's names
+from gapcast.edge.interpolation import (  # re-exported: edge.agent's names
+    InterpolationBackend,
+    interpolate_batch,
+)
 from gapcast.edge.messages import (
-    AGGREGATES,
     OutMessage,
     Reading,
     ReadingSchema,
     Rejection,
     Topics,
     deadletter_message,
-    drift_message,
     filled_message,
     forecast_message,
     iso,
     parse_reading,
     revision_message,
-    skill_message,
-    status_message,
 )
 from gapcast.edge.skill import SkillSettings, SkillTracker
-from gapcast.edge.variant import variant_status
 from gapcast.edge.window import StationWindow, WindowSpec
 from gapcast.neighbours import context_for_windows, extend_by_coordinates
 
@@ -66,126 +71,6 @@ steps_log = logging.getLogger("gapcast.edge.steps")
 
 #: Unknown channel names counted one by one in the status; further names are counted under "(other)".
 _MAX_IGNORED_NAMES = 100
-
-
-def interpolate_batch(values: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`gapcast.baselines.linear_interpolate` for a batch of windows (same results, no per-series
-    Python loop): linear in time between the nearest observations on each side, the nearest observation beyond the
-    first/last one, 0 (the normalised mean) for a channel never observed.
-
-    Args:
-        values: [B, L, C] float32, anything where unobserved.
-        observed: [B, L, C] bool.
-
-    Returns:
-        [B, L, C] float32, equal to ``values`` where observed.
-    """
-    B, L, C = values.shape
-    t = np.arange(L)[None, :, None]
-    prev = np.maximum.accumulate(np.where(observed, t, -1), axis=1)  # [B, L, C] index of the last observation <= t
-    nxt = np.flip(np.minimum.accumulate(np.flip(np.where(observed, t, L), axis=1), axis=1), axis=1)  # first >= t
-    has_prev, has_next = prev >= 0, nxt < L
-    v_prev = np.take_along_axis(values, np.clip(prev, 0, L - 1), axis=1)
-    v_next = np.take_along_axis(values, np.clip(nxt, 0, L - 1), axis=1)
-    span = np.maximum(nxt - prev, 1)
-    w = (t - prev) / span
-    inner = v_prev + w * (v_next - v_prev)
-    out = np.where(has_prev & has_next, inner, np.where(has_prev, v_prev, np.where(has_next, v_next, 0.0)))
-    return np.where(observed, values, out).astype(np.float32)
-
-
-class InterpolationBackend(Backend):
-    """The no-model backend: linear interpolation inside the window (LOCF at its newest edge) and a seasonal-naive
-    forecast (one day back when the cadence divides a day and the lookback holds a day; persistence otherwise).
-
-    Args:
-        horizon: H, steps.
-        season: season length, steps (0: persistence).
-    """
-
-    name = "interpolation"
-
-    def __init__(self, horizon: int, season: int = 0) -> None:
-        self.horizon = horizon
-        self.season = season
-
-    def describe(self) -> str:
-        fc = f"seasonal naive ({self.season} steps)" if self.season else "persistence"
-        return f"interpolation (linear in the window, LOCF at its edge; forecast {fc}, {self.horizon} steps)"
-
-    def run(self, values: np.ndarray, observed: np.ndarray, calendar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`gapcast.edge.backends.Backend.run`."""
-        m = observed > 0.5
-        imputed = interpolate_batch(values, m)
-        if self.season and values.shape[-2] >= self.season:
-            T = values.shape[-2]
-            filled = locf(values, m)
-            idx = T - self.season + (np.arange(self.horizon) % self.season)
-            forecast = np.take(filled, idx, axis=-2)
-        else:
-            forecast = np.repeat(locf(values, m)[..., -1:, :], self.horizon, axis=-2)
-        return imputed.astype(np.float32), forecast.astype(np.float32)
-
-
-@dataclass(frozen=True)
-class CoreSettings:
-    """The core's policy, taken from :class:`~gapcast.edge.config.EdgeConfig`.
-
-    Attributes:
-        stations: configured station names.
-        auto_register: serve stations that are not listed, up to ``max_stations``.
-        max_stations: cap on station windows.
-        clock: ``gateway`` or ``readings`` (what closes a silent station's steps).
-        lateness_s, max_future_s: time rules, seconds.
-        max_missing_share: no forecast above this share of missing window values.
-        max_batch: rows per backend call.
-        max_pending: open steps per station beyond the lookback (ring slack).
-        max_catchup_steps: at most this many steps of one station are closed in one go; an older backlog (a
-            gateway that was off for weeks) is skipped, counted and logged.
-        fleet: the gateway's fleet (``gateway.fleet``), named in its status so ``gapcast fleet status`` finds it.
-        aggregate: [C] rule per channel for several readings inside one step (``mean``, ``last``, ``sum``;
-            empty: ``last``); :meth:`AgentCore.from_config` resolves it from ``edge.toml`` and the card.
-    """
-
-    stations: tuple[str, ...] = ()
-    auto_register: bool = False
-    max_stations: int = 1000
-    clock: str = "gateway"
-    lateness_s: float = 300.0
-    max_future_s: float = 300.0
-    max_missing_share: float = 0.5
-    max_batch: int = 64
-    max_pending: int = 48
-    max_catchup_steps: int = 24 * 31
-    fleet: str = "default"
-    aggregate: tuple[str, ...] = ()
-    skill: bool = True
-    skill_span_s: float = 7 * 86400.0
-    drift_after_s: float = 86400.0
-    skill_min_count: int = 200
-    shadow_share: float = 0.0
-    coordinates: dict[str, tuple[float, float]] = field(default_factory=dict)  # station -> (lat, lon), issue 20
-
-    @classmethod
-    def from_config(cls, cfg: EdgeConfig) -> CoreSettings:
-        return cls(
-            stations=cfg.stations.names,
-            auto_register=cfg.stations.auto_register,
-            max_stations=cfg.stations.max_stations,
-            clock=cfg.agent.clock,
-            lateness_s=cfg.input.lateness_s,
-            max_future_s=cfg.input.max_future_s,
-            max_missing_share=cfg.agent.max_missing_share,
-            max_batch=cfg.model.max_batch,
-            fleet=cfg.fleet,
-            skill=cfg.skill.enabled,
-            skill_span_s=cfg.skill.span_s,
-            drift_after_s=cfg.skill.drift_after_s,
-            skill_min_count=cfg.skill.min_count,
-            shadow_share=cfg.skill.shadow_share,
-            coordinates=dict(cfg.stations.coordinates),
-        )
-
 
 
 @dataclass
@@ -212,7 +97,7 @@ class _Row:
     revisions: list[tuple[int, int, str]] = field(default_factory=list)
 
 
-class AgentCore:
+class AgentCore(StatusAndState):
     """The pure agent: windows for every station, step closing, batched inference and output messages.
 
     Args:
@@ -580,95 +465,144 @@ class AgentCore:
 
     def _emit(self, rows: list[_Row], batch: _Batch, imputed: np.ndarray, forecast: np.ndarray, used: np.ndarray,
               now_s: float) -> list[OutMessage]:
-        """The round's messages, in row order: revisions, then the newest step's filled values and forecast."""
-        L, H = self.L, self.H
-        raw, obs, hidden, with_ctx = batch.raw, batch.obs, batch.hidden, batch.with_ctx
+        """The round's messages, in row order: revisions, then the newest step's filled values and forecast.
+
+        Args:
+            rows: the round's B rows; batch: their :class:`_Batch`.
+            imputed: [B, L, C] normalised; forecast: [B, H, C] normalised; used: [B] the backend name per row.
+            now_s: the gateway clock, epoch seconds (stamped on the messages).
+
+        Returns:
+            The messages; counters, the round figures, ``no_forecast`` and the skill tracker are updated on the way.
+        """
+        raw, obs = batch.raw, batch.obs
         # Back to physical units, inside each channel's valid range.
         imp_phys = np.clip(imputed * self.std + self.mean, self.vmin, self.vmax)
         fc_phys = np.clip(forecast * self.std + self.mean, self.vmin, self.vmax)
         filled = np.where(obs, raw, imp_phys)
         out: list[OutMessage] = []
-        sk = self.skill
-        if sk is not None:
+        last_obs = before = None
+        if self.skill is not None:
             last_obs = _last_observed(raw, obs)  # [B, C] the newest observed value in each window (NaN: none)
             before = _last_observed(raw[:, :-1], obs[:, :-1])  # [B, C] LOCF's fill of the newest step
-            season = sk.settings.season_steps
         # The version that served this batch (a fleet update or rollback may have swapped it).
         if self.backend.model_version is not None:
             self.model_version = int(self.backend.model_version)
-        cad, mv, names = self.cadence_s, self.model_version, self.channels
-        share_max = self.settings.max_missing_share
         for b, r in enumerate(rows):
             model = used[b] != self.fallback.name
-            ctx_kind = "neighbours" if model and with_ctx[b] else "none"
-            step_s = r.end * cad
-            for lo, hi, reason in r.revisions:
-                first = max(lo, r.end - L + 1)
-                if first > hi:
-                    continue
-                i0, i1 = first - (r.end - L + 1), hi - (r.end - L + 1) + 1
-                out.append(
-                    revision_message(
-                        self.topics, r.station, first * cad, cad, names, filled[b, i0:i1], ~obs[b, i0:i1],
-                        "model" if model else "interpolation", mv, reason, now_s, units=self.units,
-                        context=ctx_kind,
-                    )
-                )
-                self.counters["revisions"] += 1
-                self._round["revisions"] += 1
-                if sk is not None and reason == "gap_end":  # the outage's real-time fills vs their revision
-                    sk.observe_revision(r.station, first, filled[b, i0:i1])
-                steps_log.debug(
-                    "%s revision %s..%s (%d steps, %s, %s)",
-                    r.station, iso(first * cad), iso(hi * cad), hi - first + 1, reason, used[b],
-                )
+            ctx_kind = "neighbours" if model and batch.with_ctx[b] else "none"
+            out += self._emit_revisions(r, filled[b], obs[b], model, ctx_kind, used[b], now_s)
             if not r.fill:
                 continue
-            if sk is not None:
-                seas = (raw[b, -1 - season], obs[b, -1 - season]) if season else (None, None)
-                sk.observe(r.station, r.end, raw[b, -1], obs[b, -1], *seas)
-                sk.note_fill(r.station, r.end, filled[b, -1], ~obs[b, -1])
-                if hidden[b].any():
-                    sk.observe_fill(r.station, r.end, imp_phys[b, -1], raw[b, -1], hidden[b], before[b])
-                    self.counters["shadow_hidden"] += int(hidden[b].sum())
-            imp_mask = ~obs[b, -1]
-            out.append(
-                filled_message(
-                    self.topics, r.station, step_s, cad, names, filled[b, -1], imp_mask,
-                    "model" if model else "locf", mv, now_s, units=self.units, context=ctx_kind,
-                )
+            if self.skill is not None:
+                self._observe_step(r, raw[b], obs[b], filled[b], imp_phys[b], batch.hidden[b], before[b])
+            out += self._emit_step(
+                r, filled[b], obs[b], fc_phys[b], model, ctx_kind, used[b], now_s,
+                last_obs[b] if last_obs is not None else None,
             )
-            self.counters["filled"] += 1
-            n_imp = int(imp_mask.sum())
-            self.counters["imputed_values"] += n_imp
-            if not model:
-                self.counters["fallback_steps"] += 1
-                self._round["fallback"] += 1
-            self._round["steps"] += 1
-            self._round["imputed"] += n_imp
-            self._round_stations.add(r.station)
-            share = 1.0 - float(obs[b].mean())
-            if share > share_max:
-                reason = f"window {share:.0%} missing > max_missing_share {share_max:.0%} (step {iso(step_s)})"
-                self.no_forecast[r.station] = reason
-                self.counters["no_forecast"] += 1
-                steps_log.debug("%s step %s: %d/%d imputed (%s); no forecast: %s", r.station, iso(step_s), n_imp, self.C, used[b], reason)
+        return out
+
+    def _emit_revisions(self, r: _Row, filled: np.ndarray, obs: np.ndarray, model: bool, ctx_kind: str, used: str,
+                        now_s: float) -> list[OutMessage]:
+        """One revision message per revised span of row ``r`` that lies inside its window (the rest is clipped).
+
+        Args:
+            filled: [L, C] physical, readings where observed; obs: [L, C] bool; model: the model served the row;
+            ctx_kind: ``neighbours`` or ``none``; used: the backend name; now_s: epoch seconds.
+        """
+        L, cad, out = self.L, self.cadence_s, []
+        sk = self.skill
+        for lo, hi, reason in r.revisions:
+            first = max(lo, r.end - L + 1)
+            if first > hi:
                 continue
-            self.no_forecast.pop(r.station, None)
-            method = "model" if model else ("seasonal_naive" if self.fallback.season else "persistence")
+            i0, i1 = first - (r.end - L + 1), hi - (r.end - L + 1) + 1
             out.append(
-                forecast_message(
-                    self.topics, r.station, step_s, cad, names, fc_phys[b], share, method, mv, now_s, units=self.units,
+                revision_message(
+                    self.topics, r.station, first * cad, cad, self.channels, filled[i0:i1], ~obs[i0:i1],
+                    "model" if model else "interpolation", self.model_version, reason, now_s, units=self.units,
                     context=ctx_kind,
                 )
             )
-            self.counters["forecasts"] += 1
-            if sk is not None:
-                sk.issue(r.station, r.end, fc_phys[b], last_obs[b])
+            self.counters["revisions"] += 1
+            self._round["revisions"] += 1
+            if sk is not None and reason == "gap_end":  # the outage's real-time fills vs their revision
+                sk.observe_revision(r.station, first, filled[i0:i1])
             steps_log.debug(
-                "%s step %s: %d/%d imputed, window %.0f%% missing, forecast %d steps (%s)",
-                r.station, iso(step_s), n_imp, self.C, 100 * share, H, used[b],
+                "%s revision %s..%s (%d steps, %s, %s)",
+                r.station, iso(first * cad), iso(hi * cad), hi - first + 1, reason, used,
             )
+        return out
+
+    def _observe_step(self, r: _Row, raw: np.ndarray, obs: np.ndarray, filled: np.ndarray, imp_phys: np.ndarray,
+                      hidden: np.ndarray, before: np.ndarray) -> None:
+        """Feed the skill tracker the row's newest step: the readings that score earlier forecasts, the published
+        fill, and the shadow-hidden cells (scored against the fill, ``before`` [C] being LOCF's).
+
+        Args:
+            raw: [L, C] physical (NaN unobserved); obs: [L, C] bool; filled, imp_phys: [L, C] physical;
+            hidden: [C] bool; before: [C] physical.
+        """
+        sk = self.skill
+        assert sk is not None
+        season = sk.settings.season_steps
+        seas = (raw[-1 - season], obs[-1 - season]) if season else (None, None)
+        sk.observe(r.station, r.end, raw[-1], obs[-1], *seas)
+        sk.note_fill(r.station, r.end, filled[-1], ~obs[-1])
+        if hidden.any():
+            sk.observe_fill(r.station, r.end, imp_phys[-1], raw[-1], hidden, before)
+            self.counters["shadow_hidden"] += int(hidden.sum())
+
+    def _emit_step(self, r: _Row, filled: np.ndarray, obs: np.ndarray, fc_phys: np.ndarray, model: bool,
+                   ctx_kind: str, used: str, now_s: float, last_obs: np.ndarray | None) -> list[OutMessage]:
+        """The filled message of row ``r``'s newest step, and its forecast unless the window's missing share is over
+        ``max_missing_share`` (then the reason goes to ``no_forecast``).
+
+        Args:
+            filled: [L, C] physical; obs: [L, C] bool; fc_phys: [H, C] physical; last_obs: [C] the newest observed
+                values (for the skill tracker; None when skill is off); the rest as :meth:`_emit_revisions`.
+        """
+        cad, mv, names = self.cadence_s, self.model_version, self.channels
+        step_s = r.end * cad
+        imp_mask = ~obs[-1]
+        out = [
+            filled_message(
+                self.topics, r.station, step_s, cad, names, filled[-1], imp_mask,
+                "model" if model else "locf", mv, now_s, units=self.units, context=ctx_kind,
+            )
+        ]
+        self.counters["filled"] += 1
+        n_imp = int(imp_mask.sum())
+        self.counters["imputed_values"] += n_imp
+        if not model:
+            self.counters["fallback_steps"] += 1
+            self._round["fallback"] += 1
+        self._round["steps"] += 1
+        self._round["imputed"] += n_imp
+        self._round_stations.add(r.station)
+        share = 1.0 - float(obs.mean())
+        share_max = self.settings.max_missing_share
+        if share > share_max:
+            reason = f"window {share:.0%} missing > max_missing_share {share_max:.0%} (step {iso(step_s)})"
+            self.no_forecast[r.station] = reason
+            self.counters["no_forecast"] += 1
+            steps_log.debug("%s step %s: %d/%d imputed (%s); no forecast: %s", r.station, iso(step_s), n_imp, self.C, used, reason)
+            return out
+        self.no_forecast.pop(r.station, None)
+        method = "model" if model else ("seasonal_naive" if self.fallback.season else "persistence")
+        out.append(
+            forecast_message(
+                self.topics, r.station, step_s, cad, names, fc_phys, share, method, mv, now_s, units=self.units,
+                context=ctx_kind,
+            )
+        )
+        self.counters["forecasts"] += 1
+        if self.skill is not None:
+            self.skill.issue(r.station, r.end, fc_phys, last_obs)
+        steps_log.debug(
+            "%s step %s: %d/%d imputed, window %.0f%% missing, forecast %d steps (%s)",
+            r.station, iso(step_s), n_imp, self.C, 100 * share, self.H, used,
+        )
         return out
 
     def _context(self, rows: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
@@ -700,175 +634,6 @@ class AgentCore:
                     ctx[b], ctx_obs[b] = c
         self.counters["context_rows"] += int(ctx_obs.reshape(B, -1).any(axis=1).sum())
         return ctx, ctx_obs
-
-    def _check_drift(self, rows: list[_Row], now_s: float) -> list[OutMessage]:
-        """Drift of every station of the batch at its newest closed step; a drift message when the set changed."""
-        assert self.skill is not None
-        newest: dict[str, int] = {}
-        for r in rows:
-            if r.fill:
-                newest[r.station] = max(r.end, newest.get(r.station, r.end))
-        changed = False
-        for name, end in newest.items():
-            ev = self.skill.check_drift(name, end * self.cadence_s)
-            if ev is None:
-                if self.drift.pop(name, None) is not None:
-                    log.info("station %s: forecast skill back within the naive methods; drift cleared", name)
-                    changed = True
-                continue
-            evidence = {
-                "station": name, "ratio": round(ev["ratio"], 4), "n": ev["n"], "since": iso(ev["since_s"]),
-                "for": format_duration(ev["for_s"]) if ev["for_s"] > 0 else "0s", "buckets": ev["buckets"],
-            }
-            if name not in self.drift:
-                log.warning(
-                    "station %s: model drift: forecast MAE is %.2fx the better naive method's over %s (%d values), "
-                    "worse since %s", name, ev["ratio"], format_duration(self.skill.settings.span_s), ev["n"],
-                    evidence["since"],
-                )
-                self.counters["drift_raised"] += 1
-                changed = True
-            self.drift[name] = evidence
-        return [self.drift_message(now_s)] if changed else []
-
-    def drift_message(self, now_s: float) -> OutMessage:
-        """The retained drift notice with every station in drift (empty: none)."""
-        return drift_message(self.topics, [self.drift[k] for k in sorted(self.drift)], now_s, self.model_version)
-
-    def skill_body(self) -> dict[str, Any]:
-        """The gateway's rolling skill (:meth:`SkillTracker.summary`), the shadow fill skill, and per station."""
-        sk = self.skill
-        if sk is None:
-            return {"enabled": False}
-        body = sk.summary()
-        body["fill"] = sk.fill_mae()
-        body["revision"] = sk.revision_mae()
-        body["drift"] = sorted(self.drift)
-        body["stations"] = {
-            name: {**sk.station_mae(name), "drift": name in self.drift, "fill": sk.fill_mae(name),
-                   "revision": sk.revision_mae(name)}
-            for name in sorted(sk.stations)
-        }
-        return body
-
-    def skill_message(self, now_s: float) -> OutMessage | None:
-        """The retained ``{prefix}/gateways/{gateway}/skill`` message (None when skill is off)."""
-        if self.skill is None:
-            return None
-        body = self.skill_body()
-        body.pop("drift", None)
-        return skill_message(self.topics, body, now_s, self.model_version)
-
-    def take_round(self) -> dict[str, int]:
-        """What was closed since the last call, and reset: ``steps`` (filled steps), ``stations`` (distinct),
-        ``imputed`` (channel values imputed), ``fallback`` (steps filled without the model), ``revisions``.
-        The shell logs it as the round's one INFO line."""
-        out = {k: int(self._round[k]) for k in ("steps", "imputed", "fallback", "revisions")}
-        out["stations"] = len(self._round_stations)
-        self._round.clear()
-        self._round_stations.clear()
-        return out
-
-    # -- status and state ------------------------------------------------------------------------------------
-
-    def status_body(self) -> dict[str, Any]:
-        """Counters and state for the status message (the shell adds connection and outbox figures)."""
-        reasons = dict(sorted(self.no_forecast.items())[:50])
-        return {
-            "fleet": self.settings.fleet,
-            "model": {
-                "name": self.card.model_name,
-                "version": self.model_version,
-                "cadence_s": self.cadence_s,
-                "lookback": self.L,
-                "horizon": self.H,
-            },
-            "backend": self.backend.name,
-            "variant": variant_status(self.backend),  # the onnxruntime variant chosen on this gateway, and why
-            "clock": self.settings.clock,
-            "stations": len(self.windows),
-            "counters": dict(sorted(self.counters.items())),
-            "missing": dict(sorted(self.missing.items())),
-            "rejected": dict(sorted(self.rejected.items())),
-            "ignored_channels": dict(sorted(self.ignored.items())),
-            "no_forecast": reasons,
-            "no_forecast_stations": len(self.no_forecast),
-            "context": self._status_context(),
-            "skill": self._status_skill(),
-        }
-
-    def _status_context(self) -> dict[str, Any]:
-        """Neighbour context: ``none`` for a temporal-only model; else the stations served with and without it."""
-        if self.context_spec is None:
-            return {"kind": "none"}
-        return {"kind": "neighbours", "stations_with": sum(1 for n in self.windows if n not in self.no_context),
-                "without": dict(sorted(self.no_context.items())[:50])}
-
-    def _status_skill(self) -> dict[str, Any]:
-        """The status's skill section: the gateway summary, the fill skill and the stations in drift."""
-        if self.skill is None:
-            return {"enabled": False}
-        return {**self.skill.summary(), "fill": self.skill.fill_mae(), "revision": self.skill.revision_mae(),
-                "drift": sorted(self.drift)}
-
-    def status(self, now_s: float, extra: dict[str, Any] | None = None) -> OutMessage:
-        """The retained status message (``state: online``) with counters; ``extra`` is merged in."""
-        body = self.status_body()
-        if extra:
-            body.update(extra)
-        return status_message(self.topics, body, now_s, self.model_version)
-
-    def state_meta(self) -> dict[str, Any]:
-        """Compatibility keys a snapshot must match to be restored into this core.
-
-        The model version is deliberately absent: windows hold raw physical values, so a snapshot taken under one
-        model restores under another with the same channels, cadence and lookback (after a fleet update or an
-        automatic rollback).
-        """
-        return {
-            "channels": list(self.channels),
-            "cadence_s": self.cadence_s,
-            "lookback": self.L,
-            "capacity": self.spec.capacity,
-        }
-
-    def export_state(self) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]:
-        """Every station's window as ``name -> (arrays, meta)`` (see :meth:`StationWindow.export_state`)."""
-        out = {name: w.export_state() for name, w in self.windows.items()}
-        if self.skill is not None:  # additive: the skill arrays ride along as "skill.*" arrays of the station
-            for name, arrays in self.skill.export_state().items():
-                if name in out:
-                    win, meta = out[name]
-                    out[name] = ({**win, **{f"skill.{k}": v for k, v in arrays.items()}}, meta)
-        return out
-
-    def restore_state(self, stations: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]) -> int:
-        """Restore windows exported by :meth:`export_state` (skipping ones that do not fit, logged).
-
-        Returns:
-            How many stations were restored.
-        """
-        n = 0
-        skill_state: dict[str, dict[str, np.ndarray]] = {}
-        for name, (arrays, meta) in stations.items():
-            sk_arrays = {k[6:]: v for k, v in arrays.items() if k.startswith("skill.")}
-            if sk_arrays:
-                skill_state[name] = sk_arrays
-                arrays = {k: v for k, v in arrays.items() if not k.startswith("skill.")}
-            try:
-                self.windows[name] = StationWindow.from_state(self.spec, arrays, meta)
-                n += 1
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning("window of %s not restored: %s", name, exc)
-        if self.skill is not None and skill_state:
-            try:
-                self.skill.restore_state({k: v for k, v in skill_state.items() if k in self.windows})
-            except (KeyError, ValueError, TypeError, IndexError) as exc:
-                log.warning("skill state not restored: %s", exc)
-        wm = [w.ref_s for w in self.windows.values() if math.isfinite(w.ref_s)]
-        if wm:
-            self.watermark_s = max(wm)
-        return n
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig, card: Card, backend: Backend | None = None) -> AgentCore:
@@ -917,32 +682,3 @@ def _last_observed(raw: np.ndarray, obs: np.ndarray) -> np.ndarray:
     idx = np.where(obs, np.arange(L)[None, :, None], -1).max(axis=1)  # [B, C]
     vals = np.take_along_axis(raw, np.clip(idx, 0, L - 1)[:, None, :], axis=1)[:, 0, :].astype(np.float64)
     return np.where(idx >= 0, vals, np.nan)
-
-
-def aggregate_rules(card: Card, default: str | None = None, per_channel: dict[str, str] | None = None) -> tuple[str, ...]:
-    """The rule (``mean``, ``last``, ``sum``) for several readings of each card channel inside one step.
-
-    Precedence per channel: ``per_channel`` (``input.channel_aggregate``), then ``default`` (``input.aggregate``),
-    then the card's own rule for the channel (``channels[i].aggregate``), then the card's dataset rule
-    (``aggregate``, ``dataset.aggregate`` or ``dataset.source.aggregate``: the dataset spec's), then ``mean``.
-
-    Raises:
-        ConfigError: ``per_channel`` names a channel the card does not have.
-    """
-    from gapcast.edge import ConfigError
-
-    names = card.channel_names
-    for name in per_channel or {}:
-        if name not in names:
-            raise ConfigError(f"input.channel_aggregate.{name}: not a channel of the model ({', '.join(names)})")
-    raw = card.raw if isinstance(card.raw, dict) else {}
-    ds = raw.get("dataset") if isinstance(raw.get("dataset"), dict) else {}
-    src = ds.get("source") if isinstance(ds.get("source"), dict) else {}
-    card_default = next((r for r in (raw.get("aggregate"), ds.get("aggregate"), src.get("aggregate")) if r in AGGREGATES), None)
-    card_channels: dict[str, str] = {}
-    for spec in list(raw.get("channels") or []) + list(ds.get("channels") or []):
-        if isinstance(spec, dict) and spec.get("aggregate") in AGGREGATES and isinstance(spec.get("name"), str):
-            card_channels.setdefault(spec["name"], spec["aggregate"])
-    return tuple(
-        (per_channel or {}).get(n) or default or card_channels.get(n) or card_default or "mean" for n in names
-    )

@@ -208,76 +208,106 @@ def check_broker(cfg: EdgeConfig, timeout_s: float = 10.0) -> BrokerCheck:
     res = BrokerCheck()
     if not _tcp_and_tls(cfg, res, timeout_s):
         return res
-    b = cfg.broker
     topics = Topics(cfg.topic_prefix, cfg.gateway_id)
     p = _Probe(cfg)
-    user = f"user {b.username!r}" if b.username else "anonymous"
     try:
-        try:
-            p.c.connect(b.host, b.port, keepalive=max(b.keepalive_s, 10))
-        except ssl.SSLError as exc:
-            res.add("connect", False, f"TLS: {exc}", "tls")
+        if not _connect_step(cfg, p, res, timeout_s):
             return res
-        except OSError as exc:
-            res.add("connect", False, f"cannot connect: {exc}", "refused")
+        readable = _subscribe_step(p, topics, res, timeout_s)
+        if readable is None:
             return res
-        p.c.loop_start()
-        if not p.connack.wait(timeout_s):
-            why = _auth_reason(p.disconnect_reason, p.v5) if p.disconnect_reason is not None else None
-            if why:
-                res.add("connect", False, f"the broker refused {user}: {why}", "auth")
-            else:
-                hint = "" if b.tls.enabled else " (a TLS-only listener? mqtt.tls.enabled = false)"
-                res.add("connect", False, f"no CONNACK within {timeout_s:g} s{hint}", "protocol")
-            return res
-        rc = p.reason
-        if rc.is_failure:
-            why = _auth_reason(rc, p.v5)
-            if why:
-                res.add("connect", False, f"the broker refused {user}: {why} (mqtt.username / mqtt.password)", "auth")
-            else:
-                res.add("connect", False, f"the broker refused the connection: {rc}", "protocol")
-            return res
-        res.add("connect", True, f"MQTT {b.mqtt_version} session as {user}, client id {cfg.client_id}-check")
-
-        with p.lock:
-            p.got.clear()
-        ok = True
-        for topic in (topics.readings_filter, topics.status):
-            _, mid = p.c.subscribe(topic, qos=1)
-            if not _wait(lambda m=mid: m in p.suback, timeout_s):
-                res.add("subscribe", False, f"no SUBACK for {topic} within {timeout_s:g} s", "protocol")
-                return res
-            codes = p.suback[mid]
-            failed = [c for c in codes if getattr(c, "is_failure", False) or int(getattr(c, "value", c)) >= 0x80]
-            if topic == topics.readings_filter:
-                if failed:
-                    res.add("subscribe", False, f"the broker refused the subscription to {topic} ({failed[0]}): ACL denied", "acl")
-                    return res
-                res.add("subscribe", True, f"{topic} granted QoS {int(getattr(codes[0], 'value', codes[0]))}")
-            elif failed:
-                ok = False  # reading back our own status is only for the 3.1.1 echo check below
-
-        info = p.c.publish(topics.status, offline_payload(cfg.gateway_id, "connection check", fleet=cfg.fleet), qos=1)
-        if not _wait(lambda: info.mid in p.puback, timeout_s):
-            res.add("publish", False, f"no PUBACK for {topics.status} within {timeout_s:g} s", "protocol")
-            return res
-        prc = p.puback[info.mid]
-        if getattr(prc, "is_failure", False):
-            res.add("publish", False, f"the broker refused the publish to {topics.status} ({prc}): ACL denied", "acl")
-            return res
-        echoed = ok and _wait(lambda: any(t == topics.status for t, _ in p.got), min(timeout_s, 3.0))
-        if echoed:
-            res.add("publish", True, f"{topics.status} acknowledged and read back")
-        elif p.v5:
-            res.add("publish", True, f"{topics.status} acknowledged, but not read back (may this user read it?)", "warning")
-        else:
-            res.add(
-                "publish", False,
-                f"{topics.status} acknowledged but never delivered: the broker dropped it (ACL denied; MQTT 3.1.1 "
-                "brokers drop a denied publish silently)",
-                "acl",
-            )
+        _publish_step(cfg, p, topics, res, timeout_s, readable)
         return res
     finally:
         p.close()
+
+
+def _connect_step(cfg: EdgeConfig, p: _Probe, res: BrokerCheck, timeout_s: float) -> bool:
+    """Step "connect": open the MQTT session and wait for the CONNACK; adds the step to ``res``.
+
+    Returns:
+        Whether the session is up (else the failed step names its kind: ``tls``, ``refused``, ``auth`` or
+        ``protocol``). Raises nothing for a broker problem.
+    """
+    b = cfg.broker
+    user = f"user {b.username!r}" if b.username else "anonymous"
+    try:
+        p.c.connect(b.host, b.port, keepalive=max(b.keepalive_s, 10))
+    except ssl.SSLError as exc:
+        res.add("connect", False, f"TLS: {exc}", "tls")
+        return False
+    except OSError as exc:
+        res.add("connect", False, f"cannot connect: {exc}", "refused")
+        return False
+    p.c.loop_start()
+    if not p.connack.wait(timeout_s):
+        why = _auth_reason(p.disconnect_reason, p.v5) if p.disconnect_reason is not None else None
+        if why:
+            res.add("connect", False, f"the broker refused {user}: {why}", "auth")
+        else:
+            hint = "" if b.tls.enabled else " (a TLS-only listener? mqtt.tls.enabled = false)"
+            res.add("connect", False, f"no CONNACK within {timeout_s:g} s{hint}", "protocol")
+        return False
+    rc = p.reason
+    if rc.is_failure:
+        why = _auth_reason(rc, p.v5)
+        if why:
+            res.add("connect", False, f"the broker refused {user}: {why} (mqtt.username / mqtt.password)", "auth")
+        else:
+            res.add("connect", False, f"the broker refused the connection: {rc}", "protocol")
+        return False
+    res.add("connect", True, f"MQTT {b.mqtt_version} session as {user}, client id {cfg.client_id}-check")
+    return True
+
+
+def _subscribe_step(p: _Probe, topics: Topics, res: BrokerCheck, timeout_s: float) -> bool | None:
+    """Step "subscribe": the readings filter (must be granted) and the gateway's own status topic.
+
+    Returns:
+        None when the step failed (added to ``res``: no SUBACK, ``protocol``; refused, ``acl``); else whether the
+        status subscription was granted too (reading back our own publish needs it).
+    """
+    with p.lock:
+        p.got.clear()
+    ok = True
+    for topic in (topics.readings_filter, topics.status):
+        _, mid = p.c.subscribe(topic, qos=1)
+        if not _wait(lambda m=mid: m in p.suback, timeout_s):
+            res.add("subscribe", False, f"no SUBACK for {topic} within {timeout_s:g} s", "protocol")
+            return None
+        codes = p.suback[mid]
+        failed = [c for c in codes if getattr(c, "is_failure", False) or int(getattr(c, "value", c)) >= 0x80]
+        if topic == topics.readings_filter:
+            if failed:
+                res.add("subscribe", False, f"the broker refused the subscription to {topic} ({failed[0]}): ACL denied", "acl")
+                return None
+            res.add("subscribe", True, f"{topic} granted QoS {int(getattr(codes[0], 'value', codes[0]))}")
+        elif failed:
+            ok = False  # reading back our own status is only for the 3.1.1 echo check below
+    return ok
+
+
+def _publish_step(cfg: EdgeConfig, p: _Probe, topics: Topics, res: BrokerCheck, timeout_s: float,
+                  readable: bool) -> None:
+    """Step "publish": an offline status at QoS 1, its PUBACK, and (when ``readable``) reading it back, which on
+    MQTT 3.1.1 is the only way to see a publish the broker's ACL dropped silently. Adds the step to ``res``."""
+    info = p.c.publish(topics.status, offline_payload(cfg.gateway_id, "connection check", fleet=cfg.fleet), qos=1)
+    if not _wait(lambda: info.mid in p.puback, timeout_s):
+        res.add("publish", False, f"no PUBACK for {topics.status} within {timeout_s:g} s", "protocol")
+        return
+    prc = p.puback[info.mid]
+    if getattr(prc, "is_failure", False):
+        res.add("publish", False, f"the broker refused the publish to {topics.status} ({prc}): ACL denied", "acl")
+        return
+    echoed = readable and _wait(lambda: any(t == topics.status for t, _ in p.got), min(timeout_s, 3.0))
+    if echoed:
+        res.add("publish", True, f"{topics.status} acknowledged and read back")
+    elif p.v5:
+        res.add("publish", True, f"{topics.status} acknowledged, but not read back (may this user read it?)", "warning")
+    else:
+        res.add(
+            "publish", False,
+            f"{topics.status} acknowledged but never delivered: the broker dropped it (ACL denied; MQTT 3.1.1 "
+            "brokers drop a denied publish silently)",
+            "acl",
+        )

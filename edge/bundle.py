@@ -105,23 +105,29 @@ class Card:
     def channel_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.channels)
 
+    def _per_channel(self, attr: str) -> np.ndarray:
+        """[C] float32: the channels' ``attr`` (``mean``, ``std``, ``valid_min``, ``valid_max``), in card order."""
+        return np.array([getattr(c, attr) for c in self.channels], dtype=np.float32)
+
     @property
     def mean(self) -> np.ndarray:
         """[C] float32 normalisation means."""
-        return np.array([c.mean for c in self.channels], dtype=np.float32)
+        return self._per_channel("mean")
 
     @property
     def std(self) -> np.ndarray:
         """[C] float32 normalisation standard deviations."""
-        return np.array([c.std for c in self.channels], dtype=np.float32)
+        return self._per_channel("std")
 
     @property
     def valid_min(self) -> np.ndarray:
-        return np.array([c.valid_min for c in self.channels], dtype=np.float32)
+        """[C] float32 lowest valid value of each channel, physical units."""
+        return self._per_channel("valid_min")
 
     @property
     def valid_max(self) -> np.ndarray:
-        return np.array([c.valid_max for c in self.channels], dtype=np.float32)
+        """[C] float32 highest valid value of each channel, physical units."""
+        return self._per_channel("valid_max")
 
     @property
     def utc_offset_s(self) -> int:

@@ -7,19 +7,20 @@ Relative paths are resolved against the config file's folder.
 
 Security default: TLS, when enabled, verifies the broker's certificate and host name. Turning verification off needs
 an explicit ``tls_insecure = true``, which the agent logs as a warning at every start.
+
+The value types are in :mod:`gapcast.edge.settings` (re-exported here) and the typed, key-naming table reader in
+:mod:`gapcast.edge.tomltable`; this module holds the parser, one stage per TOML table, and :func:`load_config`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 
 try:  # Python 3.11+; JetPack 6's TensorRT bindings are for Python 3.10, which needs the tomli backport
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,24 @@ from gapcast.edge.messages import (
     topic_prefix_problem,
     topic_template_problem,
 )
-from gapcast.edge.outbox import OutboxConfig
+from gapcast.edge.settings import (  # the value types live there; re-exported so every import keeps working
+    BACKENDS,
+    DEFAULT_PREFIX,
+    VARIANTS,
+    AgentSettings,
+    BrokerSettings,
+    EdgeConfig,
+    InputSettings,
+    LogSettings,
+    MetricsSettings,
+    ModelSettings,
+    OutboxSettings,
+    SkillConfig,
+    StationSettings,
+    TLSSettings,
+    UpdateSettings,
+)
+from gapcast.edge.tomltable import TomlTable as _Section
 
 __all__ = [
     "BACKENDS",
@@ -54,391 +72,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "gapcast/v1"
-#: Backend preferences ``model.backend`` accepts (``auto`` = TensorRT, then onnxruntime, then interpolation).
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "interpolation")
-#: Values of ``model.variant`` (``auto`` = timed on the gateway; a name pins that bundle variant).
-VARIANTS = ("auto", "fp32", "int8_cpu", "int8_qdq")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
-@dataclass(frozen=True)
-class TLSSettings:
-    """TLS towards the broker.
-
-    Attributes:
-        enabled: use TLS (port 8883 by convention).
-        ca_file: CA bundle that signed the broker's certificate (None: the system's trust store).
-        cert_file, key_file: client certificate and key for mutual TLS (both or neither).
-        insecure: skip certificate and host-name verification. Off by default; logged as a warning when on.
-    """
-
-    enabled: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure: bool = False
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """The MQTT connection.
-
-    Attributes:
-        host, port: the broker.
-        mqtt_version: ``"5"`` (default) or ``"3.1.1"``.
-        client_id: MQTT client id; must be stable across restarts for the persistent session to survive.
-        keepalive_s: MQTT keepalive, seconds.
-        session_expiry_s: MQTT 5 Session Expiry Interval, seconds: how long the broker keeps this client's
-            subscriptions and queued QoS 1 readings while it is away. With 3.1.1, ``clean_session = false``.
-        username, password: broker authentication (``password_file`` in TOML reads the password from a file).
-        tls: see :class:`TLSSettings`.
-        reconnect_min_s, reconnect_max_s: reconnect back-off bounds, seconds (doubling from min up to max).
-        max_inflight: QoS 1 messages published and not yet acknowledged at once.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    mqtt_version: str = "5"
-    client_id: str = ""
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: TLSSettings = field(default_factory=TLSSettings)
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 60
-    max_inflight: int = 100
-
-
-@dataclass(frozen=True)
-class StationSettings:
-    """Which stations the gateway serves.
-
-    Attributes:
-        names: the configured stations (empty with ``auto_register``: any station that publishes is served).
-        auto_register: accept readings from stations not listed, up to ``max_stations`` in total.
-        max_stations: hard cap on the number of station windows (memory bound); readings from more are rejected.
-        coordinates: station -> (lat, lon) degrees (``[stations.coordinates] NAME = [lat, lon]``): a station not
-            in a context model's neighbour list gets its nearest neighbours by distance (issue 20).
-    """
-
-    names: tuple[str, ...] = ()
-    auto_register: bool = False
-    max_stations: int = 1000
-    coordinates: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """The model bundle and the inference backend.
-
-    Attributes:
-        bundle: the bundle directory or ``.tar`` (None: no model; the agent fills by interpolation / LOCF).
-        trusted_keys: Ed25519 public keys (PEM files or 64 hex characters) the bundle's signature must verify under.
-        backend: ``auto``, ``tensorrt``, ``onnxruntime`` or ``interpolation``.
-        threads: CPU threads for onnxruntime (0: its default).
-        max_batch: most windows per backend call; larger batches are split.
-        variant: onnxruntime variant: ``auto`` (time the gated variants on this gateway at start and after an
-            update, run the fastest: :mod:`gapcast.edge.variant`) or a variant name that pins it (``fp32``,
-            ``int8_cpu``, ...).
-        variant_budget_s: time bound of that choice, seconds (loading and timed runs together).
-    """
-
-    bundle: Path | None = None
-    trusted_keys: tuple[str, ...] = ()
-    backend: str = "auto"
-    threads: int = 0
-    max_batch: int = 64
-    variant: str = "auto"
-    variant_budget_s: float = 3.0
-
-
-@dataclass(frozen=True)
-class InputSettings:
-    """Incoming readings: time rules, missing-value markers and limits.
-
-    Attributes:
-        lateness_s: a reading for an already closed step is still accepted (and the step revised) while the
-            station's newest time is at most this far past the step's end, seconds. Also the grace after a step's
-            end before a silent station's step is closed on the clock.
-        max_future_s: readings stamped more than this ahead of the gateway clock are rejected, seconds.
-        sentinels: values that mean "missing" (e.g. -200, -9999), compared exactly.
-        max_payload_bytes: larger payloads are rejected before parsing.
-        max_json_depth: deeper JSON nesting is rejected.
-        unknown_channels: ``ignore`` (default: counted per channel in the status, the rest of the reading used; a
-            message with no known channel at all is dead-lettered) or ``reject`` (the whole reading).
-        topic: the readings topic template: ``{prefix}/stations/{station}/readings`` (one JSON reading per message)
-            or one with ``{channel}`` such as ``sensors/{station}/{channel}`` (one value per message: a bare number
-            or ``{"value": x, "ts": t}``; without ``ts`` the gateway's arrival time is the event time).
-        aliases: name a station sends -> the model channel it feeds (checked against the bundle's card).
-        scale: name as sent -> factor its values are multiplied by (unit conversion, e.g. mg/m3 -> ug/m3: 1000).
-        epoch: numeric timestamps: ``auto`` (by magnitude: epoch seconds or milliseconds), ``s`` or ``ms``.
-        max_keys: most keys one JSON object of a reading may hold.
-        aggregate: rule for several readings of one channel inside one step, ``mean``, ``last`` or ``sum``
-            (None: the bundle card's rule when it has one, else ``mean``).
-        channel_aggregate: model channel -> rule, overriding ``aggregate`` and the card for that channel.
-    """
-
-    lateness_s: float = 300.0
-    max_future_s: float = 300.0
-    sentinels: tuple[float, ...] = (-200.0, -9999.0)
-    max_payload_bytes: int = 16384
-    max_json_depth: int = 8
-    unknown_channels: str = "ignore"
-    topic: str = DEFAULT_READINGS_TOPIC
-    aliases: dict[str, str] = field(default_factory=dict)
-    scale: dict[str, float] = field(default_factory=dict)
-    epoch: str = "auto"
-    max_keys: int = 1024
-    aggregate: str | None = None
-    channel_aggregate: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """Policy and housekeeping of the agent core and shell.
-
-    Attributes:
-        clock: ``gateway`` (silent stations' steps close on the gateway's monotonic clock) or ``readings`` (they
-            close when the newest reading of any station passes them: for replays of recorded data).
-        max_missing_share: a window with a larger share of missing values gets no forecast (a status says why).
-        tick_interval_s: how often the shell runs the core's clock tick, seconds (monotonic).
-        status_interval_s: how often the retained status message is refreshed, seconds.
-        state_dir: folder for the outbox database and the window snapshots.
-        snapshot_interval_s: window-state snapshot period, seconds (monotonic).
-    """
-
-    clock: str = "gateway"
-    max_missing_share: float = 0.5
-    tick_interval_s: float = 1.0
-    status_interval_s: float = 30.0
-    state_dir: Path = Path("state")
-    snapshot_interval_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class OutboxSettings:
-    """The outbox every outgoing message passes through (the SQLite one in ``gapcast.edge.outbox``).
-
-    Attributes:
-        kind: ``sqlite`` (durable, default) or ``memory`` (tests, or a gateway without writable storage).
-        max_bytes: cap on stored messages, bytes.
-        max_age_s: messages older than this are dropped as expired, seconds (0: never).
-        drop_order: kinds dropped first when full, oldest first.
-        synchronous: SQLite ``PRAGMA synchronous`` (``FULL`` survives power loss).
-        rate_per_s, burst: the token bucket that paces a backlog flush, messages/s and messages.
-        min_free_bytes: free-space reserve of the state file system, bytes (``gapcast.edge.outbox.OutboxConfig``).
-    """
-
-    # The defaults are the outbox's own (one place: gapcast.edge.outbox.OutboxConfig).
-    kind: str = "sqlite"
-    max_bytes: int = OutboxConfig.max_bytes
-    max_age_s: float = OutboxConfig.max_age_s
-    drop_order: tuple[str, ...] = OutboxConfig.drop_order
-    synchronous: str = OutboxConfig.synchronous
-    rate_per_s: float = OutboxConfig.rate_per_s
-    burst: int = OutboxConfig.burst
-    min_free_bytes: int = OutboxConfig.min_free_bytes
-
-
-@dataclass(frozen=True)
-class UpdateSettings:
-    """Fleet model updates (``gapcast.edge.updater``; releases come from ``gapcast fleet publish``).
-
-    Attributes:
-        enabled: follow the fleet's signed releases on ``{prefix}/fleet/{gateway.fleet}/...``. The bundle then runs
-            from ``state_dir/current``; ``model.bundle`` is only the first one (or a newer one installed by hand).
-        state_dir: bundle slots, the ``current`` symlink and the update journal (default ``agent.state_dir/models``).
-        health_steps: steps after a switch during which a bad output (exception, NaN, out of range) rolls back.
-        max_artifact_bytes: larger release artifacts are refused before download, bytes.
-        max_attempts: how often an update interrupted by a restart is retried before it is refused.
-        range_slack: tolerated excursion beyond a channel's valid range in the health check, share of its width.
-    """
-
-    enabled: bool = False
-    state_dir: Path | None = None
-    health_steps: int = 3
-    max_artifact_bytes: int = 256 * 1024 * 1024
-    max_attempts: int = 2
-    range_slack: float = 0.25
-
-
-@dataclass(frozen=True)
-class MetricsSettings:
-    """The Prometheus endpoint (``gapcast.edge.metrics``).
-
-    Attributes:
-        listen: ``HOST:PORT`` to serve ``/metrics`` on (e.g. ``127.0.0.1:9108``); empty: off (the default).
-        station_labels: export per-station output counters (one series per registered station and kind).
-    """
-
-    listen: str = ""
-    station_labels: bool = True
-
-
-@dataclass(frozen=True)
-class SkillConfig:
-    """Online forecast skill and drift (``gapcast.edge.skill``).
-
-    Attributes:
-        enabled: score every forecast against the readings that arrive (default on).
-        span_s: the rolling span, seconds (``span = "7d"``).
-        drift_after_s: how long a station must be worse than the better naive method before drift (``"24h"``).
-        min_count: scored values a station needs in the span before its ratio counts.
-        shadow_share: share (0..1) of the newest step's observed values withheld from the model input only (never
-            from the published value) to score real-time fills against the real reading; 0 = off (the default).
-        dashboard_listen: ``[dashboard] listen = "HOST:PORT"``: serve the dashboard inside the agent; empty: off.
-    """
-
-    enabled: bool = True
-    span_s: float = 7 * 86400.0
-    drift_after_s: float = 86400.0
-    min_count: int = 200
-    shadow_share: float = 0.0
-    dashboard_listen: str = ""
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    """The agent's log output (``gapcast.edge.logs``).
-
-    Attributes:
-        format: ``text`` or ``json`` (one object per line); under journald without own timestamps, with ``<N>``
-            priority prefixes.
-        level: ``debug``, ``info``, ``warning`` or ``error``.
-        steps: show the per-station step lines (DEBUG) without turning on DEBUG for everything; by default each
-            round logs one INFO summary line.
-    """
-
-    format: str = "text"
-    level: str = "info"
-    steps: bool = False
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """The whole gateway configuration.
-
-    Attributes:
-        gateway_id: this gateway's name (status and dead-letter topics).
-        topic_prefix: MQTT topic prefix, default ``gapcast/v1``.
-        fleet: the fleet this gateway belongs to (model updates topic).
-        broker, stations, model, input, agent, outbox: the sections.
-        source: the file it was loaded from (None when parsed from a dict).
-    """
-
-    gateway_id: str
-    topic_prefix: str = DEFAULT_PREFIX
-    fleet: str = "default"
-    broker: BrokerSettings = field(default_factory=BrokerSettings)
-    stations: StationSettings = field(default_factory=StationSettings)
-    model: ModelSettings = field(default_factory=ModelSettings)
-    input: InputSettings = field(default_factory=InputSettings)
-    agent: AgentSettings = field(default_factory=AgentSettings)
-    outbox: OutboxSettings = field(default_factory=OutboxSettings)
-    update: UpdateSettings = field(default_factory=UpdateSettings)
-    metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    log: LogSettings = field(default_factory=LogSettings)
-    source: Path | None = None
-    skill: SkillConfig = field(default_factory=SkillConfig)
-
-    @property
-    def client_id(self) -> str:
-        """The MQTT client id: ``broker.client_id`` or ``gapcast-<gateway_id>``."""
-        return self.broker.client_id or f"gapcast-{self.gateway_id}"
-
-
 # -- parsing helpers -------------------------------------------------------------------------------------------
-
-
-class _Section:
-    """Typed reads from one TOML table; every error names the dotted key; leftovers are unknown keys."""
-
-    def __init__(self, data: Any, name: str, base: Path) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{name}: must be a table, got {type(data).__name__}")
-        self.data = dict(data)
-        self.name = name
-        self.base = base
-        self.used: set[str] = set()
-
-    def key(self, k: str) -> str:
-        return f"{self.name}.{k}" if self.name else k
-
-    def _get(self, k: str) -> Any:
-        self.used.add(k)
-        return self.data.get(k)
-
-    def has(self, k: str) -> bool:
-        return k in self.data
-
-    def str_(self, k: str, default: str | None, *, choices: tuple[str, ...] | None = None) -> str | None:
-        v = self._get(k)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            raise ConfigError(f"{self.key(k)}: must be a string, got {v!r}")
-        if choices is not None and v not in choices:
-            raise ConfigError(f"{self.key(k)}: must be one of {', '.join(choices)}; got {v!r}")
-        return v
-
-    def bool_(self, k: str, default: bool) -> bool:
-        v = self._get(k)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise ConfigError(f"{self.key(k)}: must be true or false, got {v!r}")
-        return v
-
-    def int_(self, k: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        v = self._get(k)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{self.key(k)}: must be an integer, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ConfigError(f"{self.key(k)}: must be in {lo}..{hi if hi is not None else 'inf'}, got {v}")
-        return v
-
-    def float_(self, k: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
-        v = self._get(k)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ConfigError(f"{self.key(k)}: must be a finite number, got {v!r}")
-        v = float(v)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ConfigError(f"{self.key(k)}: must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
-        return v
-
-    def path(self, k: str, default: Path | None) -> Path | None:
-        v = self.str_(k, None)
-        if v is None or v == "":
-            return default
-        p = Path(v).expanduser()
-        return p if p.is_absolute() else (self.base / p)
-
-    def list_(self, k: str, kind: type | tuple[type, ...]) -> tuple | None:
-        v = self._get(k)
-        if v is None:
-            return None
-        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, kind) for x in v):
-            name = kind.__name__ if isinstance(kind, type) else "number"
-            raise ConfigError(f"{self.key(k)}: must be a list of {name}s, got {v!r}")
-        return tuple(v)
-
-    def table(self, k: str) -> _Section:
-        self.used.add(k)
-        return _Section(self.data.get(k), self.key(k), self.base)
-
-    def done(self) -> None:
-        extra = sorted(set(self.data) - self.used)
-        if extra:
-            where = f"[{self.name}]" if self.name else "the top level"
-            raise ConfigError(f"unknown key(s) in {where}: {', '.join(self.key(e) for e in extra)}")
 
 
 def _name(sec: _Section, k: str, value: str) -> str:
@@ -524,23 +161,15 @@ def _drop_order(sec: _Section) -> tuple[str, ...]:
     return tuple(order)
 
 
-def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path | None = None) -> EdgeConfig:
-    """Build an :class:`EdgeConfig` from a parsed TOML document.
-
-    Args:
-        data: the TOML document as a dict.
-        base: folder that relative paths are resolved against (default: the current folder).
-        source: the file it came from, kept for messages.
+def _parse_gateway(top: _Section) -> tuple[str, str]:
+    """Read ``[gateway]``: this gateway's id (required) and its fleet.
 
     Returns:
-        The validated configuration.
+        ``(gateway_id, fleet)``.
 
     Raises:
-        ConfigError: a missing, mistyped, out-of-range or unknown key; the message names it.
+        ConfigError: ``gateway.id`` missing, a name outside 1-64 of ``A-Z a-z 0-9 _ . -``, or an unknown key.
     """
-    base = base or Path.cwd()
-    top = _Section(data, "", base)
-
     gw = top.table("gateway")
     gateway_id = gw.str_("id", None)
     if not gateway_id:
@@ -548,11 +177,18 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     _name(gw, "id", gateway_id)
     fleet = _name(gw, "fleet", gw.str_("fleet", "default") or "default")
     gw.done()
+    return gateway_id, fleet
 
-    m = top.table("mqtt")
-    prefix = m.str_("topic_prefix", DEFAULT_PREFIX)
-    if why := topic_prefix_problem(prefix):
-        raise ConfigError(f"mqtt.topic_prefix: {why} (default {DEFAULT_PREFIX!r})")
+
+def _parse_password(m: _Section) -> tuple[str | None, str | None]:
+    """Read ``mqtt.username`` and the password, given inline or in ``mqtt.password_file``.
+
+    Returns:
+        ``(username, password)``; either may be None.
+
+    Raises:
+        ConfigError: both password keys set, the password file unreadable, or a password without a username.
+    """
     password = m.str_("password", None)
     pw_file = m.path("password_file", None)
     if password is not None and pw_file is not None:
@@ -565,6 +201,16 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     username = m.str_("username", None)
     if password is not None and not username:
         raise ConfigError("mqtt.password: given without mqtt.username")
+    return username, password
+
+
+def _parse_tls(m: _Section) -> TLSSettings:
+    """Read ``[mqtt.tls]``.
+
+    Raises:
+        ConfigError: only one of cert/key given, TLS files set while TLS is off, a file that does not exist, or an
+            unknown key.
+    """
     t = m.table("tls")
     tls = TLSSettings(
         enabled=t.bool_("enabled", False),
@@ -582,6 +228,25 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         p = getattr(tls, k)
         if p is not None and not p.is_file():
             raise ConfigError(f"mqtt.tls.{k}: {p} does not exist")
+    return tls
+
+
+def _parse_mqtt(top: _Section) -> tuple[str, BrokerSettings]:
+    """Read ``[mqtt]`` (with ``[mqtt.tls]``): the topic prefix and the broker connection.
+
+    Returns:
+        ``(topic_prefix, broker)``.
+
+    Raises:
+        ConfigError: a bad topic prefix, password, TLS setting or range (``reconnect_max_s < reconnect_min_s``, a
+            client id over 128 characters, an empty host), or an unknown key.
+    """
+    m = top.table("mqtt")
+    prefix = m.str_("topic_prefix", DEFAULT_PREFIX)
+    if why := topic_prefix_problem(prefix):
+        raise ConfigError(f"mqtt.topic_prefix: {why} (default {DEFAULT_PREFIX!r})")
+    username, password = _parse_password(m)
+    tls = _parse_tls(m)
     rmin = m.int_("reconnect_min_s", 1, 1, 3600)
     rmax = m.int_("reconnect_max_s", 60, 1, 86400)
     if rmax < rmin:
@@ -607,7 +272,16 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         max_inflight=m.int_("max_inflight", 100, 1, 65535),
     )
     m.done()
+    return prefix, broker
 
+
+def _parse_stations(top: _Section) -> StationSettings:
+    """Read ``[stations]`` (with ``[stations.coordinates]``).
+
+    Raises:
+        ConfigError: a bad or duplicate name, no stations and no auto-registration, ``max_stations`` below the
+            listed count, coordinates for an unlisted station while auto-registration is off, or an unknown key.
+    """
     s = top.table("stations")
     names = s.list_("names", str) or ()
     for n in names:
@@ -625,7 +299,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         raise ConfigError(f"stations.coordinates.{stray[0]}: not in stations.names (and auto_register is off)")
     stations = StationSettings(names=tuple(names), auto_register=auto, max_stations=max_stations, coordinates=coords)
     s.done()
+    return stations
 
+
+def _parse_model(top: _Section, base: Path) -> ModelSettings:
+    """Read ``[model]``; a trusted key is a 64-hex public key or a key file path (resolved against ``base``).
+
+    Raises:
+        ConfigError: a bad choice or range, a bundle without trusted keys, or an unknown key.
+    """
     md = top.table("model")
     bundle = md.path("bundle", None)
     keys = md.list_("trusted_keys", str) or ()
@@ -648,7 +330,16 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     if model.bundle is not None and not model.trusted_keys:
         raise ConfigError("model.trusted_keys: required when model.bundle is set (bundles must be signed)")
     md.done()
+    return model
 
+
+def _parse_input(top: _Section, prefix: str, gateway_id: str) -> InputSettings:
+    """Read ``[input]`` (with ``aliases``, ``scale`` and ``channel_aggregate``); the readings topic is checked
+    against ``prefix`` and ``gateway_id``.
+
+    Raises:
+        ConfigError: a bad type, range, choice, topic template or channel name, a zero scale, or an unknown key.
+    """
     i = top.table("input")
     sentinels = i.list_("sentinels", (int, float))
     inp = InputSettings(
@@ -667,7 +358,16 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         channel_aggregate=_name_map(i.table("channel_aggregate"), lambda sec, k: sec.str_(k, None, choices=AGGREGATES)),
     )
     i.done()
+    return inp
 
+
+def _parse_agent(top: _Section, base: Path) -> AgentSettings:
+    """Read ``[agent]``; ``state_dir`` defaults to ``base / "state"``.
+
+    Raises:
+        ConfigError: a bad type, range or choice, an unknown key, or a ``state_dir`` that exists and is not a
+            folder.
+    """
     a = top.table("agent")
     agent = AgentSettings(
         clock=a.str_("clock", "gateway", choices=("gateway", "readings")) or "gateway",
@@ -681,7 +381,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     for key, d in (("agent.state_dir", agent.state_dir),):
         if d.exists() and not d.is_dir():
             raise ConfigError(f"{key}: {d} exists and is not a directory (the agent keeps its outbox and snapshots there)")
+    return agent
 
+
+def _parse_outbox(top: _Section) -> OutboxSettings:
+    """Read ``[outbox]``.
+
+    Raises:
+        ConfigError: a bad type, range or choice, a bad ``drop_order``, or an unknown key.
+    """
     o = top.table("outbox")
     outbox = OutboxSettings(
         kind=o.str_("kind", "sqlite", choices=("sqlite", "memory")) or "sqlite",
@@ -694,7 +402,16 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         min_free_bytes=o.int_("min_free_bytes", 64 * 1024 * 1024, 0),
     )
     o.done()
+    return outbox
 
+
+def _parse_update(top: _Section, agent: AgentSettings, model: ModelSettings) -> UpdateSettings:
+    """Read ``[update]``; ``state_dir`` defaults to ``agent.state_dir / "models"``.
+
+    Raises:
+        ConfigError: a bad type or range, an unknown key, a ``state_dir`` that is not a folder, or updates enabled
+            without ``model.trusted_keys``.
+    """
     u = top.table("update")
     update = UpdateSettings(
         enabled=u.bool_("enabled", False),
@@ -709,7 +426,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         raise ConfigError(f"update.state_dir: {update.state_dir} exists and is not a directory")
     if update.enabled and not model.trusted_keys:
         raise ConfigError("update.enabled: needs model.trusted_keys (releases and bundles must be signed)")
+    return update
 
+
+def _parse_metrics(top: _Section) -> MetricsSettings:
+    """Read ``[metrics]``; ``listen`` must parse as ``HOST:PORT``.
+
+    Raises:
+        ConfigError: a bad type, a ``listen`` address that does not parse, or an unknown key.
+    """
     mt = top.table("metrics")
     metrics = MetricsSettings(listen=mt.str_("listen", "") or "", station_labels=mt.bool_("station_labels", True))
     if metrics.listen:
@@ -720,7 +445,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         except ValueError as exc:
             raise ConfigError(f"metrics.listen: {exc}") from exc
     mt.done()
+    return metrics
 
+
+def _parse_log(top: _Section) -> LogSettings:
+    """Read ``[log]``.
+
+    Raises:
+        ConfigError: a bad type or choice, or an unknown key.
+    """
     lg = top.table("log")
     log_settings = LogSettings(
         format=lg.str_("format", "text", choices=("text", "json")) or "text",
@@ -728,7 +461,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
         steps=lg.bool_("steps", False),
     )
     lg.done()
+    return log_settings
 
+
+def _parse_skill(top: _Section) -> SkillConfig:
+    """Read ``[skill]`` and ``[dashboard]`` (its ``listen`` travels in the skill settings).
+
+    Raises:
+        ConfigError: a bad type, range or duration, or an unknown key in either table.
+    """
     sk = top.table("skill")
     skill = SkillConfig(
         enabled=sk.bool_("enabled", True),
@@ -741,6 +482,40 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path
     db = top.table("dashboard")
     skill = SkillConfig(**{**skill.__dict__, "dashboard_listen": db.str_("listen", "") or ""})
     db.done()
+    return skill
+
+
+def parse_config(data: dict[str, Any], *, base: Path | None = None, source: Path | None = None) -> EdgeConfig:
+    """Build an :class:`EdgeConfig` from a parsed TOML document.
+
+    One stage per TOML table, in the order the tables are checked (so the first wrong key is the one reported):
+    gateway, mqtt, stations, model, input, agent, outbox, update, metrics, log, skill (+ dashboard), then the
+    top level's unknown keys.
+
+    Args:
+        data: the TOML document as a dict.
+        base: folder that relative paths are resolved against (default: the current folder).
+        source: the file it came from, kept for messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: a missing, mistyped, out-of-range or unknown key; the message names it.
+    """
+    base = base or Path.cwd()
+    top = _Section(data, "", base)
+    gateway_id, fleet = _parse_gateway(top)
+    prefix, broker = _parse_mqtt(top)
+    stations = _parse_stations(top)
+    model = _parse_model(top, base)
+    inp = _parse_input(top, prefix, gateway_id)
+    agent = _parse_agent(top, base)
+    outbox = _parse_outbox(top)
+    update = _parse_update(top, agent, model)
+    metrics = _parse_metrics(top)
+    log_settings = _parse_log(top)
+    skill = _parse_skill(top)
     top.done()
 
     cfg = EdgeConfig(

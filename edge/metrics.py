@@ -239,11 +239,21 @@ class _SnapshotCollector:
         return []
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-
+        """The metric families of the latest snapshot (none before the first): counters, gauges, the model info and
+        the online skill. Called by prometheus_client on its HTTP thread; raises nothing of its own."""
         s = self.m.snapshot()
         if not s:
             return
+        yield from self._counters(s)
+        yield from self._gauges(s)
+        yield self._model_info(s)
+        yield from self._skill(s)
+
+    def _counters(self, s: dict[str, Any]):
+        """The counter families: readings, rejections, missing values and outputs by kind, the core's and the shell's
+        other counters, per-station outputs (when ``station_labels``) and the outbox's drops by kind and reason."""
+        from prometheus_client.core import CounterMetricFamily
+
         counters = dict(s.get("counters", {}))
 
         def by_kind(name: str, doc: str, items: dict[str, Any]) -> CounterMetricFamily:
@@ -279,6 +289,13 @@ class _SnapshotCollector:
                 fam.add_metric([str(k), reason], float(v))
         yield fam
 
+    def _gauges(self, s: dict[str, Any]):
+        """The gauges: connection, stations, outbox depth/bytes/oldest age and uptime (a value that is not a number
+        is left out)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        outbox = s.get("outbox", {})
+
         def gauge(name: str, doc: str, value: Any) -> GaugeMetricFamily | None:
             return GaugeMetricFamily(name, doc, value=float(value)) if isinstance(value, int | float) else None
 
@@ -293,6 +310,11 @@ class _SnapshotCollector:
         ):
             if g is not None:
                 yield g
+
+    def _model_info(self, s: dict[str, Any]):
+        """``gapcast_model``: the gateway, fleet, model name and version and the serving backend."""
+        from prometheus_client.core import InfoMetricFamily
+
         model = s.get("model", {})
         info = InfoMetricFamily("gapcast_model", "The model and backend that serve.")
         info.add_metric(
@@ -305,7 +327,13 @@ class _SnapshotCollector:
                 "backend": str(s.get("backend", "")),
             },
         )
-        yield info
+        return info
+
+    def _skill(self, s: dict[str, Any]):
+        """The online skill gauges (``gapcast.edge.skill``): MAE by horizon bucket and method, stations in drift, the
+        shadow fill MAE and the revision fill MAE; nothing while no bucket has figures."""
+        from prometheus_client.core import GaugeMetricFamily
+
         skill = s.get("skill") if isinstance(s.get("skill"), dict) else {}
         if skill.get("buckets"):  # online forecast skill (gapcast.edge.skill), the gateway's rolling figures
             fam = GaugeMetricFamily("gapcast_skill_mae", "Rolling forecast MAE (normalised units) by horizon bucket and "

@@ -342,6 +342,19 @@ def _statvfs_free(folder: Path) -> Callable[[], int]:
 _REOPEN_EVERY_S = 2.0
 
 
+def release_inflight(inflight: set[int], outbox_ids: Iterable[int] | None) -> int:
+    """Take ``outbox_ids`` (every one when None) out of an outbox's in-flight set, in place; ids not in flight are
+    ignored. Shared by :class:`SQLiteOutbox` and :class:`gapcast.edge.outbox_memory.MemoryOutbox`, whose caller
+    holds the outbox's lock.
+
+    Returns:
+        How many were in flight (and are now released).
+    """
+    ids = set(inflight) if outbox_ids is None else set(outbox_ids) & inflight
+    inflight -= ids
+    return len(ids)
+
+
 class SQLiteOutbox:
     """The durable outbox (the other implementation of :class:`Outbox` is the in-memory ``MemoryOutbox``).
 
@@ -546,47 +559,18 @@ class SQLiteOutbox:
         """
         items = [self._coerce(m) for m in msgs]
         journal = list(journal)
-        ids: list[int] = []
         with self._lock:
             if not self._ready_locked():
                 msg = f"outbox {self._path} is not open: the disk is full ({self._open_error})"
                 raise OutboxFull(msg)
             free = self._free_or_none()
             low = free is not None and free < self.config.min_free_bytes
-            droppable = set(self.config.drop_order)
             born = self.run_s()
-            dropped: Counter = Counter()
-            stored: Counter = Counter()
-            reserve = 0
             try:
                 self._begin_locked()
                 self._flush_acks_locked()
                 self._expire_locked()
-                self._db.executemany(
-                    "INSERT INTO journal (op, now_s, topic, payload, retained) VALUES (?, ?, ?, ?, ?)",
-                    [(str(op), float(now), str(t), bytes(p), int(bool(r))) for op, now, t, p, r in journal],
-                )
-                for m in items:
-                    size = m.size_bytes
-                    if size > self.config.max_bytes:
-                        dropped[m.kind] += 1
-                        ids.append(-1)
-                        continue
-                    if low and m.kind in droppable and not self._make_reserve_room_locked(size, dropped):
-                        dropped[m.kind] += 1
-                        reserve += 1
-                        ids.append(-1)
-                        continue
-                    self._make_room_locked(size, dropped)
-                    cur = self._db.execute(
-                        "INSERT INTO outbox (topic, payload, qos, retain, kind, msg_id, created_s, bytes, born_run_s)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.msg_id, m.created_s, size, born),
-                    )
-                    ids.append(int(cur.lastrowid))
-                    self._bytes += size
-                    self._count += 1
-                    stored[m.kind] += 1
+                ids, stored, dropped, reserve = self._insert_locked(items, journal, low, born)
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('run_s', ?)", (repr(born),))
                 self._commit_locked()
                 self._counters.put.update(stored)
@@ -598,19 +582,70 @@ class SQLiteOutbox:
                     raise OutboxFull(msg) from exc
                 msg = f"outbox write failed: {exc}"
                 raise OutboxError(msg) from exc
-            if self._full_since is not None:
-                log.warning("outbox: writes succeed again after %.0f s of a full disk", self._clock() - self._full_since)
-                self._full_since = None
-            if reserve:
-                self._counters.reserve_dropped += reserve
-            if dropped:
-                self._counters.dropped.update(dropped)
-                why = (
-                    f"free space {free} bytes below outbox.min_free_bytes {self.config.min_free_bytes}"
-                    if low else f"{self.config.max_bytes} bytes cap"
-                )
-                log.warning("outbox full (%s): dropped %s; totals dropped %s", why, dict(dropped), dict(self._counters.dropped))
+            self._note_put_locked(dropped, reserve, free, low)
         return ids
+
+    def _insert_locked(
+        self, items: list[OutboxMessage], journal: list[tuple], low: bool, born: float
+    ) -> tuple[list[int], Counter, Counter, int]:
+        """Inside the open transaction: write the journal rows, then each message, making room by the drop policy.
+
+        A message over the whole cap is dropped; while free space is ``low`` a droppable kind is stored only if the
+        reserve can be made, else dropped (and counted in ``reserve``).
+
+        Returns:
+            ``(ids, stored, dropped, reserve)``: the ids in order (-1 when dropped), stored and dropped counts by
+            kind, and how many were dropped by the free-space reserve.
+
+        Raises:
+            sqlite3.Error: a write failed (the caller rolls back and converts it).
+        """
+        droppable = set(self.config.drop_order)
+        ids: list[int] = []
+        dropped: Counter = Counter()
+        stored: Counter = Counter()
+        reserve = 0
+        self._db.executemany(
+            "INSERT INTO journal (op, now_s, topic, payload, retained) VALUES (?, ?, ?, ?, ?)",
+            [(str(op), float(now), str(t), bytes(p), int(bool(r))) for op, now, t, p, r in journal],
+        )
+        for m in items:
+            size = m.size_bytes
+            if size > self.config.max_bytes:
+                dropped[m.kind] += 1
+                ids.append(-1)
+                continue
+            if low and m.kind in droppable and not self._make_reserve_room_locked(size, dropped):
+                dropped[m.kind] += 1
+                reserve += 1
+                ids.append(-1)
+                continue
+            self._make_room_locked(size, dropped)
+            cur = self._db.execute(
+                "INSERT INTO outbox (topic, payload, qos, retain, kind, msg_id, created_s, bytes, born_run_s)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (m.topic, m.payload, m.qos, int(m.retain), m.kind, m.msg_id, m.created_s, size, born),
+            )
+            ids.append(int(cur.lastrowid))
+            self._bytes += size
+            self._count += 1
+            stored[m.kind] += 1
+        return ids, stored, dropped, reserve
+
+    def _note_put_locked(self, dropped: Counter, reserve: int, free: int | None, low: bool) -> None:
+        """After a committed put: log the end of a full-disk spell, and count and log what was dropped (and why)."""
+        if self._full_since is not None:
+            log.warning("outbox: writes succeed again after %.0f s of a full disk", self._clock() - self._full_since)
+            self._full_since = None
+        if reserve:
+            self._counters.reserve_dropped += reserve
+        if dropped:
+            self._counters.dropped.update(dropped)
+            why = (
+                f"free space {free} bytes below outbox.min_free_bytes {self.config.min_free_bytes}"
+                if low else f"{self.config.max_bytes} bytes cap"
+            )
+            log.warning("outbox full (%s): dropped %s; totals dropped %s", why, dict(dropped), dict(self._counters.dropped))
 
     def _coerce(self, m: Any) -> OutboxMessage:
         if isinstance(m, OutboxMessage) and m.created_s:
@@ -840,9 +875,7 @@ class SQLiteOutbox:
             How many were released. They are handed out again by :meth:`next_batch`, in their original order.
         """
         with self._lock:
-            ids = set(self._inflight) if outbox_ids is None else set(outbox_ids) & self._inflight
-            self._inflight -= ids
-            return len(ids)
+            return release_inflight(self._inflight, outbox_ids)
 
     # -- the input journal ------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gapcast.edge.outbox import JournalEntry, Outbox, TokenBucket
+from gapcast.edge.outbox import JournalEntry, Outbox, TokenBucket, release_inflight
 
 __all__ = ["MemoryOutbox", "Outbox"]
 
@@ -158,9 +158,7 @@ class MemoryOutbox:
     def release(self, outbox_ids: Iterable[int] | None = None) -> int:
         """Return in-flight messages to the queue (all when None)."""
         with self._lock:
-            ids = set(self._inflight) if outbox_ids is None else set(outbox_ids) & self._inflight
-            self._inflight -= ids
-            return len(ids)
+            return release_inflight(self._inflight, outbox_ids)
 
     def journal_seq(self) -> int:
         """The newest journal sequence number (0: nothing journaled)."""

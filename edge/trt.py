@@ -410,51 +410,20 @@ def build_engine(
         raise BackendError(msg)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = _trt_major(trt)
-    # Before TensorRT 10 an ONNX network needs the explicit-batch flag; 10 has only that mode (flag deprecated).
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        msg = f"TensorRT {trt.__version__} cannot parse {Path(onnx_path).name}: {errors}"
-        raise BackendError(msg)
+    network = _parse_onnx(trt, builder, logger, Path(onnx_path))
     config = builder.create_builder_config()
     if hasattr(config, "set_memory_pool_limit"):  # 8.4+
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     else:
         config.max_workspace_size = int(workspace_bytes)
-    fast_fp16 = bool(getattr(builder, "platform_has_fast_fp16", True))
-    fast_int8 = bool(getattr(builder, "platform_has_fast_int8", True))
-    if precision == "fp16":
-        if not fast_fp16:
-            msg = "this GPU has no fast FP16; not building an FP16 engine"
-            raise BackendError(msg)
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "int8":
-        if not fast_int8:
-            msg = "this GPU has no fast INT8; not building an INT8 engine"
-            raise BackendError(msg)
-        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the QDQ nodes carry the scales
-        if fast_fp16:
-            config.set_flag(trt.BuilderFlag.FP16)  # layers left in float by the export may run in FP16
-    elif hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, not TF32 matmuls
+    _set_precision(trt, builder, config, precision)
     shapes = {
         "values": (lookback, n_channels),
         "observed": (lookback, n_channels),
         "calendar": (lookback + horizon, n_calendar),
     }
     opt = min(max(1, opt_batch or max_batch), max_batch)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        if name not in shapes:
-            msg = f"the ONNX graph has an unexpected input {name!r}"
-            raise BackendError(msg)
-        tail = shapes[name]
-        profile.set_shape(name, (1, *tail), (opt, *tail), (max_batch, *tail))
-    config.add_optimization_profile(profile)
+    _add_profile(builder, network, config, shapes, opt, max_batch)
     cache = None
     if timing_cache is not None:
         data = timing_cache.read_bytes() if timing_cache.is_file() else b""
@@ -472,6 +441,66 @@ def build_engine(
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp, timing_cache)
     return bytes(serialized)
+
+
+def _parse_onnx(trt, builder, logger, onnx_path: Path):
+    """A TensorRT network parsed from the ONNX file (explicit batch).
+
+    Raises:
+        BackendError: the parser rejects the file (the message lists the parser's errors).
+    """
+    major = _trt_major(trt)
+    # Before TensorRT 10 an ONNX network needs the explicit-batch flag; 10 has only that mode (flag deprecated).
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        msg = f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}"
+        raise BackendError(msg)
+    return network
+
+
+def _set_precision(trt, builder, config, precision: str) -> None:
+    """Set the builder flags of ``precision``: FP16, or INT8 (+FP16 for float layers), when the GPU runs them
+    fast; TF32 off for fp32 (fp32 means fp32).
+
+    Raises:
+        BackendError: the GPU has no fast FP16 / INT8 for the requested precision (never lowered here).
+    """
+    fast_fp16 = bool(getattr(builder, "platform_has_fast_fp16", True))
+    fast_int8 = bool(getattr(builder, "platform_has_fast_int8", True))
+    if precision == "fp16":
+        if not fast_fp16:
+            msg = "this GPU has no fast FP16; not building an FP16 engine"
+            raise BackendError(msg)
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8":
+        if not fast_int8:
+            msg = "this GPU has no fast INT8; not building an INT8 engine"
+            raise BackendError(msg)
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the QDQ nodes carry the scales
+        if fast_fp16:
+            config.set_flag(trt.BuilderFlag.FP16)  # layers left in float by the export may run in FP16
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, not TF32 matmuls
+
+
+def _add_profile(builder, network, config, shapes: dict[str, tuple[int, int]], opt: int, max_batch: int) -> None:
+    """One optimization profile: batch 1..``max_batch`` (tuned for ``opt``), the other dimensions from ``shapes``.
+
+    Raises:
+        BackendError: the graph has an input not in ``shapes``.
+    """
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        if name not in shapes:
+            msg = f"the ONNX graph has an unexpected input {name!r}"
+            raise BackendError(msg)
+        tail = shapes[name]
+        profile.set_shape(name, (1, *tail), (opt, *tail), (max_batch, *tail))
+    config.add_optimization_profile(profile)
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -649,9 +678,6 @@ def build_and_check(
         raise BackendError(msg)
     cuda = _CudaRuntime()
     info = platform_info(cuda)
-    card = bundle.card
-    dims = {"lookback": card.lookback, "horizon": card.horizon, "n_channels": card.n_inputs}
-    n_calendar = int(golden["calendar"].shape[-1])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     gpu_slug = re.sub(r"[^A-Za-z0-9]+", "_", info.gpu).strip("_")
@@ -659,74 +685,115 @@ def build_and_check(
     attempts: list[tuple[str, str]] = []
     for i, p in enumerate(order):
         nxt = order[i + 1] if i + 1 < len(order) else None
-        variant = _variant_for(p)
-        if variant not in card.variants:
-            reason = (card.raw.get("excluded_variants") or {}).get(variant, "not in the bundle")
-            outcome = f"skipped: the bundle has no {variant} variant ({reason})"
-            attempts.append((p, outcome))
-            log.warning("%s engine %s; falling back to %s", p, outcome, nxt)
-            continue
-        fname = card.variants[variant]["file"]
-        key = engine_cache_key(
-            trt_version=info.trt_version,
-            gpu=info.gpu,
-            l4t=info.l4t,
-            model_sha256=card.files[fname]["sha256"],
-            precision=p,
-            max_batch=max_batch,
+        got = _try_precision(
+            bundle, p, nxt, golden, cuda, info, cache, timing, attempts,
+            max_batch=max_batch, workspace_bytes=workspace_bytes, rebuild=rebuild,
         )
-        engine_path = cache / f"{key}.engine"
-        cached = engine_path.is_file() and not rebuild
-        try:
-            if cached:
-                plan = engine_path.read_bytes()
-            else:
-                plan = build_engine(
-                    bundle.path / fname,
-                    p,
-                    max_batch=max_batch,
-                    n_calendar=n_calendar,
-                    timing_cache=timing,
-                    workspace_bytes=workspace_bytes,
-                    **dims,
-                )
-            runner = TrtRunner(plan, cuda=cuda)
-            try:
-                imp, fc = runner.run(golden["values"], golden["observed"], golden["calendar"])
-            finally:
-                runner.close()
-        except BackendError as exc:
-            attempts.append((p, f"build/run failed: {exc}"))
-            log.warning("%s engine failed (%s); falling back to %s", p, exc, nxt)
+        if got is None:
             continue
-        check = compare_golden(imp, fc, golden, p, golden_tolerance(p, card.raw))
-        if not check.ok:
-            attempts.append((p, check.describe()))
-            log.warning("%s; falling back to %s", check.describe(), nxt)
-            engine_path.unlink(missing_ok=True)
-            continue
-        attempts.append((p, check.describe()))
-        if not cached:
-            tmp = engine_path.with_suffix(".tmp")
-            tmp.write_bytes(plan)
-            os.replace(tmp, engine_path)
-        meta = {
-            **asdict(info),
-            "model_file": fname,
-            "model_sha256": card.files[fname]["sha256"],
-            "bundle_card_sha256": bundle.card_sha256,
-            "model_version": card.model_version,
-            "precision": p,
-            "requested": precision,
-            "max_batch": max_batch,
-            "golden": {"max_abs": check.max_abs, "mean_abs": check.mean_abs, "tolerance": asdict(check.tolerance)},
-        }
-        engine_path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        engine_path, key, check, cached = got
+        _write_engine_meta(engine_path, bundle, info, p, precision, max_batch, check)
         if p != precision:
             log.warning("built %s instead of the requested %s (see the reasons above)", p, precision)
         return EngineBuild(precision, p, engine_path, key, check, tuple(attempts), cached, time.monotonic() - t0)
     msg = "no TensorRT engine passed its checks:\n  " + "\n  ".join(f"{p}: {o}" for p, o in attempts)
     raise BackendError(msg)
+
+
+def _try_precision(
+    bundle, p: str, nxt: str | None, golden: dict[str, Any], cuda, info: PlatformInfo, cache: Path, timing: Path,
+    attempts: list[tuple[str, str]], *, max_batch: int, workspace_bytes: int, rebuild: bool,
+) -> tuple[Path, str, GoldenCheck, bool] | None:
+    """One precision of :func:`build_and_check`: take the cached engine or build one, run it on the golden windows
+    and keep it (written atomically into ``cache``) when it passes.
+
+    Every outcome is appended to ``attempts`` as ``(precision, what happened)``; a skip or a failure logs a warning
+    naming ``nxt``, the precision tried next.
+
+    Returns:
+        ``(engine_path, cache_key, check, cached)`` when the engine passed; None when it was skipped (no such
+        variant in the bundle), failed to build or run, or failed the golden check (its cached file is removed).
+    """
+    card = bundle.card
+    variant = _variant_for(p)
+    if variant not in card.variants:
+        reason = (card.raw.get("excluded_variants") or {}).get(variant, "not in the bundle")
+        outcome = f"skipped: the bundle has no {variant} variant ({reason})"
+        attempts.append((p, outcome))
+        log.warning("%s engine %s; falling back to %s", p, outcome, nxt)
+        return None
+    dims = {"lookback": card.lookback, "horizon": card.horizon, "n_channels": card.n_inputs}
+    n_calendar = int(golden["calendar"].shape[-1])
+    fname = card.variants[variant]["file"]
+    key = engine_cache_key(
+        trt_version=info.trt_version,
+        gpu=info.gpu,
+        l4t=info.l4t,
+        model_sha256=card.files[fname]["sha256"],
+        precision=p,
+        max_batch=max_batch,
+    )
+    engine_path = cache / f"{key}.engine"
+    cached = engine_path.is_file() and not rebuild
+    try:
+        if cached:
+            plan = engine_path.read_bytes()
+        else:
+            plan = build_engine(
+                bundle.path / fname,
+                p,
+                max_batch=max_batch,
+                n_calendar=n_calendar,
+                timing_cache=timing,
+                workspace_bytes=workspace_bytes,
+                **dims,
+            )
+        runner = TrtRunner(plan, cuda=cuda)
+        try:
+            imp, fc = runner.run(golden["values"], golden["observed"], golden["calendar"])
+        finally:
+            runner.close()
+    except BackendError as exc:
+        attempts.append((p, f"build/run failed: {exc}"))
+        log.warning("%s engine failed (%s); falling back to %s", p, exc, nxt)
+        return None
+    check = compare_golden(imp, fc, golden, p, golden_tolerance(p, card.raw))
+    if not check.ok:
+        attempts.append((p, check.describe()))
+        log.warning("%s; falling back to %s", check.describe(), nxt)
+        engine_path.unlink(missing_ok=True)
+        return None
+    attempts.append((p, check.describe()))
+    if not cached:
+        tmp = engine_path.with_suffix(".tmp")
+        tmp.write_bytes(plan)
+        os.replace(tmp, engine_path)
+    return engine_path, key, check, cached
+
+
+def _write_engine_meta(
+    engine_path: Path, bundle, info: PlatformInfo, p: str, requested: str, max_batch: int, check: GoldenCheck
+) -> None:
+    """The engine's sidecar JSON (``<key>.json``): platform, model file and hashes, precision and golden figures
+    (what :func:`load_cached_engine` matches on).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    card = bundle.card
+    fname = card.variants[_variant_for(p)]["file"]
+    meta = {
+        **asdict(info),
+        "model_file": fname,
+        "model_sha256": card.files[fname]["sha256"],
+        "bundle_card_sha256": bundle.card_sha256,
+        "model_version": card.model_version,
+        "precision": p,
+        "requested": requested,
+        "max_batch": max_batch,
+        "golden": {"max_abs": check.max_abs, "mean_abs": check.mean_abs, "tolerance": asdict(check.tolerance)},
+    }
+    engine_path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def load_cached_engine(

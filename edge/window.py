@@ -245,8 +245,35 @@ class StationWindow:
         Returns:
             A :class:`MergeResult`.
         """
+        k = self.spec.step_of(ts_s)
+        placed = self._place(k)
+        if isinstance(placed, MergeResult):
+            return placed
+        written = self._write(k, ts_s, values, observed)
+        if isinstance(written, MergeResult):
+            return written
+        changed, was_touched = written
+        if placed == "late":
+            if not changed:
+                return MergeResult(True, "duplicate", "", k)
+            self._revise_lo = k if self._revise_lo is None else min(self._revise_lo, k)
+            self._revise_hi = k if self._revise_hi is None else max(self._revise_hi, k)
+        elif not changed and was_touched:
+            return MergeResult(True, "duplicate", "", k)
+        return MergeResult(True, placed, "", k)
+
+    def _place(self, k: int) -> str | MergeResult:
+        """Where step ``k`` falls: opens the ring through it when it is newer than the head (the first reading starts
+        the window).
+
+        Returns:
+            ``"new"``, ``"late"`` (a closed step inside lateness) or ``"current"`` (an open step); or the rejecting
+            :class:`MergeResult` (``too_old``, ``too_late``).
+
+        Raises:
+            ValueError: ``k`` is more than ``max_pending`` steps past the last closed step (close older steps first).
+        """
         spec = self.spec
-        k = spec.step_of(ts_s)
         first = self._head is None
         if first:
             self.start(k)
@@ -256,10 +283,10 @@ class StationWindow:
                 msg = f"step {k} is {k - self._closed} steps past the last closed one; close older steps first"
                 raise ValueError(msg)
             self._open_through(k)
-            kind = "new"
-        elif first:
-            kind = "new"
-        elif not self.holds(k) or k <= self._head - spec.capacity:
+            return "new"
+        if first:
+            return "new"
+        if not self.holds(k) or k <= self._head - spec.capacity:
             return MergeResult(
                 False,
                 "too_old",
@@ -267,7 +294,7 @@ class StationWindow:
                 f"{_iso((self._head - spec.capacity + 1) * spec.cadence_s)})",
                 k,
             )
-        elif k <= self._closed:
+        if k <= self._closed:
             end = (k + 1) * spec.cadence_s
             if end + spec.lateness_s <= self._ref_s:
                 return MergeResult(
@@ -277,9 +304,19 @@ class StationWindow:
                     f"passed {self._ref_s - end - spec.lateness_s:g} s ago",
                     k,
                 )
-            kind = "late"
-        else:
-            kind = "current"
+            return "late"
+        return "current"
+
+    def _write(self, k: int, ts_s: float, values: np.ndarray, observed: np.ndarray) -> tuple[bool, bool] | MergeResult:
+        """Write a reading into step ``k``'s ring slot: mean/sum channels combine (:meth:`_combine_into`), "last"
+        channels take the newest reading within the step (an equal time replaces: idempotent). Marks the slot
+        touched and advances the reference time.
+
+        Returns:
+            ``(changed, was_touched)``: whether any held value changed, and whether the slot had been written before;
+            or the ``too_many_readings`` :class:`MergeResult` (nothing written).
+        """
+        spec = self.spec
         s = k % spec.capacity
         off = np.float32(ts_s - k * spec.cadence_s)
         row_off, row_val, row_obs = self.offset[s], self.values[s], self.observed[s]  # views into the ring
@@ -306,14 +343,7 @@ class StationWindow:
         was_touched = bool(self.touched[s])
         self.touched[s] = True
         self._ref_s = max(self._ref_s, float(ts_s))
-        if kind == "late":
-            if not changed:
-                return MergeResult(True, "duplicate", "", k)
-            self._revise_lo = k if self._revise_lo is None else min(self._revise_lo, k)
-            self._revise_hi = k if self._revise_hi is None else max(self._revise_hi, k)
-        elif not changed and was_touched:
-            return MergeResult(True, "duplicate", "", k)
-        return MergeResult(True, kind, "", k)
+        return changed, was_touched
 
     def _combine_into(self, k: int, s: int, off: float, values: np.ndarray, which: np.ndarray) -> bool | None:
         """Merge the ``which`` channels (mean/sum rules) of a reading at offset ``off`` into step ``k`` (slot ``s``).

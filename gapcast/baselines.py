@@ -7,6 +7,9 @@ forecast (the value one season ago, 24 h for hourly air quality).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 
 __all__ = ["linear_interpolate", "locf", "seasonal_naive"]
@@ -21,6 +24,21 @@ def _check(values: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.nda
     return v, m
 
 
+def _per_series(fill: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """Wrap a gap filler of ``[..., T, C]`` arrays: check the shapes (:func:`_check`, so a mismatch raises
+    ValueError) and serve a single series ``[T]`` as ``[T, 1]``, returning ``[T]``."""
+
+    @functools.wraps(fill)
+    def wrapper(values: np.ndarray, observed: np.ndarray, *, fill_value: float = 0.0) -> np.ndarray:
+        v, m = _check(values, observed)
+        if v.ndim == 1:
+            return fill(v[:, None], m[:, None], fill_value=fill_value)[:, 0]
+        return fill(v, m, fill_value=fill_value)
+
+    return wrapper
+
+
+@_per_series
 def locf(values: np.ndarray, observed: np.ndarray, *, fill_value: float = 0.0) -> np.ndarray:
     """Last observation carried forward along time; before the first observation, the first observation is
     carried backward (next observation carried backward); a channel never observed gets ``fill_value``.
@@ -36,9 +54,7 @@ def locf(values: np.ndarray, observed: np.ndarray, *, fill_value: float = 0.0) -
     Raises:
         ValueError: on mismatched shapes.
     """
-    v, m = _check(values, observed)
-    if v.ndim == 1:
-        return locf(v[:, None], m[:, None], fill_value=fill_value)[:, 0]
+    v, m = values, observed  # checked, at least [T, C] (_per_series)
     T = v.shape[-2]
     idx = np.where(m, np.arange(T)[:, None], -1)
     idx = np.maximum.accumulate(idx, axis=-2)
@@ -51,6 +67,7 @@ def locf(values: np.ndarray, observed: np.ndarray, *, fill_value: float = 0.0) -
     return np.where(m, v, out).astype(np.float32)
 
 
+@_per_series
 def linear_interpolate(values: np.ndarray, observed: np.ndarray, *, fill_value: float = 0.0) -> np.ndarray:
     """Linear interpolation in time between the nearest observations on each side; constant extrapolation at the
     edges (the nearest observation); ``fill_value`` for a channel never observed.
@@ -66,9 +83,7 @@ def linear_interpolate(values: np.ndarray, observed: np.ndarray, *, fill_value: 
     Raises:
         ValueError: on mismatched shapes.
     """
-    v, m = _check(values, observed)
-    if v.ndim == 1:
-        return linear_interpolate(v[:, None], m[:, None], fill_value=fill_value)[:, 0]
+    v, m = values, observed  # checked, at least [T, C] (_per_series)
     T = v.shape[-2]
     t = np.arange(T)
     shape = v.shape

@@ -1,5 +1,9 @@
 """Neighbour stations: spatial gap-filling baselines and the neighbour context of a model (numpy only).
 
+(Over 600 lines on purpose: the model's neighbour context is built from the very primitives of the spatial baselines
+(correlations, the top-k choice, inverse-distance weights, the weighted neighbour mean), and training, export and the
+gateway must run one implementation of each; cut apart, the context would import the baselines' private helpers.)
+
 A gateway serves a network; when one station's analyser is out, its neighbours usually report. Everything here reads
 the other stations at the SAME steps (available in real time) and, for the level ratio, the target station before
 the gap start only, so each estimate can run live on the gateway (the edge imports this module; numpy only).

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from support.contracts import assert_contracts
 from support.fleet_fakes import FLEET, PREFIX, MqttGateway, committed, make_bundle, new_key, step_until
+from support.small_agent import wait_for
 
 from gapcast.cli import main
 from gapcast.deploy.fleet import FleetClient, FleetError, fleet_status, pack_bundle, rollback
@@ -47,7 +48,8 @@ def test_release_mid_replay_switches_at_one_step_and_status_shows_it(broker, tmp
         t.join(30)
         for _ in range(3):
             gw.step()
-        time.sleep(0.2)
+        _status_until(broker, FLEET, lambda rows: [(r.gateway, r.model_version, r.stage) for r in rows]
+                      == [("gw-a", 2, "active")])  # the gateway's retained reports reached the broker
         assert _cli(broker, "status", "--json") == 0
     finally:
         gw.close()
@@ -293,7 +295,9 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
     hours = 40
     try:
         assert agent.connected.wait(10)
-        time.sleep(0.3)
+        # Its online status is put after its subscriptions are sent on the same connection: once the broker
+        # acknowledged the status, the subscription to the readings is in place.
+        wait_for(lambda: agent.outbox.stats()["acked"].get("status"), 10, "the agent's online status acknowledged")
         for i in range(hours):
             vals = {"PM2.5": 30 + 10 * math.sin(i / 4), "TEMP": 20 + 5 * math.cos(i / 6), "WSPM": 2.0 + (i % 5) * 0.3}
             pubc.publish(f"{PREFIX}/stations/s1/readings", json.dumps({"ts": t0 + 3600 * i, "values": vals}), qos=1)
@@ -306,7 +310,7 @@ def test_agent_takes_a_release_mid_replay_without_missing_a_forecast(broker, tmp
                 while time.monotonic() < deadline and not guard.updater.update_ready:
                     time.sleep(0.02)
                 assert guard.updater.update_ready
-            time.sleep(0.05)
+            time.sleep(0.05)  # deliberate pacing: readings arrive one by one, as from a station, not in one burst
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and len(got["forecast"]) < hours - 1:
             time.sleep(0.05)

@@ -127,6 +127,27 @@ class Cloud:
             time.sleep(0.05)
         return cond()
 
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 15.0,
+               suffixes: tuple[str, ...] = ("/filled", "/forecast", "/revisions")) -> bool:
+        """Wait until no output on ``suffixes`` arrived for ``quiet_s`` (stragglers, duplicates and late revisions
+        have had their chance), at most ``timeout_s``; returns whether it went quiet. Status messages do not count:
+        a fast test clock makes them steady."""
+
+        def count() -> int:
+            with self.lock:
+                return sum(1 for t, _, _ in self.msgs if t.endswith(suffixes))
+
+        deadline = time.monotonic() + timeout_s
+        n, since = count(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            m = count()
+            if m != n:
+                n, since = m, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return True
+        return False
+
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
@@ -273,12 +294,12 @@ def test_broker_killed_mid_stream_loses_nothing(broker, tmp_path, tiny_bundle, s
         rep.start()
         assert cloud.wait(lambda: len(cloud.bodies("/forecast")) >= 20, 60)  # outputs are flowing
         broker.kill()  # SIGKILL: no clean save
-        time.sleep(5)
+        time.sleep(5)  # deliberate: the outage lasts 5 s of real time (readings pile up at the replayer)
         broker.start()
         rep.finish()
         n_exp = 2 * 2 * 47
         ok = cloud.wait(lambda: progress(cloud) >= n_exp, 90)
-        time.sleep(1.0)
+        cloud.settle(1.0)  # duplicates and revisions still in flight arrive before the check
         assert ok, agent.log()[-3000:]
         record("broker SIGKILL, restart after 5 s", check_outputs(cloud, series, STATIONS, START, 48))
         assert agent.proc.poll() is None
@@ -306,12 +327,12 @@ def test_agent_killed_mid_stream_restores_windows(broker, tmp_path, tiny_bundle,
         assert cloud.wait(lambda: any(b.get("state") == "offline" for b in cloud.bodies("/status")), 30)
         (will,) = [b for b in cloud.bodies("/status") if b.get("state") == "offline"]
         assert will == {"schema": "gapcast/status/1", "gateway": "gw-fault", "state": "offline", "reason": "connection lost", "fleet": "default"}  # the Last Will
-        time.sleep(1.0)
+        time.sleep(1.0)  # deliberate: the agent stays dead 1 s while readings queue in its persistent session
         agent.start()
         rep.finish()
         n_exp = 2 * 2 * 47
         ok = cloud.wait(lambda: progress(cloud) >= n_exp, 90)
-        time.sleep(1.0)
+        cloud.settle(1.0)  # duplicates and revisions still in flight arrive before the check
         assert ok, agent.log()[-3000:]
         record("agent SIGKILL, restart after 1 s", check_outputs(cloud, series, STATIONS, START, 48))
         log = agent.log()
@@ -333,7 +354,7 @@ def test_broker_down_at_start_agent_retries(tmp_path, tiny_bundle, signing_key, 
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     cloud = None
     try:
-        time.sleep(4)  # the agent tries, fails, backs off (reconnect_min_s 1 .. reconnect_max_s 2)
+        time.sleep(4)  # deliberate: 4 s with no broker; the agent tries, fails, backs off (reconnect 1 .. 2 s)
         assert agent.proc.poll() is None, agent.log()[-3000:]
         assert "connected to" not in agent.log()
         late.start()
@@ -343,7 +364,7 @@ def test_broker_down_at_start_agent_retries(tmp_path, tiny_bundle, signing_key, 
         rep.start()
         rep.finish()
         assert cloud.wait(lambda: len(cloud.by_id("/forecast")) >= 23, 60), agent.log()[-3000:]
-        time.sleep(0.5)
+        cloud.settle(0.5)  # stragglers arrive before the check
         record("broker down at agent start (4 s)", check_outputs(cloud, series, STATIONS[:1], START, 24))
     finally:
         agent.stop()
@@ -578,7 +599,7 @@ def test_hostile_input_through_the_broker(broker, tmp_path, tiny_bundle, signing
             info.wait_for_publish(20)
         n_dead = 300 + 50
         cloud.wait(lambda: len(cloud.by_id("/deadletter/gw-fault")) >= n_dead and progress(cloud) >= 2 * 23, 30)
-        time.sleep(0.5)
+        cloud.settle(0.5, suffixes=("/filled", "/forecast", "/revisions", "/deadletter/gw-fault"))  # stragglers
         assert agent.proc.poll() is None  # stayed up
         dead = [json.loads(p[0]) for p in cloud.by_id("/deadletter/gw-fault").values()]
         got_kinds = defaultdict(int)
@@ -650,7 +671,7 @@ def test_wall_clock_jumps_neither_skip_nor_repeat_steps(broker, tmp_path, tiny_b
         clock.jump_s = 0.0  # ... and back
         pth.join(60)
         clock.sleep_until(float(t[START + n_steps - 1]) + 3600 + 300 + 1800)  # the last step closes on the clock
-        time.sleep(0.3)
+        cloud.settle(0.3)  # its messages reach the subscriber
         stop.set()
         th.join(30)
         for name in STATIONS:

@@ -186,7 +186,7 @@ def test_a_sink_killed_mid_stream_loses_nothing(broker, tmp_path):
     def publish():
         for m in msgs:
             pub.publish(m.topic, m.payload, qos=1).wait_for_publish(10)
-            time.sleep(0.004)
+            time.sleep(0.004)  # deliberate pacing: the stream lasts long enough to kill the sink in the middle
         done.set()
 
     th = threading.Thread(target=publish, daemon=True)
@@ -200,7 +200,7 @@ def test_a_sink_killed_mid_stream_loses_nothing(broker, tmp_path):
         assert done.wait(60)
         sink = start_sink(tmp_path, broker, f"sqlite:///{db}")  # same client id: the broker hands over the rest
         assert wait_for(lambda: count(db, "seen") == n, 60), f"{count(db, 'seen')} of {n} stored"
-        time.sleep(0.3)
+        time.sleep(0.3)  # deliberate: a duplicate written twice would show up now (an absence has no event to wait on)
         assert count(db, "seen") == n
         expected = sorted(("s1", c, T0 + i * 3600, float(vals[i, j]), "filled" if (j == 1 and i % 3 == 0) else "observed", 3)
                           for i in range(n) for j, c in enumerate(NAMES))
@@ -280,7 +280,17 @@ def test_agent_replay_sink_into_sqlite_and_influxdb_agree(broker, tmp_path, beij
         n_steps = 2 * 71  # every step but each station's newest (still open)
         assert wait_for(lambda: len(rec.of("/forecast")) >= n_steps, 90), len(rec.of("/forecast"))
         assert wait_for(lambda: count(db, "seen") == n_steps * 2 + len(rec.of("/revisions")), 60), count(db, "seen")
-        time.sleep(0.5)
+
+        def influx_count(query: str) -> int:
+            res = influx.query("gapcast", query)["results"][0].get("series")
+            return int(res[0]["values"][0][1]) if res else 0
+
+        assert wait_for(  # both stores finished writing: every forecast row, and InfluxDB holds every series row
+            lambda: count(db, "forecasts") == n_steps * 24
+            and influx_count('SELECT COUNT("PM2.5") FROM gapcast_forecast') == n_steps * 24
+            and influx_count("SELECT COUNT(value) FROM gapcast_series") == count(db, "series"),
+            60,
+        ), (count(db, "forecasts"), count(db, "series"))
         con = sqlite3.connect(db)
         store = {(s, c, t): (v, st) for s, c, t, v, st in
                  con.execute("SELECT station, channel, ts, value, status FROM series")}
