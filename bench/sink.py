@@ -89,9 +89,7 @@ def run_sink_bench(*, stations: int = 1000, steps: int = 20, horizon: int = 24, 
     Raises:
         RuntimeError: the sink did not subscribe within 60 s.
     """
-    import paho.mqtt.client as mqtt
     import psutil
-    from paho.mqtt.enums import CallbackAPIVersion
 
     from gapcast.tools.localbroker import LocalBroker
 
@@ -114,34 +112,17 @@ def run_sink_bench(*, stations: int = 1000, steps: int = 20, horizon: int = 24, 
         proc = psutil.Process(sink.pid)
         cpu0 = proc.cpu_times()
         rss = _RssLog(proc)
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        pub.max_inflight_messages_set(1000)
-        pub.max_queued_messages_set(0)
-        pub.connect(broker.host, broker.port)
-        pub.loop_start()
+        pub = _publisher(broker)
         t0 = time.monotonic()
         t_pub, stored, store_s = _burst(pub, msgs, db, t0, timeout_s)
         n = len(msgs)
-        ceiling = stored / store_s
         q = [r for t, r in rss.samples if t <= t0 + store_s / 4] or [rss.samples[0][1]]
         paced = _paced(pub, db, rss, n, stations, steps, horizon, paced_s, step_s) if paced_s > 0 else {}
         res["paced"] = paced
         rss.stop()
         cpu1 = proc.cpu_times()
         pub.loop_stop()
-        samples = rss.samples
-        res.update(
-            stored=stored, complete=stored == n, publish_s=round(t_pub - t0, 2), store_s=round(store_s, 2),
-            ceiling_msg_per_s=round(ceiling, 1), needed_msg_per_s=200.0,
-            stations_at_10s=int(ceiling / 0.2), headroom=round(ceiling / 200.0, 2),
-            sink_cpu_s=round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
-            sink_cpu_per_msg_ms=round(1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
-                                      / max(stored + paced.get("stored", 0), 1), 3),
-            rss_mb={"start": round(samples[0][1], 1), "first_quarter_max": round(max(q), 1),
-                    "end": round(samples[-1][1], 1), "max": round(max(r for _, r in samples), 1),
-                    "samples": len(samples)},
-            db_mb=round(sum(p.stat().st_size for p in wd.glob("sink.db*")) / 2**20, 1),
-        )
+        res.update(_figures(n, stored, t_pub - t0, store_s, cpu1, cpu0, paced, rss.samples, q, wd))
     finally:
         sink.terminate()
         try:
@@ -154,6 +135,42 @@ def run_sink_bench(*, stations: int = 1000, steps: int = 20, horizon: int = 24, 
         if tmp is not None:
             tmp.cleanup()
     return res
+
+
+def _publisher(broker):
+    """A paho publisher (MQTT 5, 1,000 in flight, no queue limit) connected to ``broker``, its loop running.
+
+    Raises:
+        OSError: the broker does not accept the connection.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(1000)
+    pub.max_queued_messages_set(0)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    return pub
+
+
+def _figures(n: int, stored: int, publish_s: float, store_s: float, cpu1, cpu0, paced: dict[str, Any],
+             samples: list[tuple[float, float]], q: list[float], wd: Path) -> dict[str, Any]:
+    """The burst's figures: stored / complete, times, the ceiling and what it carries at 10 s, the sink's CPU,
+    its RSS summary and the database size. ``q``: the RSS samples of the burst's first quarter. Raises nothing."""
+    ceiling = stored / store_s
+    return dict(
+        stored=stored, complete=stored == n, publish_s=round(publish_s, 2), store_s=round(store_s, 2),
+        ceiling_msg_per_s=round(ceiling, 1), needed_msg_per_s=200.0,
+        stations_at_10s=int(ceiling / 0.2), headroom=round(ceiling / 200.0, 2),
+        sink_cpu_s=round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
+        sink_cpu_per_msg_ms=round(1000 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+                                  / max(stored + paced.get("stored", 0), 1), 3),
+        rss_mb={"start": round(samples[0][1], 1), "first_quarter_max": round(max(q), 1),
+                "end": round(samples[-1][1], 1), "max": round(max(r for _, r in samples), 1),
+                "samples": len(samples)},
+        db_mb=round(sum(p.stat().st_size for p in wd.glob("sink.db*")) / 2**20, 1),
+    )
 
 
 def _start_sink(broker, db: Path, validate: bool, logf) -> subprocess.Popen:
