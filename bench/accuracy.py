@@ -265,19 +265,6 @@ def _load_confill(run_dir: str | os.PathLike | None):
     return model, meta, normalizer, train_s
 
 
-def _load_bundle(bundle_path: str | os.PathLike):
-    """The bundle, verified under its card's own public key (unsigned: the files against the card only).
-
-    Raises:
-        BundleError: a file that does not match the card, or a bad signature.
-    """
-    from gapcast.edge.bundle import verify_bundle
-
-    raw = json.loads((Path(bundle_path) / "card.json").read_text()) if Path(bundle_path).is_dir() else {}
-    hexkey = (raw.get("signature") or {}).get("public_key_hex")
-    return verify_bundle(bundle_path, [hexkey]) if hexkey else verify_bundle(bundle_path, require_signature=False)
-
-
 def _setup(run_dir, bundle_path, data, dataset, opts: AccuracyOptions) -> _Setup:
     """Load the checkpoint and the bundle, the dataset, the normaliser and L / H (the checkpoint's, else the
     bundle's, else 4 days / 1 day), and build the test scenarios every method is scored on.
@@ -298,7 +285,9 @@ def _setup(run_dir, bundle_path, data, dataset, opts: AccuracyOptions) -> _Setup
         L, H = int(meta["config"]["lookback"]), int(meta["config"]["horizon"])
     bundle = None
     if bundle_path is not None:
-        bundle = _load_bundle(bundle_path)
+        from gapcast.bench.runtime import verify_local_bundle
+
+        bundle = verify_local_bundle(bundle_path)
         if normalizer is None:
             normalizer = Normalizer(mean=bundle.card.mean, std=bundle.card.std)
             L, H = bundle.card.lookback, bundle.card.horizon

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RuntimeOptions", "load_bench_windows", "measure_engine", "run_runtime"]
+__all__ = ["RuntimeOptions", "load_bench_windows", "measure_engine", "run_runtime", "verify_local_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +303,22 @@ def run_runtime(
     }
 
 
+def verify_local_bundle(bundle_path):
+    """A bundle for a local benchmark: verified under its card's own public key only (unsigned: the files against
+    the card). A gateway trusts configured keys instead.
+
+    Raises:
+        BundleError: a file that does not match the card, or a bad signature.
+    """
+    from gapcast.edge.bundle import verify_bundle
+
+    raw = json.loads((Path(bundle_path) / "card.json").read_text()) if Path(bundle_path).is_dir() else {}
+    hexkey = (raw.get("signature") or {}).get("public_key_hex")
+    return verify_bundle(bundle_path, [hexkey]) if hexkey else verify_bundle(bundle_path, require_signature=False)
+
+
 def _verified(bundle_path, trusted_keys: list | None):
-    """The bundle verified under ``trusted_keys``; with None, under its card's own public key only (unsigned: the
-    files against the card).
+    """The bundle verified under ``trusted_keys``; with None, :func:`verify_local_bundle`.
 
     Raises:
         BundleError: a file that does not match the card, or a bad or untrusted signature.
@@ -313,9 +326,7 @@ def _verified(bundle_path, trusted_keys: list | None):
     from gapcast.edge.bundle import verify_bundle
 
     if trusted_keys is None:
-        raw = json.loads((Path(bundle_path) / "card.json").read_text()) if Path(bundle_path).is_dir() else {}
-        hexkey = (raw.get("signature") or {}).get("public_key_hex")
-        return verify_bundle(bundle_path, [hexkey]) if hexkey else verify_bundle(bundle_path, require_signature=False)
+        return verify_local_bundle(bundle_path)
     return verify_bundle(bundle_path, trusted_keys)
 
 
