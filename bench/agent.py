@@ -51,15 +51,25 @@ from typing import Any
 
 import numpy as np
 
-from gapcast.timefmt import format_rfc3339, parse_rfc3339
+from gapcast.bench.agent_harness import (
+    PREFIX,
+    SENTINEL,
+    Publisher,
+    RawCounter,
+    RssSampler,
+    agent_toml,
+    dump_profile,
+    forecast_times,
+    per_channel,
+    readings_topic,
+    wait_for,
+    whole_step,
+)
 
 __all__ = ["AgentBenchOptions", "agent_targets", "run_agent_bench", "synthetic_network"]
 
 log = logging.getLogger(__name__)
 
-PREFIX = "gapcast/v1"
-GATEWAY = "bench-gw"
-SENTINEL = "bench-sentinel"
 #: Targets of issue 17 (goal, and the station count each applies at).
 STEP_RATIO_TARGET = 0.85
 INGEST_RATIO_TARGET = 0.8
@@ -157,329 +167,199 @@ def synthetic_network(series: dict, n: int, steps: int, spec=None) -> dict:
     return out
 
 
-class _Counter:
-    """A bare paho subscriber counting readings (the raw ceiling). Callbacks run on paho's network thread."""
-
-    def __init__(self, host: str, port: int) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.count = 0
-        self.last_rx = 0.0
-        self._ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{os.getpid()}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/stations/+/readings", qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
-        if not self._ready.wait(10):
-            msg = "the raw subscriber could not subscribe"
-            raise RuntimeError(msg)
-
-    def _on_message(self, client, userdata, msg) -> None:  # paho network thread
-        self.count += 1
-        self.last_rx = time.monotonic()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class _RssSampler:
-    """Samples another process's RSS every ``interval_s`` on a daemon thread (psutil)."""
-
-    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
-        import psutil
-
-        self.proc = psutil.Process(pid)
-        self.peak_mb = 0.0
-        self.last_mb = 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, args=(interval_s,), daemon=True)
-        self._t.start()
-
-    def _loop(self, interval_s: float) -> None:
-        import psutil
-
-        while not self._stop.wait(interval_s):
-            try:
-                self.last_mb = self.proc.memory_info().rss / 2**20
-            except psutil.Error:
-                return
-            self.peak_mb = max(self.peak_mb, self.last_mb)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._t.join()
-
-
-def _agent_toml(path: Path, *, port: int, bundle: Path, trusted: str, state: Path, n: int, threads: int,
-                max_batch: int, variant: str) -> None:
-    path.write_text(f"""# Written by `gapcast bench agent`.
-[gateway]
-id = "{GATEWAY}"
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-topic_prefix = "{PREFIX}"
-client_id = "gapcast-bench-agent"
-max_inflight = 1000
-
-[stations]
-names = []
-auto_register = true
-max_stations = {n + 1}
-
-[model]
-bundle = {json.dumps(str(bundle))}
-trusted_keys = [{json.dumps(trusted)}]
-backend = "onnxruntime"
-variant = {json.dumps(variant)}
-threads = {threads}
-max_batch = {max_batch}
-
-[input]
-lateness_s = 3600.0
-
-[agent]
-clock = "readings"
-max_missing_share = 1.0
-tick_interval_s = 0.2
-status_interval_s = 2.0
-state_dir = {json.dumps(str(state))}
-snapshot_interval_s = 86400.0
-
-[outbox]
-kind = "sqlite"
-max_bytes = 1073741824
-rate_per_s = 1000000.0
-burst = 1000000
-""")
-
-
-def _wait(cond, timeout_s: float, poll_s: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(poll_s)
-    return bool(cond())
-
-
-class _Publisher:
-    """A paho publisher (MQTT 5, QoS 1, 1,000 in flight) that can wait until the broker acknowledged everything."""
-
-    def __init__(self, host: str, port: int, name: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.acked = 0
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-publisher-{name}-{os.getpid()}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(1000)
-        self.client.max_queued_messages_set(0)
-        self.client.on_publish = self._on_publish
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
-        self.sent = 0
-
-    def _on_publish(self, client, userdata, mid, rc, props) -> None:  # paho network thread
-        self.acked += 1
-
-    def publish(self, msgs: list[tuple[str, bytes]], stamps: dict[str, float] | None = None) -> None:
-        for topic, payload in msgs:
-            if stamps is not None:
-                stamps[topic] = time.monotonic()
-            self.client.publish(topic, payload, qos=1)
-        self.sent += len(msgs)
-
-    def wait_acked(self, timeout_s: float) -> bool:
-        return _wait(lambda: self.acked >= self.sent, timeout_s)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _topic(station: str) -> str:
-    return f"{PREFIX}/stations/{station}/readings"
-
-
-def _whole_step(net: dict, step: int) -> list[tuple[str, bytes]]:
-    """One message per station with all its channels at ``step`` (NaN -> null: missing)."""
-    out = []
-    for name, s in net.items():
-        ts = format_rfc3339(float(s.epoch_s[step]))
-        vals = {c: (None if not np.isfinite(v) else round(float(v), 3)) for c, v in zip((ch.name for ch in s.channels), s.values[step])}
-        out.append((_topic(name), json.dumps({"ts": ts, "values": vals}, separators=(",", ":")).encode()))
-    return out
-
-
-def _per_channel(net: dict, step: int) -> list[tuple[str, bytes]]:
-    """One message per channel per station at ``step``, observed values only (per-channel stations)."""
-    out = []
-    for name, s in net.items():
-        ts = format_rfc3339(float(s.epoch_s[step]))
-        for c, v in zip((ch.name for ch in s.channels), s.values[step]):
-            if np.isfinite(v):
-                out.append((_topic(name), json.dumps({"ts": ts, "values": {c: round(float(v), 3)}},
-                                                     separators=(",", ":")).encode()))
-    return out
-
-
-def _forecast_times(collector, pos: list[int], seen: dict[str, float], want: set[int] | None = None,
-                    skip: str = SENTINEL) -> None:
-    """Record the first arrival of each (station, origin) forecast the collector got since ``pos[0]``."""
-    new = collector.forecasts[pos[0] :]  # the collector's list only grows (paho thread appends)
-    pos[0] += len(new)
-    for t, b in new:
-        if b["station"] == skip:
-            continue
-        o = int(parse_rfc3339(b["origin"]))
-        if want is None or o in want:
-            seen.setdefault(f"{b['station']}@{o}", t)
-
-
-def _dump_profile(agent, prefix: Path, k: int, timeout_s: float = 30.0) -> dict[str, Any] | None:
-    path = prefix.with_name(f"{prefix.name}.{k}.json")
-    os.kill(agent.pid, signal.SIGUSR1)
-    if not _wait(path.exists, timeout_s, 0.05):
-        log.warning("the agent wrote no profile dump %s within %.0f s", path, timeout_s)
-        return None
-    return json.loads(path.read_text())
-
-
 def _one_count(n: int, series: dict, bundle: Path, trusted: str, variant: str, opts: AgentBenchOptions, work: Path,
                progress: bool, spec=None) -> dict[str, Any]:
-    from gapcast.tools.demo import Collector
-    from gapcast.tools.localbroker import LocalBroker
+    """Every figure at one station count N: (3) ingest against raw paho, (2) step throughput, (4) latency; memory
+    and the CPU split along the way (see the module docstring). Each phase is a method of :class:`_CountRun`.
 
+    Returns:
+        The figures at N (``stations``, ``throughput_steps``, ``ingest``, ``throughput``, ``latency_ms``,
+        ``rss_*``, ``agent_counters``, ``snapshot``; a phase not run at N is absent).
+
+    Raises:
+        RuntimeError: the agent did not come online within 180 s, or exited; what the broker's start raises.
+    """
     do_ingest = n == opts.ingest_stations
-    do_latency = n == opts.latency_stations
     tp_steps = max(2, math.ceil(opts.steps_readings / n))
-    total = 1 + tp_steps + (opts.latency_steps if do_latency else 0) + 1
+    total = 1 + tp_steps + (opts.latency_steps if n == opts.latency_stations else 0) + 1
     net = synthetic_network(series, n, total, spec)
-    res: dict[str, Any] = {"stations": n, "throughput_steps": tp_steps}
-    say = print if progress else log.info
-    sentinel = {SENTINEL: next(iter(net.values()))}
-
-    for stale in (work / f"broker-{n}", work / f"state-{n}"):
-        shutil.rmtree(stale, ignore_errors=True)
-    bdir = work / f"broker-{n}"
-    bdir.mkdir(parents=True)
-    broker = LocalBroker(workdir=bdir)
-    broker.start()
-    agent = sampler = collector = pub = None
-    prof_prefix = work / f"profile-{n}"
-    for old in work.glob(f"profile-{n}.*"):
-        old.unlink()
-    dumps = 0
+    run = _CountRun(n, net, opts, work, print if progress else log.info)
+    run.res["throughput_steps"] = tp_steps
     try:
         if do_ingest:  # 3a. the raw subscriber on the per-channel stream
-            stream = _whole_step(sentinel, 0) + _per_channel(net, 0) + _whole_step(sentinel, 1)
-            raw = _Counter(broker.host, broker.port)
-            p = _Publisher(broker.host, broker.port, "raw")
-            t0 = time.monotonic()
-            p.publish(stream)
-            _wait(lambda: raw.count >= len(stream), 60.0)
-            raw.close()
-            p.close()
-            raw_rate = raw.count / max(raw.last_rx - t0, 1e-9)
-            res["ingest"] = {"messages": len(stream), "raw_received": raw.count, "raw_per_s": raw_rate}
+            run.raw_ingest()
+        run.start_agent(bundle, trusted, variant)
+        first_tp = 0
+        if do_ingest:  # 3b. the agent on the same stream
+            run.agent_ingest()
+            first_tp = 1
+        run.throughput(first_tp, tp_steps, do_ingest)
+        if n == opts.latency_stations:  # 4. one step at a time for all stations
+            run.latency(first_tp + tp_steps - 1)
+        run.res["agent_counters"] = run.collector.latest_status().get("counters", {})
+    finally:
+        run.close()
+    return run.res
 
+
+class _CountRun:
+    """One station count's run: a private broker, the agent process and the clients that feed and watch it.
+
+    ``res`` collects the figures; :meth:`close` stops everything this run started (always call it).
+    """
+
+    def __init__(self, n: int, net: dict, opts: AgentBenchOptions, work: Path, say) -> None:
+        from gapcast.tools.localbroker import LocalBroker
+
+        self.n, self.net, self.opts, self.work, self.say = n, net, opts, work, say
+        self.res: dict[str, Any] = {"stations": n}
+        self.sentinel = {SENTINEL: next(iter(net.values()))}
+        for stale in (work / f"broker-{n}", work / f"state-{n}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        bdir = work / f"broker-{n}"
+        bdir.mkdir(parents=True)
+        self.broker = LocalBroker(workdir=bdir)
+        self.broker.start()
+        self.agent = self.sampler = self.collector = self.pub = None
+        self.prof_prefix = work / f"profile-{n}"
+        for old in work.glob(f"profile-{n}.*"):
+            old.unlink()
+        self.dumps = 0
+        self.stream: list[tuple[str, bytes]] = []
+        self.raw_rate = 0.0
+        self.raw_received = 0
+
+    def _profile(self) -> dict[str, Any] | None:
+        self.dumps += 1
+        return dump_profile(self.agent, self.prof_prefix, self.dumps)
+
+    def raw_ingest(self) -> None:
+        """(3a) A bare paho subscriber's rate on the per-channel stream (the ceiling of (3)); raises RuntimeError
+        when it cannot subscribe."""
+        b = self.broker
+        self.stream = whole_step(self.sentinel, 0) + per_channel(self.net, 0) + whole_step(self.sentinel, 1)
+        raw = RawCounter(b.host, b.port)
+        p = Publisher(b.host, b.port, "raw")
+        t0 = time.monotonic()
+        p.publish(self.stream)
+        wait_for(lambda: raw.count >= len(self.stream), 60.0)
+        raw.close()
+        p.close()
+        self.raw_rate = raw.count / max(raw.last_rx - t0, 1e-9)
+        self.raw_received = raw.count
+        self.res["ingest"] = {"messages": len(self.stream), "raw_received": raw.count, "raw_per_s": self.raw_rate}
+
+    def start_agent(self, bundle: Path, trusted: str, variant: str) -> None:
+        """Start ``gapcast edge run`` (profiled, RSS sampled), the collector and the publisher; wait until online.
+
+        Raises:
+            RuntimeError: not online within 180 s, or the agent exited (with its log's tail).
+        """
+        from gapcast.tools.demo import Collector
+
+        n, opts, work, b = self.n, self.opts, self.work, self.broker
         toml = work / f"edge-{n}.toml"
-        _agent_toml(toml, port=broker.port, bundle=bundle, trusted=trusted, state=work / f"state-{n}", n=n,
-                    threads=opts.threads, max_batch=opts.max_batch, variant=variant)
+        agent_toml(toml, port=b.port, bundle=bundle, trusted=trusted, state=work / f"state-{n}", n=n,
+                   threads=opts.threads, max_batch=opts.max_batch, variant=variant)
         log_path = work / f"agent-{n}.log"
-        env = {**os.environ, "GAPCAST_PROFILE": str(prof_prefix)}
+        env = {**os.environ, "GAPCAST_PROFILE": str(self.prof_prefix)}
         with open(log_path, "w") as logf:
-            agent = subprocess.Popen([sys.executable, "-m", "gapcast.cli", "edge", "run", "--config", str(toml)],
-                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        sampler = _RssSampler(agent.pid)
-        collector = Collector(broker.host, broker.port, PREFIX)
-        if not _wait(lambda: collector.latest_status().get("state") == "online" or agent.poll() is not None, 180):
+            agent = self.agent = subprocess.Popen(
+                [sys.executable, "-m", "gapcast.cli", "edge", "run", "--config", str(toml)],
+                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.sampler = RssSampler(agent.pid)
+        collector = self.collector = Collector(b.host, b.port, PREFIX)
+        if not wait_for(lambda: collector.latest_status().get("state") == "online" or agent.poll() is not None, 180):
             msg = "the agent did not come online within 180 s"
             raise RuntimeError(msg)
         if agent.poll() is not None:
             msg = f"the agent exited with code {agent.returncode}: {log_path.read_text()[-800:]}"
             raise RuntimeError(msg)
-        res["agent_backend"] = collector.latest_status().get("backend")
-        res["rss_idle_mib"] = sampler.last_mb
-        pub = _Publisher(broker.host, broker.port, "pub")
-        first_tp = 0
-        if do_ingest:  # 3b. the agent on the same stream
-            t0 = time.monotonic()
-            pub.publish(stream)
-            ok = _wait(lambda: any(b["station"] == SENTINEL for _, b in list(collector.forecasts)),
-                       opts.stream_timeout_s)
-            t_end = next((t for t, b in list(collector.forecasts) if b["station"] == SENTINEL), time.monotonic())
-            rate = len(stream) / max(t_end - t0, 1e-9)
-            res["ingest"].update({"agent_per_s": rate, "complete": ok, "ratio": rate / raw_rate if raw_rate else None})
-            dumps += 1
-            res["ingest"]["profile"] = _dump_profile(agent, prof_prefix, dumps)
-            say(f"  N={n}: ingest without inference: agent {rate:,.0f} msg/s, raw paho {raw_rate:,.0f} msg/s "
-                f"({res['ingest']['ratio'] or 0:.2f}; raw received {raw.count:,} of {len(stream):,})"
-                + ("" if ok else " INCOMPLETE"))
-            first_tp = 1
+        self.res["agent_backend"] = collector.latest_status().get("backend")
+        self.res["rss_idle_mib"] = self.sampler.last_mb
+        self.pub = Publisher(b.host, b.port, "pub")
 
-        # 2. step throughput: whole-step readings, each closing its station's previous step
-        epoch = next(iter(net.values())).epoch_s
+    def agent_ingest(self) -> None:
+        """(3b) The agent on the raw phase's stream: messages / (the sentinel's forecast received - start)."""
+        collector, stream = self.collector, self.stream
+        t0 = time.monotonic()
+        self.pub.publish(stream)
+        ok = wait_for(lambda: any(b["station"] == SENTINEL for _, b in list(collector.forecasts)),
+                      self.opts.stream_timeout_s)
+        t_end = next((t for t, b in list(collector.forecasts) if b["station"] == SENTINEL), time.monotonic())
+        rate = len(stream) / max(t_end - t0, 1e-9)
+        ing = self.res["ingest"]
+        ing.update({"agent_per_s": rate, "complete": ok, "ratio": rate / self.raw_rate if self.raw_rate else None})
+        ing["profile"] = self._profile()
+        self.say(f"  N={self.n}: ingest without inference: agent {rate:,.0f} msg/s, raw paho {self.raw_rate:,.0f} "
+                 f"msg/s ({ing['ratio'] or 0:.2f}; raw received {self.raw_received:,} of {len(stream):,})"
+                 + ("" if ok else " INCOMPLETE"))
+
+    def throughput(self, first_tp: int, tp_steps: int, after_ingest: bool) -> None:
+        """(2) Whole-step readings as fast as the broker takes them, each closing its station's previous step
+        (after the ingest phase its open step closes too): station-steps / (the last forecast - start)."""
+        n, collector = self.n, self.collector
+        epoch = next(iter(self.net.values())).epoch_s
         # A reading at step k closes step k - 1: the forecasts' origins are the closed steps.
-        closed = range(0, tp_steps) if do_ingest else range(0, tp_steps - 1)
+        closed = range(0, tp_steps) if after_ingest else range(0, tp_steps - 1)
         want_origins = {int(epoch[k]) for k in closed}
-        msgs = [m for k in range(first_tp, first_tp + tp_steps) for m in _whole_step(net, k)]
+        msgs = [m for k in range(first_tp, first_tp + tp_steps) for m in whole_step(self.net, k)]
         closing = n * len(want_origins)
         seen: dict[str, float] = {}
         pos = [len(collector.forecasts)]
         t0 = time.monotonic()
-        pub.publish(msgs)
+        self.pub.publish(msgs)
 
         def done_tp() -> bool:
-            _forecast_times(collector, pos, seen, want_origins)
+            forecast_times(collector, pos, seen, want_origins)
             return len(seen) >= closing
 
-        ok = _wait(done_tp, opts.stream_timeout_s, 0.02)
+        ok = wait_for(done_tp, self.opts.stream_timeout_s, 0.02)
         t_end = max(seen.values()) if seen else time.monotonic()
         rate = len(seen) / max(t_end - t0, 1e-9)
-        res["throughput"] = {"readings": len(msgs), "station_steps": closing, "received": len(seen), "complete": ok,
-                             "seconds": round(t_end - t0, 3), "steps_per_s": rate,
-                             "rss_mib_after": sampler.last_mb}
-        say(f"  N={n}: {closing:,} station-steps at {rate:,.0f}/s" + ("" if ok else " INCOMPLETE"))
-        if n == opts.profile_stations:
-            dumps += 1
-            res["throughput"]["profile"] = _dump_profile(agent, prof_prefix, dumps)
+        self.res["throughput"] = {"readings": len(msgs), "station_steps": closing, "received": len(seen),
+                                  "complete": ok, "seconds": round(t_end - t0, 3), "steps_per_s": rate,
+                                  "rss_mib_after": self.sampler.last_mb}
+        self.say(f"  N={n}: {closing:,} station-steps at {rate:,.0f}/s" + ("" if ok else " INCOMPLETE"))
+        if n == self.opts.profile_stations:
+            self.res["throughput"]["profile"] = self._profile()
 
-        if do_latency:  # 4. one step at a time for all stations
-            lat: list[float] = []
-            missing = 0
-            last = first_tp + tp_steps - 1
-            for k in range(opts.latency_steps):
-                step = last + 1 + k
-                origin = int(epoch[step - 1])
-                sent: dict[str, float] = {}
-                got: dict[str, float] = {}
-                pos = [len(collector.forecasts)]
-                pub.publish(_whole_step(net, step), sent)
-                _wait(lambda got=got, pos=pos, origin=origin: (
-                    _forecast_times(collector, pos, got, {origin}), len(got) >= n)[1], opts.step_timeout_s, 0.02)
-                missing += n - len(got)
-                lat += [(t - sent[_topic(key.split("@")[0])]) * 1e3 for key, t in got.items()]
-            a = np.asarray(lat) if lat else np.zeros(0)
-            res["latency_ms"] = {"n": len(lat), "missing": missing,
-                                 **({"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-                                     "max": float(a.max())} if lat else {})}
-            if lat:
-                say(f"  N={n}: step-to-forecast p50 {res['latency_ms']['p50']:.0f} ms, "
-                    f"p99 {res['latency_ms']['p99']:.0f} ms")
-        status = collector.latest_status()
-        res["agent_counters"] = status.get("counters", {})
-    finally:
-        if pub is not None:
-            pub.close()
-        if sampler is not None:
-            sampler.stop()
-            res["rss_peak_mib"] = sampler.peak_mb
+    def latency(self, last: int) -> None:
+        """(4) ``latency_steps`` steps after step ``last``, one at a time, all stations at once: the reading that
+        closes a step -> its forecast at the subscriber, p50 / p99 / max in ms."""
+        n, collector, opts = self.n, self.collector, self.opts
+        epoch = next(iter(self.net.values())).epoch_s
+        lat: list[float] = []
+        missing = 0
+        for k in range(opts.latency_steps):
+            step = last + 1 + k
+            origin = int(epoch[step - 1])
+            sent: dict[str, float] = {}
+            got: dict[str, float] = {}
+            pos = [len(collector.forecasts)]
+            self.pub.publish(whole_step(self.net, step), sent)
+            wait_for(lambda got=got, pos=pos, origin=origin: (
+                forecast_times(collector, pos, got, {origin}), len(got) >= n)[1], opts.step_timeout_s, 0.02)
+            missing += n - len(got)
+            lat += [(t - sent[readings_topic(key.split("@")[0])]) * 1e3 for key, t in got.items()]
+        a = np.asarray(lat) if lat else np.zeros(0)
+        self.res["latency_ms"] = {"n": len(lat), "missing": missing,
+                                  **({"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+                                      "max": float(a.max())} if lat else {})}
+        if lat:
+            self.say(f"  N={n}: step-to-forecast p50 {self.res['latency_ms']['p50']:.0f} ms, "
+                     f"p99 {self.res['latency_ms']['p99']:.0f} ms")
+
+    def close(self) -> None:
+        """Stop the publisher, the sampler (peak RSS), the agent (SIGTERM, then SIGKILL after 60 s; its final
+        snapshot figures), the collector and the broker."""
+        res = self.res
+        if self.pub is not None:
+            self.pub.close()
+        if self.sampler is not None:
+            self.sampler.stop()
+            res["rss_peak_mib"] = self.sampler.peak_mb
+        agent = self.agent
         if agent is not None and agent.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(agent.pid, signal.SIGTERM)
@@ -488,15 +368,14 @@ def _one_count(n: int, series: dict, bundle: Path, trusted: str, variant: str, o
             except subprocess.TimeoutExpired:
                 os.killpg(agent.pid, signal.SIGKILL)
                 agent.wait(timeout=10)
-        final = prof_prefix.with_name(f"{prof_prefix.name}.final.json")
+        final = self.prof_prefix.with_name(f"{self.prof_prefix.name}.final.json")
         if final.exists():
             snap = json.loads(final.read_text()).get("snapshot")
             if snap:
                 res["snapshot"] = snap
-        if collector is not None:
-            collector.close()
-        broker.close()
-    return res
+        if self.collector is not None:
+            self.collector.close()
+        self.broker.close()
 
 
 def measure_ceiling(bundle, *, threads: int, max_batch: int, variant: str, seconds: float, data=None,
@@ -575,7 +454,6 @@ def run_agent_bench(
     Raises:
         GapcastError: no data, a bundle without a key, a broker that does not start.
     """
-    from gapcast.edge import BundleError
     from gapcast.edge.bundle import verify_bundle
     from gapcast.train.evaluate import spec_of_run
     from gapcast.train.loader import load_dataset
@@ -583,11 +461,7 @@ def run_agent_bench(
     opts = options or AgentBenchOptions()
     bundle = Path(bundle_path)
     if trusted_key is None:
-        card = json.loads((bundle / "card.json").read_text())
-        trusted_key = (card.get("signature") or {}).get("public_key_hex")
-        if not trusted_key:
-            msg = f"{bundle} is unsigned; the agent refuses unsigned bundles (export it with --sign-key)"
-            raise BundleError(msg)
+        trusted_key = _card_key(bundle)
     card_raw = json.loads((bundle / "card.json").read_text()) if (bundle / "card.json").is_file() else {}
     spec = spec_of_run({"dataset": card_raw.get("dataset")}, dataset)
     series = load_dataset(spec, data)
@@ -604,23 +478,9 @@ def run_agent_bench(
                               seconds=opts.ceiling_s, data=data, dataset=dataset)
     say(f"  backend ceiling: {ceiling['variant']} {ceiling['windows_per_s']:,.0f} windows/s at batch "
         f"{ceiling['batch']} ({ceiling['batch_ms']:.1f} ms); 1,000 windows {ceiling['batch_1000_ms']:.0f} ms")
-    results = []
-
-    def _on_term(signum, frame):  # SIGTERM (e.g. `timeout`): unwind so the agent and the broker are stopped
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _on_term) if threading.current_thread() is threading.main_thread() else None
     try:
-        for n in opts.stations:
-            try:
-                results.append(_one_count(n, series, bundle.resolve(), trusted_key, ceiling["variant"], opts, work,
-                                          progress, spec))
-            except Exception as exc:  # one station count failing must not lose the others' figures
-                log.exception("agent bench at %d stations failed", n)
-                results.append({"stations": n, "error": f"{type(exc).__name__}: {exc}"})
+        results = _every_count(series, bundle.resolve(), trusted_key, ceiling["variant"], opts, work, progress, spec)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if tmp is not None:
             tmp.cleanup()
     figures = summarize(ceiling, results)
@@ -636,6 +496,46 @@ def run_agent_bench(
         "results": results,
         "targets": agent_targets(figures),
     }
+
+
+def _card_key(bundle: Path) -> str:
+    """The public key (hex) the bundle's card was signed with.
+
+    Raises:
+        BundleError: the bundle is unsigned (the agent refuses unsigned bundles).
+    """
+    from gapcast.edge import BundleError
+
+    card = json.loads((bundle / "card.json").read_text())
+    key = (card.get("signature") or {}).get("public_key_hex")
+    if not key:
+        msg = f"{bundle} is unsigned; the agent refuses unsigned bundles (export it with --sign-key)"
+        raise BundleError(msg)
+    return key
+
+
+def _every_count(series: dict, bundle: Path, trusted_key: str, variant: str, opts: AgentBenchOptions, work: Path,
+                 progress: bool, spec) -> list[dict[str, Any]]:
+    """:func:`_one_count` at each station count; a count that fails is logged and recorded with its ``error`` (the
+    others' figures are kept). SIGTERM (e.g. ``timeout``) unwinds as KeyboardInterrupt, so the agent and the broker
+    are stopped; the previous handler is restored."""
+    results = []
+
+    def _on_term(signum, frame):  # SIGTERM (e.g. `timeout`): unwind so the agent and the broker are stopped
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for n in opts.stations:
+            try:
+                results.append(_one_count(n, series, bundle, trusted_key, variant, opts, work, progress, spec))
+            except Exception as exc:  # one station count failing must not lose the others' figures
+                log.exception("agent bench at %d stations failed", n)
+                results.append({"stations": n, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return results
 
 
 def summarize(ceiling: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -112,9 +112,36 @@ def _accuracy_protocol(args: argparse.Namespace) -> int:
 
 
 def _accuracy(args: argparse.Namespace) -> int:
+    """``gapcast bench accuracy``: the protocol without --run / --bundle, else that model against the baselines.
+    Returns 1 when a method asked for could not run (the tables are still saved)."""
     if args.run is None and args.bundle is None:
         return _accuracy_protocol(args)
-    from gapcast.bench.accuracy import SCENARIOS, AccuracyOptions, method_order, run_accuracy
+    from gapcast.bench.accuracy import run_accuracy
+
+    opts, trimmed, run_dir, bundle = _accuracy_options(args)
+    if run_dir is None and bundle is None:
+        print("note: neither --run nor --bundle: ConFill is not scored, baselines only")
+    res = run_accuracy(run_dir=run_dir, bundle_path=bundle, data=args.data, options=opts, progress=True,
+                       dataset=args.dataset)
+    res["trimmed"] = trimmed
+    text, errors = _accuracy_markdown(res, trimmed)
+    print(text)
+    _save(Path(args.out), "accuracy", res, text, _command("accuracy", args))
+    if errors:  # a method that was asked for and could not run fails the command (the tables are still saved)
+        print(f"gapcast bench accuracy: {len(errors)} method(s) not run: {', '.join(errors)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _accuracy_options(args: argparse.Namespace):
+    """The :class:`AccuracyOptions` of the command line (``--quick`` trims, stated), what was trimmed, the run
+    folder (default: the run the bundle's card records, when its checkpoint is there) and the bundle (None when
+    --bundle does not exist).
+
+    Raises:
+        json.JSONDecodeError: the bundle's ``card.json`` is not JSON.
+    """
+    from gapcast.bench.accuracy import AccuracyOptions
 
     trimmed = []
     if args.quick:
@@ -147,11 +174,14 @@ def _accuracy(args: argparse.Namespace) -> int:
         models_dir=str(Path(args.out) / "models") if args.reuse_baselines else None,
         network_trials=60 if args.quick else 540,
     )
-    if run_dir is None and bundle is None:
-        print("note: neither --run nor --bundle: ConFill is not scored, baselines only")
-    res = run_accuracy(run_dir=run_dir, bundle_path=bundle, data=args.data, options=opts, progress=True,
-                       dataset=args.dataset)
-    res["trimmed"] = trimmed
+    return opts, trimmed, run_dir, bundle
+
+
+def _accuracy_markdown(res: dict[str, Any], trimmed: list[str]) -> tuple[str, dict[str, str]]:
+    """The checkpoint mode's report: MAE / RMSE / MRE tables, times, per-channel MAE, targets and the network
+    tables; and the methods that could not run (name -> why). Raises nothing."""
+    from gapcast.bench.accuracy import SCENARIOS, method_order
+
     methods = res["methods"]
     order = [m for m in method_order(list(methods)) if "scores" in methods[m]]
     md = [f"# gapcast bench accuracy\n\n{res['protocol']['eval_windows']} test windows "
@@ -189,13 +219,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         from gapcast.train.network_eval import network_markdown
 
         md.append(network_markdown(res["network"]))
-    text = "\n".join(md)
-    print(text)
-    _save(Path(args.out), "accuracy", res, text, _command("accuracy", args))
-    if errors:  # a method that was asked for and could not run fails the command (the tables are still saved)
-        print(f"gapcast bench accuracy: {len(errors)} method(s) not run: {', '.join(errors)}", file=sys.stderr)
-        return 1
-    return 0
+    return "\n".join(md), errors
 
 
 # ------------------------------------------------------------------------------------------------------------ ett
@@ -405,24 +429,19 @@ def _sink(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------- register
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``gapcast bench`` and its sub-commands."""
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmarks: accuracy, ETT, runtime, agent (print tables, save JSON)",
-        description="Benchmarks print tables and save JSON + Markdown under --out. They are never tests.",
-    )
-    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+def _common(sp: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: --out, --data, --dataset, --quick, --threads."""
+    sp.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}/)")
+    sp.add_argument("--data", help="data root (default: $GAPCAST_DATA, then the cache)")
+    sp.add_argument("--dataset", help="dataset spec (SPEC.toml) or preset (default: the run's / bundle's own "
+                    "dataset, else beijing)")
+    sp.add_argument("--quick", action="store_true", help="a short run (trimmed sizes, stated in the output)")
+    sp.add_argument("--threads", type=int, default=2, help="CPU threads for torch / onnxruntime (default 2)")
+    sp.set_defaults(log_info=False)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}/)")
-        sp.add_argument("--data", help="data root (default: $GAPCAST_DATA, then the cache)")
-        sp.add_argument("--dataset", help="dataset spec (SPEC.toml) or preset (default: the run's / bundle's own "
-                        "dataset, else beijing)")
-        sp.add_argument("--quick", action="store_true", help="a short run (trimmed sizes, stated in the output)")
-        sp.add_argument("--threads", type=int, default=2, help="CPU threads for torch / onnxruntime (default 2)")
-        sp.set_defaults(log_info=False)
 
+def _add_accuracy(sub: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench accuracy`` (the protocol, or a trained model against the baselines)."""
     a = sub.add_parser(
         "accuracy", help="the accuracy protocol: ConFill, ablations, PyPOTS, forecasters, equal budgets, seeds",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -437,7 +456,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  gapcast bench accuracy --budget-min 5 --budget-clock cpu --threads 1 --resume   # on a shared machine\n"
         "  gapcast bench accuracy --quick                                       # CI smoke run, tiny sizes\n"
         f"  gapcast bench accuracy --run runs/beijing --bundle {DEFAULT_BUNDLE}   # score a trained model")
-    common(a)
+    _common(a)
     a.add_argument("--budget-min", type=float, help="protocol: training budget per method and seed, minutes "
                    "(default 10)")
     a.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
@@ -466,8 +485,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="save SAITS / BRITS under OUT/models and reuse them when the config matches")
     a.set_defaults(func=_accuracy)
 
+
+def _add_ett(sub: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench ett``."""
     e = sub.add_parser("ett", help="ETTh1/ETTh2 long-horizon forecasting vs DLinear and published figures")
-    common(e)
+    _common(e)
     e.add_argument("--datasets", default="ETTh1,ETTh2", help="comma-separated (default ETTh1,ETTh2)")
     e.add_argument("--horizons", help="comma-separated (default 96,192,336,720)")
     e.add_argument("--budget-min", "--confill-budget-min", dest="confill_budget_min", type=float, default=3.0,
@@ -477,8 +499,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="training seed")
     e.set_defaults(func=_ett)
 
+
+def _add_runtime(sub: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench runtime``."""
     r = sub.add_parser("runtime", help="latency, throughput, size and memory: torch vs onnxruntime fp32 / int8")
-    common(r)
+    _common(r)
     r.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle (default {DEFAULT_BUNDLE}; a tiny one if absent)")
     r.add_argument("--pubkey", help="trusted public key of the bundle (default: the card's own key)")
     r.add_argument("--run", help="training run for torch eager (default: the run recorded in the card)")
@@ -486,6 +511,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--min-time-s", type=float, default=3.0, help="seconds measured per engine and batch (default 3)")
     r.set_defaults(func=_runtime)
 
+
+def _add_agent(sub: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench agent``."""
     g = sub.add_parser("agent", help="the agent vs its backend: step throughput, ingest, latency, RSS, CPU split",
                        description="Issue 17's six figures in one run (see gapcast.bench.agent): backend ceiling, "
                        "step throughput at each station count as a ratio to it, ingest without inference vs raw paho, "
@@ -493,7 +521,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  gapcast bench agent --bundle demo-out/bundle\n"
                        "  gapcast bench agent --quick   # CI: 2 small counts, short streams, a tiny bundle if none",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(g)
+    _common(g)
     g.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"bundle (default {DEFAULT_BUNDLE}; a tiny one if absent)")
     g.add_argument("--pubkey", help="trusted public key (default: the card's own key)")
     g.add_argument("--stations", default="100,1000,10000", help="station counts (default 100,1000,10000)")
@@ -505,12 +533,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-batch", type=int, default=64, help="the agent's model.max_batch (default 64, its default)")
     g.add_argument("--variant", default="auto", help="onnxruntime variant (default auto: timed once, then pinned)")
     g.set_defaults(func=_agent)
+
+
+def _add_sink(sub: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench sink``."""
     k = sub.add_parser("sink", help="gapcast sink: messages stored per second and its memory (private Mosquitto)")
-    common(k)
+    _common(k)
     k.add_argument("--stations", type=int, default=1000, help="stations in the stream (default 1000)")
     k.add_argument("--steps", type=int, default=20, help="steps per station (default 20: 40,000 messages)")
     k.add_argument("--paced-s", type=float, default=120.0,
                    help="then this long at a step of every station every 10 s, for the memory figure (default 120)")
     k.add_argument("--no-validate", action="store_true", help="run the sink without the schema check")
     k.set_defaults(func=_sink)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``gapcast bench`` and its sub-commands."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks: accuracy, ETT, runtime, agent (print tables, save JSON)",
+        description="Benchmarks print tables and save JSON + Markdown under --out. They are never tests.",
+    )
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+    _add_accuracy(sub)
+    _add_ett(sub)
+    _add_runtime(sub)
+    _add_agent(sub)
+    _add_sink(sub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -271,6 +271,60 @@ def _scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err)))}
 
 
+def _ett_splits(ds: str, h: int, data) -> dict[str, EttWindows]:
+    """The standard protocol's train / val / test windows of one ETT dataset at horizon ``h`` (normalised with the
+    training statistics). Raises DataError when the ETT files are missing."""
+    from gapcast.train.data import load_ett
+
+    ett = load_ett(ds, data, lookback=LOOKBACK)
+    norm = ett.normalizer.transform(ett.values)
+    return {
+        name: ett_windows(norm[sl], ett.epoch_s[sl], lookback=LOOKBACK, horizon=h)
+        for name, sl in (("train", ett.train), ("val", ett.val), ("test", ett.test))
+    }
+
+
+def _dlinear_row(splits: dict[str, EttWindows], h: int, epochs: int, seed: int, budget_s: float) -> dict:
+    """Train DLinear (the paper's settings) and score it on the test windows: MSE / MAE, training time, epochs, why
+    it stopped. Raises what its training raises."""
+    from gapcast.bench.dlinear import DLinearConfig, train_dlinear
+
+    dcfg = DLinearConfig(lookback=LOOKBACK, horizon=h, channels=7, max_epochs=epochs, seed=seed)
+    tr = splits["train"]
+
+    def epoch_batches(rng, tr=tr, bs=dcfg.batch_size):
+        order = rng.permutation(len(tr))
+        return [
+            (np.ascontiguousarray(tr.x[order[a : a + bs]]), np.ascontiguousarray(tr.y[order[a : a + bs]]),
+             np.ones((len(order[a : a + bs]), tr.y.shape[1], tr.y.shape[2]), np.float32))
+            for a in range(0, len(order), bs)
+        ]
+
+    va = splits["val"]
+    val_batches = [(np.ascontiguousarray(va.x[a : a + 512]), np.ascontiguousarray(va.y[a : a + 512]),
+                    np.ones_like(va.y[a : a + 512])) for a in range(0, len(va), 512)]
+    # The same wall-clock budget as ConFill (issue 19); DLinear's own schedule (epoch cap, patience, the learning
+    # rate halved every epoch) usually ends it first, which is recorded as its stop reason.
+    fit = train_dlinear(dcfg, epoch_batches, val_batches, budget_s=budget_s)
+    return {**_scores(_dlinear_predict(fit.model, splits["test"]), splits["test"].y),
+            "train_s": round(fit.train_s, 1), "epochs": fit.epochs, "stopped": fit.stopped}
+
+
+def _confill_row(confill_model, budget: ConFillEttBudget, splits: dict[str, EttWindows], h: int) -> dict:
+    """Train ConFill at horizon ``h`` under the budget and score it on the test windows: MSE / MAE, the training
+    record and the parameter count. Raises what its training raises."""
+    import torch
+
+    mcfg = _confill_ett_config(confill_model, h)
+    model, info = train_confill_ett(mcfg, budget, splits["train"], splits["val"])
+    te = splits["test"]
+    pred = _confill_predict(model, te, np.arange(len(te)))
+    out = {**_scores(pred, te.y), **info, "params": int(sum(p.numel() for p in model.parameters()))}
+    del model
+    torch.set_grad_enabled(True)
+    return out
+
+
 def run_ett(
     *,
     data=None,
@@ -305,9 +359,6 @@ def run_ett(
     import torch
     from tqdm import tqdm
 
-    from gapcast.bench.dlinear import DLinearConfig, train_dlinear
-    from gapcast.train.data import load_ett
-
     if threads:
         torch.set_num_threads(threads)
     if confill_model is None and run_confill:
@@ -320,44 +371,13 @@ def run_ett(
     bar = tqdm(runs, desc="ETT", disable=not progress)
     for ds, h in bar:
         bar.set_postfix(dataset=ds, horizon=h)
-        ett = load_ett(ds, data, lookback=LOOKBACK)
-        norm = ett.normalizer.transform(ett.values)
-        splits = {
-            name: ett_windows(norm[sl], ett.epoch_s[sl], lookback=LOOKBACK, horizon=h)
-            for name, sl in (("train", ett.train), ("val", ett.val), ("test", ett.test))
-        }
+        splits = _ett_splits(ds, h, data)
         row: dict = {"dataset": ds, "horizon": h, "windows": {k: len(v) for k, v in splits.items()}}
-
-        dcfg = DLinearConfig(lookback=LOOKBACK, horizon=h, channels=7, max_epochs=dlinear_epochs, seed=seed)
-        tr = splits["train"]
-
-        def epoch_batches(rng, tr=tr, bs=dcfg.batch_size):
-            order = rng.permutation(len(tr))
-            return [
-                (np.ascontiguousarray(tr.x[order[a : a + bs]]), np.ascontiguousarray(tr.y[order[a : a + bs]]),
-                 np.ones((len(order[a : a + bs]), tr.y.shape[1], tr.y.shape[2]), np.float32))
-                for a in range(0, len(order), bs)
-            ]
-
-        va = splits["val"]
-        val_batches = [(np.ascontiguousarray(va.x[a : a + 512]), np.ascontiguousarray(va.y[a : a + 512]),
-                        np.ones_like(va.y[a : a + 512])) for a in range(0, len(va), 512)]
-        # The same wall-clock budget as ConFill (issue 19); DLinear's own schedule (epoch cap, patience, the learning
-        # rate halved every epoch) usually ends it first, which is recorded as its stop reason.
-        fit = train_dlinear(dcfg, epoch_batches, val_batches, budget_s=confill_budget_s)
+        dlinear = _dlinear_row(splits, h, dlinear_epochs, seed, confill_budget_s)
         row["budget_s"] = confill_budget_s
-        row["DLinear (ours)"] = {**_scores(_dlinear_predict(fit.model, splits["test"]), splits["test"].y),
-                                 "train_s": round(fit.train_s, 1), "epochs": fit.epochs, "stopped": fit.stopped}
-
+        row["DLinear (ours)"] = dlinear
         if run_confill:
-            mcfg = _confill_ett_config(confill_model, h)
-            model, info = train_confill_ett(mcfg, budget, splits["train"], splits["val"])
-            te = splits["test"]
-            pred = _confill_predict(model, te, np.arange(len(te)))
-            row["ConFill (ours)"] = {**_scores(pred, te.y), **info,
-                                     "params": int(sum(p.numel() for p in model.parameters()))}
-            del model
-            torch.set_grad_enabled(True)
+            row["ConFill (ours)"] = _confill_row(confill_model, budget, splits, h)
         row["published"] = {m: {"mse": v[0], "mae": v[1], "lookback": PUBLISHED_LOOKBACK[m]}
                             for m, v in PUBLISHED[(ds, h)].items()}
         rows.append(row)

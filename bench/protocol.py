@@ -43,15 +43,19 @@ from typing import Any
 
 import numpy as np
 
+from gapcast.bench.protocol_report import aggregate, bar_chart, protocol_markdown, targets
+
 __all__ = [
     "ABLATIONS",
     "FORECASTERS",
     "PYPOTS_SIZES",
     "ProtocolOptions",
     "aggregate",
+    "bar_chart",
     "edge_scenarios",
     "protocol_markdown",
     "run_protocol",
+    "targets",
 ]
 
 log = logging.getLogger(__name__)
@@ -378,6 +382,10 @@ def run_protocol(
 ) -> dict[str, Any]:
     """Run (or continue) the protocol and return its aggregated results.
 
+    Stages: the options stamp (:func:`_check_stamp`), the data and the scenarios (:func:`_prepare`), the untrained
+    methods, then every learned method seed by seed (:func:`_run_seed`), each result saved as it finishes
+    (:class:`_Results`), and the protocol record (:func:`_protocol_record`).
+
     Args:
         dataset: a dataset spec, preset name or spec path (default ``beijing``).
         data: data root (None: ``$GAPCAST_DATA`` / cache).
@@ -396,19 +404,33 @@ def run_protocol(
     """
     import torch
 
-    from gapcast import GapcastError
-    from gapcast.bench.accuracy import _imputation_only
-    from gapcast.train.data import Normalizer
-    from gapcast.train.evaluate import baseline_imputers, model_imputer, score_imputer
-    from gapcast.train.loader import load_dataset, split_indices
-    from gapcast.train.spec import DatasetSpec, load_spec
-    from gapcast.train.trainer import _make_valset, load_config, prepare_data
-
     opts = options or ProtocolOptions()
     resume = resume or report_only
     torch.set_num_threads(opts.threads)
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
+    _check_stamp(outp, opts, resume)
+    prep = _prepare(dataset, data, opts)
+    store = _Results(outp, prep.ss, opts.budget_min * 60.0, resume=resume, report_only=report_only, progress=progress)
+    _run_untrained(store, prep, opts)
+    for seed in opts.seeds:  # seed-outer: an interrupted run has every method of the first seeds
+        _run_seed(store, prep, seed, outp, opts)
+    results = store.results
+    return {"benchmark": "accuracy-protocol", "protocol": _protocol_record(prep, opts), "options": dataclasses.asdict(opts),
+            "results": results, "aggregate": aggregate(results, [s.name for s in prep.ss.scenarios])}
+
+
+def _check_stamp(outp: Path, opts: ProtocolOptions, resume: bool) -> None:
+    """Check ``options.json`` against these options on ``resume`` (else clear earlier results), then write it.
+
+    The stamp holds every option but ``methods``, ``threads`` and ``seeds`` (a run may add seeds or methods);
+    keys added since a run started take their default.
+
+    Raises:
+        GapcastError: ``resume`` meets results of other options.
+    """
+    from gapcast import GapcastError
+
     stamp = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("methods", "threads", "seeds")}
     stamp_path = outp / "options.json"
     if resume and stamp_path.is_file():
@@ -425,6 +447,32 @@ def run_protocol(
         shutil.rmtree(outp / "results")
         log.info("removed the earlier results in %s (no --resume)", outp)
     stamp_path.write_text(json.dumps(stamp, indent=2))
+
+
+@dataclass
+class _Prepared:
+    """What every method and seed of one protocol run shares (built by :func:`_prepare`)."""
+
+    spec: Any  # DatasetSpec
+    series: dict  # the training stations (held-out ones removed)
+    cfg: Any  # the ConFill training config (quick: shrunk)
+    ss: Any  # the test ScenarioSet
+    prepared: Any  # the trainer's training / validation windows
+    groups: list  # the spec's outage groups (channel indices)
+
+
+def _prepare(dataset, data, opts: ProtocolOptions) -> _Prepared:
+    """Load the dataset and the ConFill config, split off the held-out stations, fit the normaliser on the training
+    stations' training range, build the test scenarios and the trainer's windows.
+
+    Raises:
+        GapcastError: a held-out station not in the data; GapcastError subclasses: missing data, a bad spec.
+    """
+    from gapcast import GapcastError
+    from gapcast.train.data import Normalizer
+    from gapcast.train.loader import load_dataset, split_indices
+    from gapcast.train.spec import DatasetSpec, load_spec
+    from gapcast.train.trainer import load_config, prepare_data
 
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
     series = load_dataset(spec, data, list(opts.stations) or None)
@@ -448,35 +496,57 @@ def run_protocol(
     normalizer = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
     ss = _scenario_set(test_series, normalizer, spec, L, H, opts)
     prepared = prepare_data(series, cfg, spec)
-    groups = list(spec.groups.values())
-    budget_s = opts.budget_min * 60.0
-    season = max(1, round(86400 / spec.cadence_s))
-    results: dict[str, dict[int, Any]] = {}
+    return _Prepared(spec=spec, series=series, cfg=cfg, ss=ss, prepared=prepared, groups=list(spec.groups.values()))
 
-    def path_of(method: str, seed: int | None) -> Path:
-        return outp / "results" / slug(method) / ("untrained.json" if seed is None else f"seed{seed}.json")
 
-    def record(method: str, seed: int | None, fn, train_s: float, info: dict[str, Any]) -> None:
+class _Results:
+    """The results of one protocol run: ``results/<slug>/seed<k>.json`` (``untrained.json`` for an untrained
+    method), written as each method and seed finishes, and the same in memory (``{method: {seed or -1: result}}``).
+    """
+
+    def __init__(self, outp: Path, ss, budget_s: float, *, resume: bool, report_only: bool, progress: bool) -> None:
+        self.outp = outp
+        self.ss = ss
+        self.budget_s = budget_s
+        self.resume = resume
+        self.report_only = report_only
+        self.progress = progress
+        self.results: dict[str, dict[int, Any]] = {}
+
+    def path_of(self, method: str, seed: int | None) -> Path:
+        """Where the result of ``method`` at ``seed`` (None: untrained) is saved."""
+        return self.outp / "results" / slug(method) / ("untrained.json" if seed is None else f"seed{seed}.json")
+
+    def record(self, method: str, seed: int | None, fn, train_s: float, info: dict[str, Any]) -> None:
+        """Score ``fn`` on every scenario, save the result and keep it; raises what the imputer raises."""
+        from gapcast.train.evaluate import score_imputer
+
         t = time.perf_counter()
-        scores = _summary(score_imputer(fn, ss, name=method))
-        res = {"method": method, "seed": seed, "train_s": round(train_s, 1), "budget_s": budget_s if seed is not None
-               else 0.0, "score_s": round(time.perf_counter() - t, 1), "scores": scores, **info}
-        p = path_of(method, seed)
+        scores = _summary(score_imputer(fn, self.ss, name=method))
+        res = {"method": method, "seed": seed, "train_s": round(train_s, 1), "budget_s": self.budget_s
+               if seed is not None else 0.0, "score_s": round(time.perf_counter() - t, 1), "scores": scores, **info}
+        p = self.path_of(method, seed)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(res, indent=2, default=str))
-        results.setdefault(method, {})[-1 if seed is None else seed] = res
-        if progress:
+        self.results.setdefault(method, {})[-1 if seed is None else seed] = res
+        if self.progress:
             print(f"  {method} seed {seed}: trained {train_s:.0f} s, scored in {res['score_s']:.0f} s", flush=True)
 
-    def done(method: str, seed: int | None) -> bool:
+    def done(self, method: str, seed: int | None) -> bool:
         """True when this method and seed need no training: saved (and loaded) or ``report_only``."""
-        p = path_of(method, seed)
-        if resume and p.is_file():
-            results.setdefault(method, {})[-1 if seed is None else seed] = json.loads(p.read_text())
+        p = self.path_of(method, seed)
+        if self.resume and p.is_file():
+            self.results.setdefault(method, {})[-1 if seed is None else seed] = json.loads(p.read_text())
             return True
-        return report_only
+        return self.report_only
 
-    base = baseline_imputers(H, season=season)
+
+def _run_untrained(store: _Results, prep: _Prepared, opts: ProtocolOptions) -> None:
+    """LOCF, linear interpolation, persistence and seasonal naive (1 d): scored once, no seed; raises nothing."""
+    from gapcast.train.evaluate import baseline_imputers
+
+    season = max(1, round(86400 / prep.spec.cadence_s))
+    base = baseline_imputers(prep.cfg.model.horizon, season=season)
 
     def locf_imp(v, m, c):
         return base["locf"](v, m, c)[0], None
@@ -487,182 +557,60 @@ def run_protocol(
     untrained = {"LOCF": locf_imp, "linear interpolation": base["linear"], "persistence": persistence,
                  "seasonal naive (1 d)": base["seasonal_naive"]}
     for name, fn in untrained.items():
-        if _wanted(opts, name) and not done(name, None):
-            record(name, None, fn, 0.0, {"kind": "untrained"})
+        if _wanted(opts, name) and not store.done(name, None):
+            store.record(name, None, fn, 0.0, {"kind": "untrained"})
 
-    for seed in opts.seeds:  # seed-outer: an interrupted run has every method of the first seeds
-        valset = _make_valset(prepared.val, cfg, seed, groups)
-        for name in ABLATIONS:
-            if _wanted(opts, name) and not done(name, seed):
-                model, train_s, info = _confill(name, cfg, seed, budget_s, series, spec, outp, opts)
-                record(name, seed, model_imputer(model, progress=False), train_s, {"kind": "confill", **info})
-        for name in PYPOTS_SIZES:
-            if _wanted(opts, name) and not done(name, seed):
-                model, train_s, info = _pypots(name, seed, budget_s, prepared, cfg, groups, valset, opts)
-                fn = _imputation_only(lambda v, m, fm=model: _pypots_impute(fm, v, m), ss)
-                record(name, seed, fn, train_s, {"kind": "pypots", **info})
-        for name in FORECASTERS:
-            if _wanted(opts, name) and not done(name, seed):
-                predict, train_s, info = _forecaster(name, seed, budget_s, prepared, cfg, valset, opts)
-                record(name, seed, lambda v, m, c, p=predict: (None, p(v, m)), train_s, {"kind": "forecaster", **info})
 
+def _run_seed(store: _Results, prep: _Prepared, seed: int, outp: Path, opts: ProtocolOptions) -> None:
+    """Every learned method at one seed, in order: the ConFill ablations, the PyPOTS imputers, the forecasters;
+    each trained at the same budget, selected on the seed's validation set, scored and saved.
+
+    Raises:
+        GapcastError: a PyPOTS method without PyPOTS installed; what training raises.
+    """
+    from gapcast.bench.accuracy import _imputation_only
+    from gapcast.train.evaluate import model_imputer
+    from gapcast.train.trainer import _make_valset
+
+    budget_s, cfg = store.budget_s, prep.cfg
+    valset = _make_valset(prep.prepared.val, cfg, seed, prep.groups)
+    for name in ABLATIONS:
+        if _wanted(opts, name) and not store.done(name, seed):
+            model, train_s, info = _confill(name, cfg, seed, budget_s, prep.series, prep.spec, outp, opts)
+            store.record(name, seed, model_imputer(model, progress=False), train_s, {"kind": "confill", **info})
+    for name in PYPOTS_SIZES:
+        if _wanted(opts, name) and not store.done(name, seed):
+            model, train_s, info = _pypots(name, seed, budget_s, prep.prepared, cfg, prep.groups, valset, opts)
+            fn = _imputation_only(lambda v, m, fm=model: _pypots_impute(fm, v, m), prep.ss)
+            store.record(name, seed, fn, train_s, {"kind": "pypots", **info})
+    for name in FORECASTERS:
+        if _wanted(opts, name) and not store.done(name, seed):
+            predict, train_s, info = _forecaster(name, seed, budget_s, prep.prepared, cfg, valset, opts)
+            store.record(name, seed, lambda v, m, c, p=predict: (None, p(v, m)), train_s,
+                         {"kind": "forecaster", **info})
+
+
+def _protocol_record(prep: _Prepared, opts: ProtocolOptions) -> dict[str, Any]:
+    """The protocol as run: the scenario set's record plus the rules, budget, seeds, windows, versions and sizes;
+    raises nothing (PyPOTS missing: ``"not installed"``)."""
     try:
         import pypots
 
         pypots_version = pypots.__version__
     except ImportError:
         pypots_version = "not installed"
-    protocol = {
-        **ss.protocol,
+    return {
+        **prep.ss.protocol,
         "rules": " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "),
         "budget_per_method_and_seed_min": opts.budget_min,
         "budget_clock": opts.budget_clock,
         "seeds": list(opts.seeds),
-        "training_windows": f"{len(prepared.train)} stride-1 windows of the training range (drawn uniformly)",
-        "validation_windows": f"{min(len(prepared.val), cfg.data.val_windows)} of the validation range, outages "
-                              "drawn once per seed",
+        "training_windows": f"{len(prep.prepared.train)} stride-1 windows of the training range (drawn uniformly)",
+        "validation_windows": f"{min(len(prep.prepared.val), prep.cfg.data.val_windows)} of the validation range, "
+                              "outages drawn once per seed",
         "pypots_version": pypots_version,
         "model_sizes": "papers' defaults" if not opts.quick else "QUICK: tiny sizes (CI smoke run, not a result)",
         "held_out_stations": list(opts.holdout),
-        "training_stations": sorted(series),
+        "training_stations": sorted(prep.series),
         "confill_config": "gapcast/train/configs/beijing.toml" + (" shrunk (quick)" if opts.quick else ""),
     }
-    return {"benchmark": "accuracy-protocol", "protocol": protocol, "options": dataclasses.asdict(opts),
-            "results": results, "aggregate": aggregate(results, [s.name for s in ss.scenarios])}
-
-
-# ------------------------------------------------------------------------------------------------ aggregation
-
-
-def aggregate(results: dict[str, dict[int, Any]], scenarios: list[str]) -> dict[str, Any]:
-    """Mean and spread over seeds of every method's normalised MAE per scenario and for the forecast.
-
-    Returns:
-        ``{method: {part: {"mean": float, "std": float, "n": seeds}}}``; ``std`` is the sample standard deviation
-        (0 for one seed or an untrained method).
-    """
-    out: dict[str, Any] = {}
-    for method, by_seed in results.items():
-        row = {}
-        for part in (*scenarios, "forecast"):
-            vals = [r["scores"][part]["all_norm"]["mae"] for r in by_seed.values()
-                    if part in r["scores"] and r["scores"][part]["all_norm"]["mae"] is not None]
-            if vals:
-                row[part] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                             "n": len(vals)}
-        row["train_s"] = float(np.mean([r["train_s"] for r in by_seed.values()]))
-        out[method] = row
-    return out
-
-
-def targets(agg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals with measured values; a win counts only when it exceeds both spreads."""
-    out = []
-    key = "block-72h:station"
-    ours = agg.get("ConFill", {}).get(key)
-    learned = {m: agg[m][key] for m in PYPOTS_SIZES if key in agg.get(m, {})}
-    if ours and learned:
-        best = min(learned, key=lambda m: learned[m]["mean"])
-        b = learned[best]
-        rel = (ours["mean"] - b["mean"]) / b["mean"]
-        out.append({"target": f"ConFill {key} MAE >= 20% below the best learned baseline ({best})",
-                    "measured": rel, "goal": -0.20, "met": rel <= -0.20 and b["mean"] - ours["mean"] > ours["std"] + b["std"]})
-    lin = agg.get("linear interpolation", {}).get(key)
-    if ours and lin:
-        rel = (ours["mean"] - lin["mean"]) / lin["mean"]
-        out.append({"target": f"ConFill {key} MAE >= 30% below linear interpolation", "measured": rel, "goal": -0.30,
-                    "met": rel <= -0.30 and lin["mean"] - ours["mean"] > ours["std"]})
-    ours_f = agg.get("ConFill", {}).get("forecast")
-    rivals = {m: agg[m]["forecast"] for m in ("persistence", "seasonal naive (1 d)", "DLinear")
-              if "forecast" in agg.get(m, {})}
-    if ours_f and rivals:
-        best = min(rivals, key=lambda m: rivals[m]["mean"])
-        b = rivals[best]
-        rel = (ours_f["mean"] - b["mean"]) / b["mean"]
-        out.append({"target": f"ConFill 24 h forecast MAE >= 10% below the best of persistence / seasonal naive / "
-                              f"DLinear ({best})", "measured": rel, "goal": -0.10,
-                    "met": rel <= -0.10 and b["mean"] - ours_f["mean"] > ours_f["std"] + b["std"]})
-    return out
-
-
-def _cell(c: dict[str, Any] | None) -> str:
-    if not c:
-        return "–"
-    return f"{c['mean']:.4f} ± {c['std']:.4f}" if c["n"] > 1 else f"{c['mean']:.4f}"
-
-
-def protocol_markdown(res: dict[str, Any]) -> str:
-    """The tables: imputation (every imputer), forecast, ablations, targets; mean ± spread over seeds."""
-    agg = res["aggregate"]
-    scen = list(res["protocol"]["scenarios"])
-    p = res["protocol"]
-    seeds_run = {m: len([s for s in res["results"][m] if s != -1]) for m in res["results"]}
-    lines = [
-        "# gapcast bench accuracy (protocol)\n",
-        f"{p['dataset']}; {p['eval_windows']} test windows ({len(p['stations'])} stations, stride "
-        f"{p['stride_steps']} steps, at most {p['max_windows_per_station']} per station), L = {p['lookback_L']}, "
-        f"H = {p['horizon_H']}. Training budget **{p['budget_per_method_and_seed_min']:g} min of "
-        f"{'CPU time (one thread)' if p.get('budget_clock') == 'cpu' else 'wall clock'} per "
-        f"method and seed** on this machine, seeds {p['seeds']}; PyPOTS {p['pypots_version']}; model sizes: "
-        f"{p['model_sizes']}. MAE on normalised values over the hidden values, mean ± sample std over seeds "
-        "(no ± : one seed, or untrained).\n",
-    ]
-    imputers = [m for m in agg if any(s in agg[m] for s in scen) and not m.startswith("ConFill w/o")]
-    lines.append("## Imputation\n\n| method | " + " | ".join(scen) + " | seeds | training s |\n|---|"
-                 + "---:|" * (len(scen) + 2))
-    for m in imputers:
-        lines.append(f"| {m} | " + " | ".join(_cell(agg[m].get(s)) for s in scen)
-                     + f" | {seeds_run.get(m, 0) or '–'} | {agg[m]['train_s']:.0f} |")
-    fc = [m for m in agg if "forecast" in agg[m] and not m.startswith("ConFill w/o")]
-    lines.append(f"\n## Forecast, {p['horizon_H']} steps\n\n| method | MAE | seeds | training s |\n|---|---:|---:|---:|")
-    for m in fc:
-        lines.append(f"| {m} | {_cell(agg[m]['forecast'])} | {seeds_run.get(m, 0) or '–'} | {agg[m]['train_s']:.0f} |")
-    abl = [m for m in agg if m.startswith("ConFill")]
-    if abl:
-        cols = [s for s in ("point-10%", "block-24h", "block-72h", "block-72h:station", "edge-24h:station",
-                            "real-pattern", "forecast") if s in scen or s == "forecast"]
-        lines.append("\n## ConFill ablations (each retrained at the same budget)\n\n| variant | " + " | ".join(cols)
-                     + " |\n|---|" + "---:|" * len(cols))
-        for m in abl:
-            lines.append(f"| {m} | " + " | ".join(_cell(agg[m].get(s)) for s in cols) + " |")
-    tg = targets(agg)
-    if tg:
-        lines.append("\n## Goals (a win must exceed the spread)\n\n| goal | measured (relative) | goal | met |\n"
-                     "|---|---:|---:|---|")
-        for t in tg:
-            lines.append(f"| {t['target']} | {t['measured']:+.1%} | {t['goal']:+.0%} | {'yes' if t['met'] else 'NO'} |")
-    lines.append("\n## Protocol\n\n" + p["rules"] + "\n\nScenarios: " + "; ".join(f"**{k}**: {v}"
-                                                                                for k, v in p["scenarios"].items()))
-    return "\n".join(lines)
-
-
-def bar_chart(res: dict[str, Any], path: Path) -> Path:
-    """A PNG bar chart: per scenario (and the forecast) every method's mean MAE with the seed spread as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    agg = res["aggregate"]
-    parts = [*res["protocol"]["scenarios"], "forecast"]
-    methods = list(agg)
-    ncols = 4
-    nrows = math.ceil(len(parts) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(14, 3.6 * nrows), squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[len(parts):]:
-        ax.axis("off")
-    for ax, part in zip(flat, parts, strict=False):
-        ms = [m for m in methods if part in agg[m]]
-        ax.bar(range(len(ms)), [agg[m][part]["mean"] for m in ms], yerr=[agg[m][part]["std"] for m in ms],
-               color=[f"C{methods.index(m) % 10}" for m in ms], capsize=2)
-        ax.set_title(part, fontsize=8)
-        ax.set_xticks(range(len(ms)), [m.replace(" (paper's plain head)", "").replace(" (global attention only)", "")
-                                       for m in ms], rotation=90, fontsize=6)
-        ax.tick_params(axis="y", labelsize=6)
-    for row in axes:
-        row[0].set_ylabel("MAE (normalised)", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RuntimeOptions", "load_bench_windows", "measure_engine", "run_runtime"]
+__all__ = ["RuntimeOptions", "load_bench_windows", "measure_engine", "run_runtime", "verify_local_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -278,21 +278,63 @@ def run_runtime(
     Returns:
         A JSON-ready dict: options, inputs, engines (per batch figures, sizes, memory), ratios, targets.
     """
-    from tqdm import tqdm
+    opts = options or RuntimeOptions()
+    bundle = _verified(bundle_path, trusted_keys)
+    card = bundle.card
+    inputs, source = load_bench_windows(bundle, max(opts.batches), data=data, dataset=dataset)
+    results = _measure(_engines(bundle, run_dir), inputs, opts, progress)
+    ratios = _int8_ratios(results)
+    delta = card.raw.get("int8_delta", {})
+    targets = _runtime_targets(card, ratios, delta)
+    return {
+        "benchmark": "runtime",
+        "protocol": __doc__.split("\n\n", 1)[1].replace("\n", " "),
+        "bundle": str(bundle.path),
+        "model": {"name": card.model_name, "version": card.model_version, "L": card.lookback, "H": card.horizon,
+                  "C": len(card.channels), "config": card.raw.get("model", {}).get("config")},
+        "options": asdict(opts),
+        "cpu": _cpu_name(),
+        "inputs": source,
+        "engines": results,
+        "int8_over_fp32_throughput": ratios,
+        "int8_delta_from_card": delta,
+        "excluded_variants": card.raw.get("excluded_variants", {}),
+        "targets": targets,
+    }
 
+
+def verify_local_bundle(bundle_path):
+    """A bundle for a local benchmark: verified under its card's own public key only (unsigned: the files against
+    the card). A gateway trusts configured keys instead.
+
+    Raises:
+        BundleError: a file that does not match the card, or a bad signature.
+    """
     from gapcast.edge.bundle import verify_bundle
 
-    opts = options or RuntimeOptions()
+    raw = json.loads((Path(bundle_path) / "card.json").read_text()) if Path(bundle_path).is_dir() else {}
+    hexkey = (raw.get("signature") or {}).get("public_key_hex")
+    return verify_bundle(bundle_path, [hexkey]) if hexkey else verify_bundle(bundle_path, require_signature=False)
+
+
+def _verified(bundle_path, trusted_keys: list | None):
+    """The bundle verified under ``trusted_keys``; with None, :func:`verify_local_bundle`.
+
+    Raises:
+        BundleError: a file that does not match the card, or a bad or untrusted signature.
+    """
+    from gapcast.edge.bundle import verify_bundle
+
     if trusted_keys is None:
-        raw = json.loads((Path(bundle_path) / "card.json").read_text()) if Path(bundle_path).is_dir() else {}
-        hexkey = (raw.get("signature") or {}).get("public_key_hex")
-        bundle = verify_bundle(bundle_path, [hexkey]) if hexkey else verify_bundle(bundle_path, require_signature=False)
-    else:
-        bundle = verify_bundle(bundle_path, trusted_keys)
+        return verify_local_bundle(bundle_path)
+    return verify_bundle(bundle_path, trusted_keys)
+
+
+def _engines(bundle, run_dir) -> list[tuple[str, dict[str, Any], int | None]]:
+    """The engines to time: torch eager when the checkpoint is found, then each onnxruntime variant of the bundle,
+    as ``(label, engine spec for the child, file bytes)``; raises nothing."""
     card = bundle.card
     n_calendar = len(card.calendar.get("features", [])) or int(card.inputs[2]["shape"][2])
-    inputs, source = load_bench_windows(bundle, max(opts.batches), data=data, dataset=dataset)
-
     engines: list[tuple[str, dict[str, Any], int | None]] = []
     ckpt = _find_checkpoint(card.raw, run_dir)
     if ckpt is not None and ckpt.is_file():
@@ -304,6 +346,14 @@ def run_runtime(
                 "kind": "onnxruntime", "file": str(path), "lookback": card.lookback, "horizon": card.horizon,
                 "n_channels": card.n_inputs, "n_calendar": n_calendar,
                 "precision": str(card.variants[name].get("precision", name))}, path.stat().st_size))
+    return engines
+
+
+def _measure(engines: list, inputs: dict[str, np.ndarray], opts: RuntimeOptions, progress: bool) -> dict[str, Any]:
+    """Time every engine in its own child process (:func:`_in_child`) on the same saved inputs; label -> figures
+    (or ``error``) with the file and its size. Raises nothing (a failed child is recorded by :func:`_in_child`)."""
+    from tqdm import tqdm
+
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gapcast-bench-") as tmp:
         inputs_path = os.path.join(tmp, "inputs.npz")
@@ -314,7 +364,11 @@ def run_runtime(
             res["file_bytes"] = size
             res["file"] = engine.get("file") or engine.get("checkpoint")
             results[label] = res
+    return results
 
+
+def _int8_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """Each int8 engine's throughput over onnxruntime fp32, per batch size (label -> {batch: ratio}); pure."""
     ratios: dict[str, Any] = {}
     ref = results.get("onnxruntime fp32", {}).get("per_batch")
     for label, res in results.items():
@@ -322,7 +376,12 @@ def run_runtime(
             continue
         ratios[label] = {b: res["per_batch"][b]["windows_per_s"] / ref[b]["windows_per_s"] for b in ref
                          if b in res["per_batch"]}
-    delta = card.raw.get("int8_delta", {})
+    return ratios
+
+
+def _runtime_targets(card, ratios: dict[str, Any], delta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The int8 targets (throughput >= the speed-up target at batch 64, accuracy from the card's export gate),
+    with a missed entry first when the bundle has no CPU int8 variant; pure."""
     targets = []
     for variant in ("int8_cpu", "int8_qdq"):
         label = f"onnxruntime {variant}"
@@ -350,21 +409,7 @@ def run_runtime(
             "measured": None, "goal": INT8_SPEEDUP_TARGET, "met": False, "margin": None,
             "margin_text": f"no int8 CPU variant in the bundle: {why}",
         })
-    return {
-        "benchmark": "runtime",
-        "protocol": __doc__.split("\n\n", 1)[1].replace("\n", " "),
-        "bundle": str(bundle.path),
-        "model": {"name": card.model_name, "version": card.model_version, "L": card.lookback, "H": card.horizon,
-                  "C": len(card.channels), "config": card.raw.get("model", {}).get("config")},
-        "options": asdict(opts),
-        "cpu": _cpu_name(),
-        "inputs": source,
-        "engines": results,
-        "int8_over_fp32_throughput": ratios,
-        "int8_delta_from_card": delta,
-        "excluded_variants": card.raw.get("excluded_variants", {}),
-        "targets": targets,
-    }
+    return targets
 
 
 def _cpu_name() -> str:

@@ -171,6 +171,20 @@ class ReplaySummary:
     wall_s: float = 0.0
     interrupted: bool = False
 
+    @classmethod
+    def of_plan(cls, plan: ReplayPlan, *, broker: str, speed: float, per_station: dict[str, int]) -> ReplaySummary:
+        """A summary of ``plan`` (its stations, range, counts and outages) with nothing published yet."""
+        return cls(
+            broker=broker,
+            stations=plan.stations,
+            start=format_ts(plan.start_s),
+            end=format_ts(plan.end_s),
+            speed=speed,
+            per_station=per_station,
+            counts=plan.counts(),
+            outages=tuple(o.spec() for o in plan.outages),
+        )
+
     @property
     def rate_per_s(self) -> float:
         """Messages published per wall second."""
@@ -297,45 +311,15 @@ def replay(
     Raises:
         ReplayError: the broker refuses the connection or does not answer within ``connect_timeout_s``.
     """
-    import paho.mqtt.client as mqtt
     from tqdm import tqdm
 
     opts = options or ReplayOptions()
     broker = parse_broker_url(broker_url)
     client = _make_client(opts, broker)
-    connected = threading.Event()
-    refused: list[str] = []
-    window = threading.Semaphore(opts.max_inflight)
-    acked = [0]
-    lock = threading.Lock()
-
-    def on_connect(client, userdata, flags, reason_code, properties):  # paho network thread
-        if reason_code.is_failure:
-            refused.append(str(reason_code))
-        connected.set()
-
-    def on_publish(client, userdata, mid, reason_code, properties):  # paho network thread
-        with lock:
-            acked[0] += 1
-        window.release()
-
-    def on_disconnect(client, userdata, flags, reason_code, properties):  # paho network thread
-        if reason_code.is_failure:
-            log.warning("replay: disconnected from %s:%d (%s); paho reconnects", broker.host, broker.port, reason_code)
-
-    client.on_connect = on_connect
-    client.on_publish = on_publish
-    client.on_disconnect = on_disconnect
-    summary = ReplaySummary(
-        broker=f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
-        stations=plan.stations,
-        start=format_ts(plan.start_s),
-        end=format_ts(plan.end_s),
-        speed=opts.speed,
-        per_station=dict.fromkeys(plan.stations, 0),
-        counts=plan.counts(),
-        outages=tuple(o.spec() for o in plan.outages),
-    )
+    acks = _Acks(opts.max_inflight, broker)
+    acks.attach(client)
+    summary = ReplaySummary.of_plan(plan, broker=f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
+                                    speed=opts.speed, per_station=dict.fromkeys(plan.stations, 0))
     try:
         client.connect_async(broker.host, broker.port, keepalive=30)
         client.loop_start()
@@ -347,47 +331,15 @@ def replay(
     bar = tqdm(total=len(plan.readings), unit="msg", desc="replay", disable=not progress, mininterval=0.5)
     t_start = time.monotonic()
     try:
-        if not connected.wait(opts.connect_timeout_s):
-            msg = f"no answer from the broker at {summary.broker} within {opts.connect_timeout_s:g} s"
-            raise ReplayError(msg)
-        if refused:
-            msg = f"the broker at {summary.broker} refused the connection: {refused[0]}"
-            raise ReplayError(msg)
-        sim0 = plan.readings[0].send_s if plan.readings else 0.0
-        t0 = time.monotonic()
-        stop = stop or threading.Event()
-        for k, r in enumerate(plan.readings):
-            if opts.speed > 0:
-                _wait_until_due(t0 + (r.send_s - sim0) / opts.speed, stop)
-            if opts.qos > 0:
-                _acquire_slot(window, stop)
-            if stop.is_set():
-                summary.interrupted = True
-                break
-            info = client.publish(readings_topic(opts.prefix, r.station), _payload(r, opts.ts_format), qos=opts.qos)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                log.warning("replay: publish of %s %s failed: %s", r.station, r.ts, mqtt.error_string(info.rc))
-            summary.published += 1
-            summary.per_station[r.station] += 1
-            if jf is not None:
-                jf.write(_journal_line(r))
-            if k % 64 == 0:
-                bar.set_postfix_str(format_ts(int(r.send_s))[:13], refresh=False)
-            bar.update(1)
-        # Drain: wait for the broker to acknowledge what is still in flight.
-        deadline = time.monotonic() + (2.0 if summary.interrupted else opts.drain_timeout_s)
-        while time.monotonic() < deadline:
-            with lock:
-                if acked[0] >= summary.published:
-                    break
-            time.sleep(0.02)
+        acks.wait_connected(opts.connect_timeout_s, summary.broker)
+        _publish_plan(plan, client, opts, acks, summary, jf, bar, stop or threading.Event())
+        acks.drain(summary.published, 2.0 if summary.interrupted else opts.drain_timeout_s)
     except KeyboardInterrupt:
         summary.interrupted = True
         raise
     finally:
         summary.wall_s = time.monotonic() - t_start
-        with lock:
-            summary.acknowledged = acked[0]
+        summary.acknowledged = acks.count()
         bar.close()
         if jf is not None:
             jf.close()
@@ -400,6 +352,97 @@ def replay(
             summary.published,
         )
     return summary
+
+
+class _Acks:
+    """The replay's view of the broker: the CONNACK, the acknowledgements and the bounded in-flight window.
+
+    The ``on_*`` callbacks run on paho's network thread; they only count, release a window slot and set events.
+    """
+
+    def __init__(self, max_inflight: int, broker: BrokerURL) -> None:
+        self.connected = threading.Event()
+        self.refused: list[str] = []
+        self.window = threading.Semaphore(max_inflight)
+        self._acked = 0
+        self._lock = threading.Lock()
+        self._broker = broker
+
+    def attach(self, client) -> None:
+        """Set the client's connect, publish and disconnect callbacks to this object's."""
+        client.on_connect = self.on_connect
+        client.on_publish = self.on_publish
+        client.on_disconnect = self.on_disconnect
+
+    def on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # paho network thread
+        if reason_code.is_failure:
+            self.refused.append(str(reason_code))
+        self.connected.set()
+
+    def on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # paho network thread
+        with self._lock:
+            self._acked += 1
+        self.window.release()
+
+    def on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # paho network thread
+        if reason_code.is_failure:
+            log.warning("replay: disconnected from %s:%d (%s); paho reconnects", self._broker.host, self._broker.port,
+                        reason_code)
+
+    def count(self) -> int:
+        """Messages acknowledged so far."""
+        with self._lock:
+            return self._acked
+
+    def wait_connected(self, timeout_s: float, where: str) -> None:
+        """Wait for the broker's CONNACK.
+
+        Raises:
+            ReplayError: no answer within ``timeout_s`` seconds, or the broker refused the connection.
+        """
+        if not self.connected.wait(timeout_s):
+            msg = f"no answer from the broker at {where} within {timeout_s:g} s"
+            raise ReplayError(msg)
+        if self.refused:
+            msg = f"the broker at {where} refused the connection: {self.refused[0]}"
+            raise ReplayError(msg)
+
+    def drain(self, published: int, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds for the broker to acknowledge what is still in flight; raises nothing."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.count() >= published:
+                break
+            time.sleep(0.02)
+
+
+def _publish_plan(plan: ReplayPlan, client, opts: ReplayOptions, acks: _Acks, summary: ReplaySummary, jf, bar,
+                  stop: threading.Event) -> None:
+    """Publish the plan's readings in order, each when it is due on simulated time, at most ``max_inflight``
+    unacknowledged (QoS > 0); counts into ``summary``, one journal line per message to ``jf`` (None: no journal).
+    Stops early (``summary.interrupted``) when ``stop`` is set. A failed publish is logged, not raised."""
+    import paho.mqtt.client as mqtt
+
+    sim0 = plan.readings[0].send_s if plan.readings else 0.0
+    t0 = time.monotonic()
+    for k, r in enumerate(plan.readings):
+        if opts.speed > 0:
+            _wait_until_due(t0 + (r.send_s - sim0) / opts.speed, stop)
+        if opts.qos > 0:
+            _acquire_slot(acks.window, stop)
+        if stop.is_set():
+            summary.interrupted = True
+            break
+        info = client.publish(readings_topic(opts.prefix, r.station), _payload(r, opts.ts_format), qos=opts.qos)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("replay: publish of %s %s failed: %s", r.station, r.ts, mqtt.error_string(info.rc))
+        summary.published += 1
+        summary.per_station[r.station] += 1
+        if jf is not None:
+            jf.write(_journal_line(r))
+        if k % 64 == 0:
+            bar.set_postfix_str(format_ts(int(r.send_s))[:13], refresh=False)
+        bar.update(1)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -546,16 +589,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
     )
     if args.dry_run:
-        summary = ReplaySummary(
-            broker=args.broker,
-            stations=plan.stations,
-            start=format_ts(plan.start_s),
-            end=format_ts(plan.end_s),
-            speed=speed,
-            per_station={s: sum(r.station == s for r in plan.readings) for s in plan.stations},
-            counts=plan.counts(),
-            outages=tuple(o.spec() for o in plan.outages),
-        )
+        summary = ReplaySummary.of_plan(plan, broker=args.broker, speed=speed,
+                                        per_station={s: sum(r.station == s for r in plan.readings) for s in plan.stations})
         print(summary.format(dry_run=True))
     else:
         # Ctrl-C ends the replay cleanly: the summary of what was published is still printed (exit 130).

@@ -367,6 +367,38 @@ def _add_disorder(
         log.warning("%s: only %d of %d out-of-order swaps possible", name, swapped, n_ooo)
 
 
+def _replay_range(series: Mapping[str, StationSeries], outages: Sequence[Outage], start_s: int | None,
+                  end_s: int | None, cadence_s: int) -> tuple[int, int]:
+    """The replayed range ``[lo, hi)`` in epoch seconds: the data's own by default (its last step included).
+
+    Raises:
+        ReplayError: an empty range, or an outage that ends before it or starts after it (it would hide nothing).
+    """
+    lo = min(int(s.epoch_s[0]) for s in series.values()) if start_s is None else int(start_s)
+    hi = max(int(s.epoch_s[-1]) for s in series.values()) + cadence_s if end_s is None else int(end_s)
+    if hi <= lo:
+        msg = f"empty replay range: start {format_ts(lo)} is not before end {format_ts(hi)}"
+        raise ReplayError(msg)
+    outside = [o.spec() for o in outages if o.end_s <= lo or o.start_s >= hi]
+    if outside:
+        msg = (f"outage(s) {', '.join(outside)} outside the replayed range {format_ts(lo)} .. {format_ts(hi)} "
+               "(they would hide nothing)")
+        raise ReplayError(msg)
+    return lo, hi
+
+
+def _publication_order(stations: list[str], per_station: dict[str, list[PlannedReading]]) -> list[PlannedReading]:
+    """Every station's readings in publication order: by due time; at equal times stations interleave in a fixed
+    order and a swapped message goes right after its partner. Sets each reading's ``order``; raises nothing."""
+    readings: list[PlannedReading] = []
+    for k, name in enumerate(stations):
+        for msg in per_station[name]:
+            msg.order = k + (0.5 if msg.out_of_order else 0.0)
+            readings.append(msg)
+    readings.sort(key=lambda r: (r.send_s, r.order))
+    return readings
+
+
 def plan_replay(
     series: Mapping[str, StationSeries],
     *,
@@ -404,16 +436,7 @@ def plan_replay(
             or channels, or a one-row series without ``cadence_s``.
     """
     stations, channels, cadence_s = _check_series(series, outages, late_share, out_of_order_share, cadence_s)
-    lo = min(int(s.epoch_s[0]) for s in series.values()) if start_s is None else int(start_s)
-    hi = max(int(s.epoch_s[-1]) for s in series.values()) + cadence_s if end_s is None else int(end_s)
-    if hi <= lo:
-        msg = f"empty replay range: start {format_ts(lo)} is not before end {format_ts(hi)}"
-        raise ReplayError(msg)
-    outside = [o.spec() for o in outages if o.end_s <= lo or o.start_s >= hi]
-    if outside:
-        msg = (f"outage(s) {', '.join(outside)} outside the replayed range {format_ts(lo)} .. {format_ts(hi)} "
-               "(they would hide nothing)")
-        raise ReplayError(msg)
+    lo, hi = _replay_range(series, outages, start_s, end_s, cadence_s)
     delay = 1.5 * cadence_s if late_delay_s is None else float(late_delay_s)
     if delay <= 0:
         msg = f"late_delay_s must be > 0, got {delay}"
@@ -433,16 +456,8 @@ def plan_replay(
     for name in stations:
         _add_disorder(per_station[name], rng, late_share, out_of_order_share, delay, name)
 
-    # Publication order: by due time; at equal times stations interleave in a fixed order and a swapped message
-    # goes right after its partner.
-    readings: list[PlannedReading] = []
-    for k, name in enumerate(stations):
-        for msg in per_station[name]:
-            msg.order = k + (0.5 if msg.out_of_order else 0.0)
-            readings.append(msg)
-    readings.sort(key=lambda r: (r.send_s, r.order))
     return ReplayPlan(
-        readings=readings,
+        readings=_publication_order(stations, per_station),
         stations=stations,
         channels=channels,
         cadence_s=cadence_s,

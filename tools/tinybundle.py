@@ -93,51 +93,23 @@ def tiny_options(**overrides) -> ExportOptions:
     return ExportOptions(**kw)
 
 
-def build_tiny_bundle(
-    out: str | Path,
-    *,
-    sign_key=None,
-    data_root: str | os.PathLike | None = None,
-    station: str | None = None,
-    dataset: str = TINY_DATASET,
-    seed: int = 0,
-    options: ExportOptions | None = None,
-    overwrite: bool = False,
-) -> ExportResult:
-    """Build a tiny bundle from an untrained, seeded ConFill and one real station of a dataset.
+def _tiny_inputs(dspec, cfg, data_root: Path, station: str, seed: int):
+    """The export inputs of a tiny bundle: the model spec (card) and the calibration / validation windows.
 
-    Args:
-        out: bundle folder to create.
-        sign_key: Ed25519 private key (object or PEM path); None writes an unsigned bundle (with a warning).
-        data_root: the data root; when None: ``$GAPCAST_DATA``, else the checkout's ``../shared/data``, else the
-            user cache (``resolve_data_dir``).
-        station: the station whose windows are used (default: :func:`tiny_station`).
-        dataset: a dataset spec path or preset name (default :data:`TINY_DATASET`); the card records it.
-        seed: torch seed for the weights (same seed, same weights, same golden outputs).
-        options: export options (default :func:`tiny_options`).
-        overwrite: replace an existing bundle folder.
+    One station's training and validation ranges, normalised with its own training statistics, windows a little
+    over one and a half windows apart (few, spread over the whole range).
 
     Returns:
-        The :class:`ExportResult` (``.path`` is the bundle folder).
+        ``(ModelSpec, WindowData)`` for :func:`gapcast.export.pipeline.export_bundle`.
 
     Raises:
-        ExportError: a failed export check. SpecError / DataError: the spec or the station's data is missing.
+        DataError: the station's data is missing or too short for one window.
     """
-    import torch
-
     from gapcast.calendar import CALENDAR_FEATURES
-    from gapcast.export.pipeline import ModelSpec, WindowData, export_bundle
+    from gapcast.export.pipeline import ModelSpec, WindowData
     from gapcast.train.data import Normalizer, make_windows
     from gapcast.train.loader import load_dataset, split_indices
-    from gapcast.train.model import ConFill
-    from gapcast.train.spec import load_spec
 
-    data_root = _data_root(data_root)
-    dspec = load_spec(dataset)
-    station = station or tiny_station(dataset, data_root)
-    cfg = tiny_config(len(dspec.model_channels))
-    torch.manual_seed(seed)
-    model = ConFill(cfg).eval()
     series = load_dataset(dspec, data_root, [station])[station]
     sp = split_indices(dspec, series)
     norm = Normalizer.fit([series.values[sp.train]])
@@ -183,6 +155,52 @@ def build_tiny_bundle(
         val=arrays["val"],
         source=f"{dspec.name} station {station} (tiny test bundle, untrained model, seed {seed})",
     )
+    return spec, data
+
+
+def build_tiny_bundle(
+    out: str | Path,
+    *,
+    sign_key=None,
+    data_root: str | os.PathLike | None = None,
+    station: str | None = None,
+    dataset: str = TINY_DATASET,
+    seed: int = 0,
+    options: ExportOptions | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Build a tiny bundle from an untrained, seeded ConFill and one real station of a dataset.
+
+    Args:
+        out: bundle folder to create.
+        sign_key: Ed25519 private key (object or PEM path); None writes an unsigned bundle (with a warning).
+        data_root: the data root; when None: ``$GAPCAST_DATA``, else the checkout's ``../shared/data``, else the
+            user cache (``resolve_data_dir``).
+        station: the station whose windows are used (default: :func:`tiny_station`).
+        dataset: a dataset spec path or preset name (default :data:`TINY_DATASET`); the card records it.
+        seed: torch seed for the weights (same seed, same weights, same golden outputs).
+        options: export options (default :func:`tiny_options`).
+        overwrite: replace an existing bundle folder.
+
+    Returns:
+        The :class:`ExportResult` (``.path`` is the bundle folder).
+
+    Raises:
+        ExportError: a failed export check. SpecError / DataError: the spec or the station's data is missing.
+    """
+    import torch
+
+    from gapcast.export.pipeline import export_bundle
+    from gapcast.train.model import ConFill
+    from gapcast.train.spec import load_spec
+
+    data_root = _data_root(data_root)
+    dspec = load_spec(dataset)
+    station = station or tiny_station(dataset, data_root)
+    cfg = tiny_config(len(dspec.model_channels))
+    torch.manual_seed(seed)
+    model = ConFill(cfg).eval()
+    spec, data = _tiny_inputs(dspec, cfg, data_root, station, seed)
     return export_bundle(
         model,
         spec,
