@@ -331,6 +331,31 @@ def network_methods(
     return methods
 
 
+def _model_window_batches(tr: Trials, calendar: Callable[[np.ndarray], np.ndarray], *, lookback: int,
+                          horizon: int, batch: int):
+    """Cut the trial rows into batches of model-window inputs (the last L steps of each row's window).
+
+    Args:
+        tr: the trials; ``tr.values``/``tr.observed`` are [N, S, W, C].
+        calendar: ``epoch_s [L+H] -> [L+H, F]`` calendar features.
+        lookback, horizon: L and H, steps.
+        batch: rows per batch.
+
+    Yields:
+        ``(a, rows, values [R, L, C], observed [R, L, C], calendar [R, L+H, F])`` with ``a`` the first row's index
+        and ``rows`` the [R, 2] (trial, station) pairs; float32. Raises nothing of its own.
+    """
+    W = tr.values.shape[2]
+    steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
+    for a in range(0, len(tr.rows), batch):
+        rows = tr.rows[a : a + batch]
+        x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+        m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+        t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
+        cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
+        yield a, rows, x, m, cal
+
+
 def model_method(imputer: Callable, calendar: Callable[[np.ndarray], np.ndarray], *, lookback: int,
                  horizon: int, batch: int = 2048) -> NetworkMethod:
     """A per-station :data:`evaluate.Imputer` (e.g. ConFill) on the model window (the last L steps) of each row.
@@ -348,13 +373,8 @@ def model_method(imputer: Callable, calendar: Callable[[np.ndarray], np.ndarray]
     def fn(tr: Trials) -> np.ndarray:
         W = tr.values.shape[2]
         out = tr.pick(tr.values).astype(np.float32)
-        steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
-        for a in range(0, len(tr.rows), batch):
-            rows = tr.rows[a : a + batch]
-            x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
-            m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
-            t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
-            cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
+        for a, _rows, x, m, cal in _model_window_batches(tr, calendar, lookback=lookback, horizon=horizon,
+                                                         batch=batch):
             imputed, _ = imputer(x, m, cal)
             out[a : a + batch, W - lookback :] = imputed
         return out
@@ -396,18 +416,13 @@ def context_model_method(imputer: Callable, spec: ContextSpec, stations: Sequenc
                 so[:, i] = tr.observed[:, j, W - lookback :]
         ctx, cobs = build_context(spec, sv, so)  # [N, S_spec, L, G]
         out = tr.pick(tr.values).astype(np.float32)
-        steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
-        for a in range(0, len(tr.rows), batch):
-            rows = tr.rows[a : a + batch]
-            x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
-            m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+        for a, rows, x, m, cal in _model_window_batches(tr, calendar, lookback=lookback, horizon=horizon,
+                                                        batch=batch):
             c = np.zeros((len(rows), lookback, G), dtype=np.float32)
             co = np.zeros_like(c)
             for r, (n, j) in enumerate(rows):
                 if int(j) in spec_row:
                     c[r], co[r] = ctx[n, spec_row[int(j)]], cobs[n, spec_row[int(j)]]
-            t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
-            cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
             imputed, _ = imputer(x, m, cal, c, co)
             out[a : a + batch, W - lookback :] = imputed
         return out
