@@ -253,18 +253,7 @@ def load_dataset(
             st = np.full(len(df), codes_of.setdefault(name, len(codes_of)), dtype=np.int64)
         naive, is_naive = _naive_epoch(df, spec, path)
         if src.layout == "wide":
-            for c in defs:
-                if c.column not in df.columns:
-                    i = defs.index(c)
-                    msg = f"{spec.path}: channels[{i}].column = {c.column!r} is not a column of {path.name}"
-                    raise SpecError(msg)
-            seen_cols.update(c.column for c in defs)
-            keys = st if is_naive else None
-            epoch = _localise(naive, keys, spec, rep) if is_naive else naive
-            for j, c in enumerate(defs):
-                col = df[c.column]
-                num = _values(col, c.kind, spec, rep)
-                frames.append((st, epoch, np.full(len(df), j, dtype=np.int64), num))
+            frames += _wide_frames(df, path, st, naive, is_naive, spec, rep, seen_cols)
         else:
             wanted_codes = None if wanted is None else [codes_of[w] for w in wanted if w in codes_of]
             frames += _long_frames(df, path, st, naive, is_naive, spec, rep, seen_cols, wanted_codes)
@@ -384,6 +373,31 @@ def _values(col, kind: str, spec: DatasetSpec, rep: LoadReport) -> np.ndarray:
         if isinstance(m, int | float):
             num[num == float(m)] = np.nan
     return num
+
+
+def _wide_frames(df, path: Path, st: np.ndarray, naive: np.ndarray, is_naive: bool, spec: DatasetSpec,
+                 rep: LoadReport, seen_cols: set[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One wide-layout file (a column per channel) as long (station, epoch, channel, value) frames, one per channel;
+    naive local timestamps are localised (:func:`_localise`) and the channel columns added to ``seen_cols``.
+
+    Raises:
+        SpecError: a channel's column is not in the file (or an unparseable value, from :func:`_values`).
+    """
+    defs = spec.channels
+    for c in defs:
+        if c.column not in df.columns:
+            i = defs.index(c)
+            msg = f"{spec.path}: channels[{i}].column = {c.column!r} is not a column of {path.name}"
+            raise SpecError(msg)
+    seen_cols.update(c.column for c in defs)
+    keys = st if is_naive else None
+    epoch = _localise(naive, keys, spec, rep) if is_naive else naive
+    frames = []
+    for j, c in enumerate(defs):
+        col = df[c.column]
+        num = _values(col, c.kind, spec, rep)
+        frames.append((st, epoch, np.full(len(df), j, dtype=np.int64), num))
+    return frames
 
 
 def _align(station: str, epoch: np.ndarray, chan: np.ndarray, vals: np.ndarray, spec: DatasetSpec,
