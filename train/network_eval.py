@@ -187,6 +187,45 @@ class NetworkScenario:
         return np.argwhere(self.hidden.any(axis=(2, 3)))
 
 
+def _draw_trials(rng: np.random.Generator, kind: str, n: int, *, obs: np.ndarray, csum: np.ndarray, grp: np.ndarray,
+                 P: int, lookback: int, trials: int, min_observed: float) -> tuple[list[int], list[int], list[int]]:
+    """Rejection-sample up to ``trials`` (start, gap start, target station) triples for one (kind, block) scenario
+    of :func:`build_network_scenarios` (at most ``50 * trials`` draws, from ``rng`` in a fixed order).
+
+    A draw is kept when a station (the drawn one for ``station-local``, any for a network-wide kind) has its model
+    window at least ``min_observed`` observed and an observed group value under the ``n``-step block.
+
+    Args:
+        obs: [S, T, C] observed mask; csum: [S, T+1] cumulative observed share; grp: [C] group channels.
+        P, lookback: level window and model window, steps.
+
+    Returns:
+        ``(starts, gap_starts, targets)`` (target -1 for a network-wide outage), possibly empty. Raises nothing.
+    """
+    S, T, _ = obs.shape
+    W = P + lookback
+    starts, gaps, targets = [], [], []
+    attempts = 0
+    while len(starts) < trials and attempts < 50 * trials:
+        attempts += 1
+        s0 = int(rng.integers(0, T - W + 1))
+        g = P + int(rng.integers(1, lookback - n))
+        ok = (csum[:, s0 + W] - csum[:, s0 + P]) / lookback >= min_observed
+        ok &= obs[:, s0 + g : s0 + g + n][:, :, grp].any(axis=(1, 2))
+        if kind == "station-local":
+            target = int(rng.integers(0, S))
+            if not ok[target]:
+                continue
+        elif not ok.any():
+            continue
+        else:
+            target = -1
+        starts.append(s0)
+        gaps.append(g)
+        targets.append(target)
+    return starts, gaps, targets
+
+
 def build_network_scenarios(
     net: AlignedNetwork,
     *,
@@ -243,25 +282,8 @@ def build_network_scenarios(
             raise TrainError(msg)
         for block in blocks:
             n = min(steps_of(block, net.cadence_s, key="block"), lookback - 2)
-            starts, gaps, targets = [], [], []
-            attempts = 0
-            while len(starts) < trials and attempts < 50 * trials:
-                attempts += 1
-                s0 = int(rng.integers(0, T - W + 1))
-                g = P + int(rng.integers(1, lookback - n))
-                ok = (csum[:, s0 + W] - csum[:, s0 + P]) / lookback >= min_observed
-                ok &= obs[:, s0 + g : s0 + g + n][:, :, grp].any(axis=(1, 2))
-                if kind == "station-local":
-                    target = int(rng.integers(0, S))
-                    if not ok[target]:
-                        continue
-                elif not ok.any():
-                    continue
-                else:
-                    target = -1
-                starts.append(s0)
-                gaps.append(g)
-                targets.append(target)
+            starts, gaps, targets = _draw_trials(rng, kind, n, obs=obs, csum=csum, grp=grp, P=P, lookback=lookback,
+                                                 trials=trials, min_observed=min_observed)
             if not starts:
                 msg = f"no {kind} {block} trial with observed values under the block"
                 raise TrainError(msg)
