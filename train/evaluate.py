@@ -288,17 +288,30 @@ def build_scenarios(
         blocks(gidx, f"every channel of the group {gname!r}", f":{gname}")
     if groups:
         blocks(tuple(range(C)), "every channel (the whole station)", ":station")
+    protocol = _protocol(spec, channels, groups, first_name, scenarios, eval_windows=int(N), stations=tw.stations,
+                         lookback=L, horizon=horizon, stride=stride, max_windows=max_windows, seed=seed)
+    return ScenarioSet(windows=tw, scenarios=scenarios, normalizer=normalizer, channels=tuple(channels),
+                       group=tuple(first), protocol=protocol, groups=groups)
+
+
+def _protocol(spec, channels: Sequence[str], groups: dict, first_name: str, scenarios: list[Scenario], *,
+              eval_windows: int, stations, lookback: int, horizon: int, stride: int, max_windows, seed: int
+              ) -> dict[str, Any]:
+    """The ``protocol`` record of :func:`build_scenarios`: dataset, split, windows and scenario descriptions, written
+    into the evaluation report. Raises nothing.
+    """
+    N, L = eval_windows, lookback
     split = (f"shares {list(spec.split.shares)} of each station's span" if spec.split.shares else
              f"train {list(spec.split.train)}, validation {list(spec.split.validation)}, test {list(spec.split.test)}"
              f" ({spec.timezone}, end exclusive)")
-    protocol = {
+    return {
         "dataset": f"{spec.name}, cadence {spec.cadence}, time zone {spec.timezone}",
         "split": f"by time: {split}; normalisation fitted on train",
         "cadence_s": spec.cadence_s,
         "groups": {k: [channels[i] for i in v] for k, v in groups.items()},
         "headline_group": first_name,
-        "eval_windows": int(N),
-        "stations": tw.stations,
+        "eval_windows": N,
+        "stations": stations,
         "lookback_L": L,
         "horizon_H": horizon,
         "stride_steps": stride,
@@ -310,8 +323,6 @@ def build_scenarios(
         "forecast": f"H = {horizon} from L = {L}, the window's real observed mask only",
         "headline": f"MAE on normalised values over the hidden values (blocks: the group {first_name!r})",
     }
-    return ScenarioSet(windows=tw, scenarios=scenarios, normalizer=normalizer, channels=tuple(channels),
-                       group=tuple(first), protocol=protocol, groups=groups)
 
 
 def _errors(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray, ss: ScenarioSet) -> dict[str, Any]:

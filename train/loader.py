@@ -253,18 +253,7 @@ def load_dataset(
             st = np.full(len(df), codes_of.setdefault(name, len(codes_of)), dtype=np.int64)
         naive, is_naive = _naive_epoch(df, spec, path)
         if src.layout == "wide":
-            for c in defs:
-                if c.column not in df.columns:
-                    i = defs.index(c)
-                    msg = f"{spec.path}: channels[{i}].column = {c.column!r} is not a column of {path.name}"
-                    raise SpecError(msg)
-            seen_cols.update(c.column for c in defs)
-            keys = st if is_naive else None
-            epoch = _localise(naive, keys, spec, rep) if is_naive else naive
-            for j, c in enumerate(defs):
-                col = df[c.column]
-                num = _values(col, c.kind, spec, rep)
-                frames.append((st, epoch, np.full(len(df), j, dtype=np.int64), num))
+            frames += _wide_frames(df, path, st, naive, is_naive, spec, rep, seen_cols)
         else:
             wanted_codes = None if wanted is None else [codes_of[w] for w in wanted if w in codes_of]
             frames += _long_frames(df, path, st, naive, is_naive, spec, rep, seen_cols, wanted_codes)
@@ -386,30 +375,46 @@ def _values(col, kind: str, spec: DatasetSpec, rep: LoadReport) -> np.ndarray:
     return num
 
 
+def _wide_frames(df, path: Path, st: np.ndarray, naive: np.ndarray, is_naive: bool, spec: DatasetSpec,
+                 rep: LoadReport, seen_cols: set[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One wide-layout file (a column per channel) as long (station, epoch, channel, value) frames, one per channel;
+    naive local timestamps are localised (:func:`_localise`) and the channel columns added to ``seen_cols``.
+
+    Raises:
+        SpecError: a channel's column is not in the file (or an unparseable value, from :func:`_values`).
+    """
+    defs = spec.channels
+    for c in defs:
+        if c.column not in df.columns:
+            i = defs.index(c)
+            msg = f"{spec.path}: channels[{i}].column = {c.column!r} is not a column of {path.name}"
+            raise SpecError(msg)
+    seen_cols.update(c.column for c in defs)
+    keys = st if is_naive else None
+    epoch = _localise(naive, keys, spec, rep) if is_naive else naive
+    frames = []
+    for j, c in enumerate(defs):
+        col = df[c.column]
+        num = _values(col, c.kind, spec, rep)
+        frames.append((st, epoch, np.full(len(df), j, dtype=np.int64), num))
+    return frames
+
+
 def _align(station: str, epoch: np.ndarray, chan: np.ndarray, vals: np.ndarray, spec: DatasetSpec,
            channels: tuple[Channel, ...], rep: LoadReport) -> StationSeries:
+    """Put one station's long-format readings on the cadence grid, counting what is dropped into ``rep``.
+
+    Stages: out-of-range values -> missing, duplicate (time, channel) readings dropped, off-grid readings dropped,
+    then each channel aggregated into its step (:func:`_aggregate_channels`).
+
+    Raises:
+        SpecError: the station has no reading on the cadence grid.
+    """
     cad = spec.cadence_s
     defs = spec.channels
     phase = (-spec.utc_offset_s) % cad
-    # 1. out of range (angles: in degrees, before sin/cos)
-    lo = np.array([c.valid_range[0] for c in defs])[chan]
-    hi = np.array([c.valid_range[1] for c in defs])[chan]
-    with np.errstate(invalid="ignore"):
-        oor = ~np.isnan(vals) & ((vals < lo) | (vals > hi))
-    n_oor = int(oor.sum())
-    if n_oor:
-        log.warning("%s: %d values outside the valid range treated as missing", station, n_oor)
-        vals = vals.copy()
-        vals[oor] = np.nan
-    # 2. duplicates: the same (time, channel) again; the first reading is kept
-    order = np.lexsort((chan, epoch))  # stable: file order within equal keys
-    epoch, chan, vals = epoch[order], chan[order], vals[order]
-    dup = np.zeros(len(epoch), dtype=bool)
-    dup[1:] = (epoch[1:] == epoch[:-1]) & (chan[1:] == chan[:-1])
-    n_rows_dup = _row_duplicates(epoch, chan, dup, len(defs), spec.source.layout)
-    if dup.any():
-        log.warning("%s: %d duplicate timestamps dropped (first row kept)", station, n_rows_dup)
-        epoch, chan, vals = epoch[~dup], chan[~dup], vals[~dup]
+    vals, n_oor = _drop_out_of_range(station, chan, vals, defs)
+    epoch, chan, vals, n_rows_dup = _drop_duplicates(station, epoch, chan, vals, spec)
     # 3. finer than the cadence -> aggregate into the step; otherwise off-grid readings are dropped
     times = np.unique(epoch)
     native = int(np.median(np.diff(times))) if len(times) > 1 else cad
@@ -427,11 +432,81 @@ def _align(station: str, epoch: np.ndarray, chan: np.ndarray, vals: np.ndarray, 
     first, last = int(step.min()), int(step.max())
     T = last - first + 1
     rows = step - first
-    C = len(channels)
+    values, n_agg = _aggregate_channels(station, rows, chan, vals, T, len(channels), spec)
+    if n_agg:
+        log.info("%s: %d readings finer than the cadence aggregated into their step", station, n_agg)
+    present = np.zeros(T, dtype=bool)
+    present[np.unique(rows)] = True
+    filled = int((~present).sum())
+    if filled:
+        log.warning("%s: %d absent steps inserted as missing", station, filled)
+    rep.duplicates += n_rows_dup
+    rep.off_grid += n_off
+    rep.out_of_range += n_oor
+    rep.aggregated_readings += n_agg
+    values32 = values.astype(np.float32)
+    epoch_grid = (np.arange(first, last + 1, dtype=np.int64) * cad + phase).astype(np.int64)
+    s = StationSeries(station=station, epoch_s=epoch_grid, values=values32, observed=~np.isnan(values32),
+                      channels=channels, duplicates=n_rows_dup, filled_rows=filled)
+    s.off_grid = n_off
+    s.out_of_range = n_oor
+    s.native_cadence_s = native
+    return s
+
+
+def _drop_out_of_range(station: str, chan: np.ndarray, vals: np.ndarray, defs) -> tuple[np.ndarray, int]:
+    """Stage 1 of :func:`_align`: values outside their channel's valid range become NaN (angles in degrees, before
+    sin/cos); logs a warning with the count.
+
+    Returns:
+        ``(vals, n_out_of_range)`` (``vals`` copied only when something changed). Raises nothing.
+    """
+    lo = np.array([c.valid_range[0] for c in defs])[chan]
+    hi = np.array([c.valid_range[1] for c in defs])[chan]
+    with np.errstate(invalid="ignore"):
+        oor = ~np.isnan(vals) & ((vals < lo) | (vals > hi))
+    n_oor = int(oor.sum())
+    if n_oor:
+        log.warning("%s: %d values outside the valid range treated as missing", station, n_oor)
+        vals = vals.copy()
+        vals[oor] = np.nan
+    return vals, n_oor
+
+
+def _drop_duplicates(station: str, epoch: np.ndarray, chan: np.ndarray, vals: np.ndarray, spec: DatasetSpec):
+    """Stage 2 of :func:`_align`: sort by (time, channel) and drop a repeated (time, channel) reading, keeping the
+    first in file order; logs a warning with the count (rows for a wide layout, see :func:`_row_duplicates`).
+
+    Returns:
+        ``(epoch, chan, vals, n_duplicates)``, sorted. Raises nothing.
+    """
+    order = np.lexsort((chan, epoch))  # stable: file order within equal keys
+    epoch, chan, vals = epoch[order], chan[order], vals[order]
+    dup = np.zeros(len(epoch), dtype=bool)
+    dup[1:] = (epoch[1:] == epoch[:-1]) & (chan[1:] == chan[:-1])
+    n_rows_dup = _row_duplicates(epoch, chan, dup, len(spec.channels), spec.source.layout)
+    if dup.any():
+        log.warning("%s: %d duplicate timestamps dropped (first row kept)", station, n_rows_dup)
+        epoch, chan, vals = epoch[~dup], chan[~dup], vals[~dup]
+    return epoch, chan, vals, n_rows_dup
+
+
+def _aggregate_channels(station: str, rows: np.ndarray, chan: np.ndarray, vals: np.ndarray, T: int, C: int,
+                        spec: DatasetSpec) -> tuple[np.ndarray, int]:
+    """Stage 4 of :func:`_align`: each channel's readings aggregated into their grid step (angles as sin/cos
+    columns, cumulative counters as per-step differences with resets made missing and logged).
+
+    Args:
+        rows: [n] step index of each reading, 0..T-1; chan: [n] channel index into ``spec.channels``.
+        T, C: grid steps and output columns.
+
+    Returns:
+        ``(values [T, C] float64 with NaN where missing, n_aggregated_readings)``. Raises nothing of its own.
+    """
     values = np.full((T, C), np.nan, dtype=np.float64)
     col = 0
     n_agg = 0
-    for j, c in enumerate(defs):
+    for j, c in enumerate(spec.channels):
         sel = chan == j
         r, v = rows[sel], vals[sel]
         how = c.aggregate or spec.source.aggregate
@@ -458,25 +533,7 @@ def _align(station: str, epoch: np.ndarray, chan: np.ndarray, vals: np.ndarray, 
                 diff[reset] = np.nan
             values[:, col] = diff
         col += width
-    if n_agg:
-        log.info("%s: %d readings finer than the cadence aggregated into their step", station, n_agg)
-    present = np.zeros(T, dtype=bool)
-    present[np.unique(rows)] = True
-    filled = int((~present).sum())
-    if filled:
-        log.warning("%s: %d absent steps inserted as missing", station, filled)
-    rep.duplicates += n_rows_dup
-    rep.off_grid += n_off
-    rep.out_of_range += n_oor
-    rep.aggregated_readings += n_agg
-    values32 = values.astype(np.float32)
-    epoch_grid = (np.arange(first, last + 1, dtype=np.int64) * cad + phase).astype(np.int64)
-    s = StationSeries(station=station, epoch_s=epoch_grid, values=values32, observed=~np.isnan(values32),
-                      channels=channels, duplicates=n_rows_dup, filled_rows=filled)
-    s.off_grid = n_off
-    s.out_of_range = n_oor
-    s.native_cadence_s = native
-    return s
+    return values, n_agg
 
 
 def _row_duplicates(epoch: np.ndarray, chan: np.ndarray, dup: np.ndarray, n_defs: int, layout: str) -> int:

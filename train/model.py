@@ -1,5 +1,8 @@
 """The ConFill network: gap filling and forecasting for multi-channel station series.
 
+(Over 600 lines on purpose: the network is one export graph whose parts are shaped by the same TensorRT/onnxruntime
+constraints, and it reads top to bottom as the paper's section 2.3; splitting it would scatter one architecture.)
+
 Source: "Long-Term Air Quality Data Filling Based on Contrastive Learning", Information (MDPI) 2026, 17(2), 121
 (DOI 10.3390/info17020121), section 2.3 (data embedding, encoder, decoder). The file reads top to bottom: the
 attention primitive, the embedding, the encoder blocks, the decoder block, then the config and the model.

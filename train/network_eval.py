@@ -187,6 +187,45 @@ class NetworkScenario:
         return np.argwhere(self.hidden.any(axis=(2, 3)))
 
 
+def _draw_trials(rng: np.random.Generator, kind: str, n: int, *, obs: np.ndarray, csum: np.ndarray, grp: np.ndarray,
+                 P: int, lookback: int, trials: int, min_observed: float) -> tuple[list[int], list[int], list[int]]:
+    """Rejection-sample up to ``trials`` (start, gap start, target station) triples for one (kind, block) scenario
+    of :func:`build_network_scenarios` (at most ``50 * trials`` draws, from ``rng`` in a fixed order).
+
+    A draw is kept when a station (the drawn one for ``station-local``, any for a network-wide kind) has its model
+    window at least ``min_observed`` observed and an observed group value under the ``n``-step block.
+
+    Args:
+        obs: [S, T, C] observed mask; csum: [S, T+1] cumulative observed share; grp: [C] group channels.
+        P, lookback: level window and model window, steps.
+
+    Returns:
+        ``(starts, gap_starts, targets)`` (target -1 for a network-wide outage), possibly empty. Raises nothing.
+    """
+    S, T, _ = obs.shape
+    W = P + lookback
+    starts, gaps, targets = [], [], []
+    attempts = 0
+    while len(starts) < trials and attempts < 50 * trials:
+        attempts += 1
+        s0 = int(rng.integers(0, T - W + 1))
+        g = P + int(rng.integers(1, lookback - n))
+        ok = (csum[:, s0 + W] - csum[:, s0 + P]) / lookback >= min_observed
+        ok &= obs[:, s0 + g : s0 + g + n][:, :, grp].any(axis=(1, 2))
+        if kind == "station-local":
+            target = int(rng.integers(0, S))
+            if not ok[target]:
+                continue
+        elif not ok.any():
+            continue
+        else:
+            target = -1
+        starts.append(s0)
+        gaps.append(g)
+        targets.append(target)
+    return starts, gaps, targets
+
+
 def build_network_scenarios(
     net: AlignedNetwork,
     *,
@@ -243,25 +282,8 @@ def build_network_scenarios(
             raise TrainError(msg)
         for block in blocks:
             n = min(steps_of(block, net.cadence_s, key="block"), lookback - 2)
-            starts, gaps, targets = [], [], []
-            attempts = 0
-            while len(starts) < trials and attempts < 50 * trials:
-                attempts += 1
-                s0 = int(rng.integers(0, T - W + 1))
-                g = P + int(rng.integers(1, lookback - n))
-                ok = (csum[:, s0 + W] - csum[:, s0 + P]) / lookback >= min_observed
-                ok &= obs[:, s0 + g : s0 + g + n][:, :, grp].any(axis=(1, 2))
-                if kind == "station-local":
-                    target = int(rng.integers(0, S))
-                    if not ok[target]:
-                        continue
-                elif not ok.any():
-                    continue
-                else:
-                    target = -1
-                starts.append(s0)
-                gaps.append(g)
-                targets.append(target)
+            starts, gaps, targets = _draw_trials(rng, kind, n, obs=obs, csum=csum, grp=grp, P=P, lookback=lookback,
+                                                 trials=trials, min_observed=min_observed)
             if not starts:
                 msg = f"no {kind} {block} trial with observed values under the block"
                 raise TrainError(msg)
@@ -331,6 +353,31 @@ def network_methods(
     return methods
 
 
+def _model_window_batches(tr: Trials, calendar: Callable[[np.ndarray], np.ndarray], *, lookback: int,
+                          horizon: int, batch: int):
+    """Cut the trial rows into batches of model-window inputs (the last L steps of each row's window).
+
+    Args:
+        tr: the trials; ``tr.values``/``tr.observed`` are [N, S, W, C].
+        calendar: ``epoch_s [L+H] -> [L+H, F]`` calendar features.
+        lookback, horizon: L and H, steps.
+        batch: rows per batch.
+
+    Yields:
+        ``(a, rows, values [R, L, C], observed [R, L, C], calendar [R, L+H, F])`` with ``a`` the first row's index
+        and ``rows`` the [R, 2] (trial, station) pairs; float32. Raises nothing of its own.
+    """
+    W = tr.values.shape[2]
+    steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
+    for a in range(0, len(tr.rows), batch):
+        rows = tr.rows[a : a + batch]
+        x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+        m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+        t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
+        cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
+        yield a, rows, x, m, cal
+
+
 def model_method(imputer: Callable, calendar: Callable[[np.ndarray], np.ndarray], *, lookback: int,
                  horizon: int, batch: int = 2048) -> NetworkMethod:
     """A per-station :data:`evaluate.Imputer` (e.g. ConFill) on the model window (the last L steps) of each row.
@@ -348,13 +395,8 @@ def model_method(imputer: Callable, calendar: Callable[[np.ndarray], np.ndarray]
     def fn(tr: Trials) -> np.ndarray:
         W = tr.values.shape[2]
         out = tr.pick(tr.values).astype(np.float32)
-        steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
-        for a in range(0, len(tr.rows), batch):
-            rows = tr.rows[a : a + batch]
-            x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
-            m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
-            t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
-            cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
+        for a, _rows, x, m, cal in _model_window_batches(tr, calendar, lookback=lookback, horizon=horizon,
+                                                         batch=batch):
             imputed, _ = imputer(x, m, cal)
             out[a : a + batch, W - lookback :] = imputed
         return out
@@ -396,18 +438,13 @@ def context_model_method(imputer: Callable, spec: ContextSpec, stations: Sequenc
                 so[:, i] = tr.observed[:, j, W - lookback :]
         ctx, cobs = build_context(spec, sv, so)  # [N, S_spec, L, G]
         out = tr.pick(tr.values).astype(np.float32)
-        steps = np.arange(lookback + horizon, dtype=np.int64) * int(tr.cadence_s)
-        for a in range(0, len(tr.rows), batch):
-            rows = tr.rows[a : a + batch]
-            x = np.ascontiguousarray(tr.values[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
-            m = np.ascontiguousarray(tr.observed[rows[:, 0], rows[:, 1], W - lookback :], dtype=np.float32)
+        for a, rows, x, m, cal in _model_window_batches(tr, calendar, lookback=lookback, horizon=horizon,
+                                                        batch=batch):
             c = np.zeros((len(rows), lookback, G), dtype=np.float32)
             co = np.zeros_like(c)
             for r, (n, j) in enumerate(rows):
                 if int(j) in spec_row:
                     c[r], co[r] = ctx[n, spec_row[int(j)]], cobs[n, spec_row[int(j)]]
-            t0 = tr.epoch_s[rows[:, 0]] + (W - lookback) * int(tr.cadence_s)
-            cal = np.stack([calendar(t + steps) for t in t0]).astype(np.float32)
             imputed, _ = imputer(x, m, cal, c, co)
             out[a : a + batch, W - lookback :] = imputed
         return out
