@@ -1,5 +1,8 @@
 """``gapcast bench agent``: the gateway agent's own overhead against its backend, its latency, memory and CPU split.
 
+(Over 600 lines on purpose: the six figures of one agent benchmark run on one broker and bundle;
+the processes and harness live in bench/agent_harness.py.)
+
 Everything runs on this machine through a private Mosquitto on loopback (:class:`gapcast.tools.localbroker.
 LocalBroker`); the stations are real test-month histories of the bundle's dataset (each source station reused with a
 time offset and a new name, :func:`synthetic_network`). The six figures of issue 17, in one run on one bundle:

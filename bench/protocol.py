@@ -1,5 +1,8 @@
 """``gapcast bench accuracy --dataset SPEC``: the equal-footing accuracy protocol (issue 19).
 
+(Over 600 lines on purpose: the protocol's options, method runners and resume logic are one
+contract with the saved results; the report lives in bench/protocol_report.py.)
+
 Every decision is taken on the validation range; the test range is only scored. Every learned method
 
 * sees the same training windows: the stride-1 windows of the training range that ConFill trains on

@@ -1,5 +1,8 @@
 """The agent core: station windows, step closing, batched gap filling and forecasting. Pure: no I/O, no clock reads.
 
+(Over 600 lines on purpose: the pure core is the agent's one state machine; its settings, status and
+interpolation fallback already live in edge/coresettings.py, edge/agent_status.py and edge/interpolation.py.)
+
 The MQTT shell (``gapcast.edge.mqtt``) calls two verbs and publishes what they return:
 
 - :meth:`AgentCore.ingest` ``(topic, payload, now_s)`` for every incoming message: parse, validate, merge into the

@@ -1,5 +1,9 @@
 """``gapcast export``: a trained run -> a verified, signed bundle (docs/ARCHITECTURE.md, "Contracts").
 
+(Over 600 lines on purpose: the export stages share one context (run, spec, windows, golden
+outputs) and run in one order; splitting them would pass that state through modules. The int8 builder is the
+next candidate to move out.)
+
 Steps, each one a check that stops the export with a clear :class:`ExportError` when it fails:
 
 1. export the fp32 graph for the target (``model.onnx``) and check it (:func:`check_onnx_file`);

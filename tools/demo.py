@@ -1,5 +1,8 @@
 """``gapcast demo``: the whole system on real data, end to end, in one command (``make demo``).
 
+(Over 600 lines on purpose: the demo's stages are one ordered script; processes and the report
+live in tools/demo_procs.py and tools/demo_report.py.)
+
 Stages, each a real ``gapcast`` sub-command run as a subprocess (so the demo exercises exactly what users run):
 
 1. ``train``     ConFill on the Beijing training months within a CPU time budget (progress bar);

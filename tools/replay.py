@@ -1,5 +1,8 @@
 """``gapcast replay``: a station simulator that publishes real station history over MQTT.
 
+(Over 600 lines on purpose: the simulator's plan, clock and MQTT publisher are one loop; the plan
+parsing lives in tools/replay_plan.py.)
+
 It is the tool to try a broker and a gateway before real stations exist, and the load generator of the demo and the
 benchmarks. Each station's history (of any dataset spec; by default its test range) becomes readings on the contract
 topic ``{prefix}/stations/{station}/readings`` with the payload ``{"ts": ..., "values": {...}}`` (docs/ARCHITECTURE.md,

@@ -1,5 +1,8 @@
 """The evaluation protocol on a dataset spec's test range, reusable with any imputer.
 
+(Over 600 lines on purpose: the scenarios, their masks and their scoring must stay in one place so every
+method is provably scored on the same windows and hidden cells.)
+
 Two steps, kept apart so benchmarks can score other imputers on exactly the same hidden values:
 
 1. :func:`build_scenarios` cuts the test months into windows and draws the fixed masks of every scenario

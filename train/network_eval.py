@@ -1,5 +1,8 @@
 """Network scenarios: outages split by what the neighbours see, scored for every method on the same masks.
 
+(Over 600 lines on purpose: the network scenarios and the per-method scoring share the aligned
+network arrays and their masks; one file keeps them on the same masks.)
+
 The per-station protocol (:mod:`gapcast.train.evaluate`) treats each window alone. A gateway serves a network, and
 the outage users meet most often is one station down while the others report. This module evaluates on the test
 range with all stations aligned in time:

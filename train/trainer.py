@@ -1,5 +1,8 @@
 """ConFill training on a dataset spec's training range, validated on its validation range.
 
+(Over 600 lines on purpose: the training loop, its budget and stop decision and the DDP all-reduces
+are one protocol across ranks; split, a rank-order bug would hide between modules.)
+
 One step: draw a batch of training windows, hide artificial outages in their past part, run the model once on the
 batch together with the contrastive views of a share of it (anchors, positives, negatives in one pass), and add the
 weighted losses. An "epoch" is a fixed number of steps; after each one the model is scored on a fixed validation
