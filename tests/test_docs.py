@@ -43,7 +43,8 @@ def test_layer_map_names_every_module(folder):
 
 
 def test_paths_the_docs_name_exist():
-    pattern = re.compile(r"(?<![\w/.-])((?:%s|tests|docs)/[\w./-]+\.(?:py|toml|md|json|service|conf))\b" % "|".join(PACKAGES))
+    folders = "|".join((*PACKAGES, "tests", "docs"))
+    pattern = re.compile(rf"(?<![\w/.-])((?:{folders})/[\w./-]+\.(?:py|toml|md|json|service|conf))\b")
     for doc in ("README.md", "docs/ARCHITECTURE.md"):
         named = set(pattern.findall((ROOT / doc).read_text()))
         gone = sorted(p for p in named if not (ROOT / p).exists())
