@@ -137,12 +137,14 @@ def install(agent: Any, path: str | os.PathLike) -> StageProfile:
         The :class:`StageProfile` (``dump_final`` takes it).
     """
     import gapcast.edge.agent as agent_mod
+    import gapcast.edge.agent_status as status_mod
 
     core = agent.core
     prof = StageProfile(path, counters=lambda: dict(core.counters))
     agent_mod.parse_reading = prof.wrap("parse", agent_mod.parse_reading)
-    for name in ("filled_message", "forecast_message", "revision_message", "deadletter_message", "drift_message"):
+    for name in ("filled_message", "forecast_message", "revision_message", "deadletter_message"):
         setattr(agent_mod, name, prof.wrap("encode", getattr(agent_mod, name)))
+    status_mod.drift_message = prof.wrap("encode", status_mod.drift_message)
     core.ingest = prof.wrap("window", core.ingest)
     core.tick = prof.wrap("window", core.tick)
     backend = core.backend
