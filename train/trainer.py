@@ -529,31 +529,114 @@ def train(
         TrainError: bad config, no data, ``resume`` without a ``last.pt``, or an ``init_from`` checkpoint that
             is missing or has a different model config.
     """
-    from tqdm.auto import tqdm
-
     if max_steps is not None:
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=int(max_steps)))
-    oc = cfg.optim
     out = Path(out_dir)
+    dist_ = _start_distributed()
+    if dist_.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
+    run = _build_run(cfg, out, dist_, spec, data, series)
+    if init_from is not None and not resume:
+        _init_weights(run, init_from)
+    if resume:
+        _resume(run)
+    if dist_.rank == 0:
+        _write_run_files(run)
+    _place(run, resumed=resume)
+    stop_reason = _loop(run, time_budget_min=time_budget_min, progress=progress, clock=clock)
+    _stop_distributed(dist_)
+    p = run.progress
+    log.info("training stopped (%s) at step %d, best validation score %.4f", stop_reason, p.step, p.best)
+    return TrainResult(out_dir=out, steps=p.step, best_val=p.best, stop_reason=stop_reason, history=p.history,
+                       model=run.model)
+
+
+@dataclass
+class _Dist:
+    """Where this process trains: its rank, the world size, its device, and whether it opened the process group."""
+
+    rank: int
+    world: int
+    device: torch.device
+    own_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _start_distributed() -> _Dist:
+    """This process's rank, world and device; joins torchrun's process group when ``WORLD_SIZE`` > 1.
+
+    The group is NCCL between GPUs, gloo on the CPU (env:// rendezvous, as torchrun sets it up).
+    """
     rank, world = _dist_info()
-    distributed = world > 1
-    own_group = False
-    device = _train_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if distributed:
+    d = _Dist(rank, world, _train_device())
+    if d.device.type == "cuda":
+        torch.cuda.set_device(d.device)
+    if d.distributed:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            # launched by torchrun (env:// rendezvous): NCCL between GPUs, gloo on the CPU
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            own_group = True
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo")
+            d.own_group = True
+    return d
 
+
+def _stop_distributed(d: _Dist) -> None:
+    """Wait for every rank, and close the process group when this run opened it."""
+    if d.distributed:
+        torch.distributed.barrier()
+        if d.own_group:
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class _Progress:
+    """The loop state a checkpoint saves and ``resume`` restores; ``elapsed_before`` is seconds of earlier parts."""
+
+    step: int = 0
+    epoch: int = 0
+    best: float = math.inf
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_before: float = 0.0
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds: its data, model, optimiser, sampler, validation set and progress."""
+
+    cfg: TrainConfig
+    out: Path
+    dist: _Dist
+    spec: DatasetSpec
+    prepared: PreparedData
+    meta: dict[str, Any]
+    model: ConFill
+    net: _TrainNet
+    opt: torch.optim.Optimizer
+    sampler: ContrastiveSampler
+    valset: _ValSet
+    rng: np.random.Generator
+    progress: _Progress = field(default_factory=_Progress)
+    runner: nn.Module | None = None  # the net, or its DDP wrapper (set by _place)
+
+    @property
+    def groups(self) -> list[tuple[int, ...]]:
+        return list(self.spec.groups.values())
+
+
+def _load_prepared(cfg: TrainConfig, spec: DatasetSpec, data, series) -> tuple[dict[str, StationSeries], PreparedData]:
+    """Load the stations (or keep ``cfg.data.stations`` of the given ones) and cut the windows.
+
+    Raises:
+        TrainError: ``model.n_channels`` differs from the spec's channel count, or what :func:`prepare_data` raises.
+        GapcastError: what loading the dataset raises (missing files, bad spec).
+    """
     from gapcast.train.loader import load_dataset
 
-    spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
     if series is None:
         series = load_dataset(spec, data, cfg.data.stations or None)
     elif cfg.data.stations:
@@ -563,7 +646,13 @@ def train(
     if cfg.model.n_channels != n_ch:
         msg = f"model.n_channels is {cfg.model.n_channels}, the dataset {spec.name} has {n_ch} channels"
         raise TrainError(msg)
-    groups = list(spec.groups.values())
+    return series, prepared
+
+
+def _run_meta(cfg: TrainConfig, spec: DatasetSpec, series: dict[str, StationSeries],
+              prepared: PreparedData) -> dict[str, Any]:
+    """The checkpoint's metadata: normaliser, channels with units and groups, cadence, time zone, the whole
+    dataset spec, the training config, the stations and (context models) the neighbour lists."""
     meta = build_meta(
         cfg.model,
         normalizer=prepared.normalizer.to_dict(),
@@ -579,9 +668,23 @@ def train(
     meta["stations"] = prepared.stations
     if prepared.context is not None:
         meta["context"] = prepared.context.to_dict()  # neighbour lists and weights, fixed from the training range
+    return meta
 
+
+def _build_run(cfg: TrainConfig, out: Path, d: _Dist, spec: DatasetSpec, data, series) -> _Run:
+    """Data, metadata, a fresh model and optimiser, the contrastive sampler and the fixed validation set.
+
+    The seeding order (torch seed, then the numpy generator of ``[seed, rank]``) is what makes ``max_steps`` runs
+    repeat exactly.
+
+    Raises:
+        TrainError: see :func:`_load_prepared`; or a training range shorter than the sampler's distances.
+    """
+    series, prepared = _load_prepared(cfg, spec, data, series)
+    meta = _run_meta(cfg, spec, series, prepared)
+    oc = cfg.optim
     torch.manual_seed(oc.seed)
-    rng = np.random.default_rng([oc.seed, rank])
+    rng = np.random.default_rng([oc.seed, d.rank])
     model = ConFill(cfg.model)
     net = _TrainNet(model, view_grad=cfg.contrast.view_grad)
     opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
@@ -591,160 +694,203 @@ def train(
         msg = (f"{exc}: the training range is too short for [contrast] of the training config; lower "
                "contrast.distant_min (a duration, e.g. \"3d\"), or set loss.contrast = 0, or train on a longer range")
         raise TrainError(msg) from exc
-    valset = _make_valset(prepared.val, cfg, oc.seed, groups, prepared.val_context)
+    valset = _make_valset(prepared.val, cfg, oc.seed, list(spec.groups.values()), prepared.val_context)
+    return _Run(cfg, out, d, spec, prepared, meta, model, net, opt, sampler, valset, rng)
 
-    step, epoch, best, bad_epochs, history = 0, 0, math.inf, 0, []
-    elapsed_before = 0.0
-    if init_from is not None and not resume:
-        init = read_checkpoint(init_from)
-        want, had = dataclasses.asdict(cfg.model), _model_config(init)
-        if had == want:
-            model.load_state_dict(init["state_dict"])
-        elif had == {**want, "interp_source": False}:
-            model.load_without_interp(init["state_dict"])
-        else:
-            msg = f"{init_from} was trained with a different model config than this run's [model]"
-            raise TrainError(msg)
-        if "proj_state_dict" in init:
-            net.proj.load_state_dict(init["proj_state_dict"])
-        meta["init_from"] = {"path": str(init_from), "step": int(init.get("step", 0))}
-        log.info("initialised from %s (step %s)", init_from, init.get("step"))
-    if resume:
-        state = read_checkpoint(out / "last.pt")
-        if _model_config(state) != dataclasses.asdict(cfg.model):
-            msg = f"{out / 'last.pt'} was trained with a different model config"
-            raise TrainError(msg)
-        model.load_state_dict(state["state_dict"])
-        net.proj.load_state_dict(state["proj_state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        step, epoch, best = int(state["step"]), int(state["epoch"]), float(state["best_val"])
-        bad_epochs, history = int(state["bad_epochs"]), list(state.get("history", []))
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        if rank == 0:
-            rng.bit_generator.state = json.loads(state["rng"]["numpy"])
-        else:  # only rank 0's state is saved: the other ranks draw fresh, distinct streams
-            rng = np.random.default_rng([oc.seed, rank, step])
-        torch.set_rng_state(state["rng"]["torch"])
-        log.info("resumed from %s at step %d", out / "last.pt", step)
 
-    if rank == 0:
-        (out / "config.toml").write_text(dump_toml(cfg.to_dict()))
-        (out / "normalization.json").write_text(
-            json.dumps({**prepared.normalizer.to_dict(), "channels": list(spec.channel_names)}, indent=2)
-        )
+def _init_weights(run: _Run, init_from: str | os.PathLike) -> None:
+    """Fine-tuning: load another run's weights (and projection head) into the fresh model.
 
-    net.to(device)
-    if resume:  # the optimiser state was loaded onto the CPU; move it next to its parameters
-        for st in opt.state.values():
+    Raises:
+        TrainError: the checkpoint is missing or its model config differs from this run's (other than
+            ``interp_source`` switched on here).
+    """
+    init = read_checkpoint(init_from)
+    want, had = dataclasses.asdict(run.cfg.model), _model_config(init)
+    if had == want:
+        run.model.load_state_dict(init["state_dict"])
+    elif had == {**want, "interp_source": False}:
+        run.model.load_without_interp(init["state_dict"])
+    else:
+        msg = f"{init_from} was trained with a different model config than this run's [model]"
+        raise TrainError(msg)
+    if "proj_state_dict" in init:
+        run.net.proj.load_state_dict(init["proj_state_dict"])
+    run.meta["init_from"] = {"path": str(init_from), "step": int(init.get("step", 0))}
+    log.info("initialised from %s (step %s)", init_from, init.get("step"))
+
+
+def _resume(run: _Run) -> None:
+    """Restore model, projection head, optimiser, progress and RNG state from ``out/last.pt``.
+
+    Only rank 0's numpy stream is saved: the other ranks draw fresh, distinct streams of ``[seed, rank, step]``.
+
+    Raises:
+        TrainError: no ``last.pt``, or it was trained with a different model config.
+    """
+    path = run.out / "last.pt"
+    state = read_checkpoint(path)
+    if _model_config(state) != dataclasses.asdict(run.cfg.model):
+        msg = f"{path} was trained with a different model config"
+        raise TrainError(msg)
+    run.model.load_state_dict(state["state_dict"])
+    run.net.proj.load_state_dict(state["proj_state_dict"])
+    run.opt.load_state_dict(state["optimizer"])
+    p = run.progress
+    p.step, p.epoch, p.best = int(state["step"]), int(state["epoch"]), float(state["best_val"])
+    p.bad_epochs, p.history = int(state["bad_epochs"]), list(state.get("history", []))
+    p.elapsed_before = float(state.get("elapsed_s", 0.0))
+    if run.dist.rank == 0:
+        run.rng.bit_generator.state = json.loads(state["rng"]["numpy"])
+    else:
+        run.rng = np.random.default_rng([run.cfg.optim.seed, run.dist.rank, p.step])
+    torch.set_rng_state(state["rng"]["torch"])
+    log.info("resumed from %s at step %d", path, p.step)
+
+
+def _write_run_files(run: _Run) -> None:
+    """``config.toml`` (the config as run) and ``normalization.json`` (per-channel mean/std and channel names)."""
+    (run.out / "config.toml").write_text(dump_toml(run.cfg.to_dict()))
+    (run.out / "normalization.json").write_text(
+        json.dumps({**run.prepared.normalizer.to_dict(), "channels": list(run.spec.channel_names)}, indent=2)
+    )
+
+
+def _place(run: _Run, *, resumed: bool) -> None:
+    """Move the net to the run's device (and a loaded optimiser state next to it); wrap it in DDP across ranks."""
+    d = run.dist
+    run.net.to(d.device)
+    if resumed:  # the optimiser state was loaded onto the CPU; move it next to its parameters
+        for st in run.opt.state.values():
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and k != "step":
-                    st[k] = v.to(device)
-    runner: nn.Module = net
-    if distributed:
+                    st[k] = v.to(d.device)
+    run.runner = run.net
+    if d.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                         find_unused_parameters=cfg.loss.contrast == 0)
+        run.runner = DistributedDataParallel(run.net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                             find_unused_parameters=run.cfg.loss.contrast == 0)
 
-    L = cfg.model.lookback
-    w = cfg.loss
+
+def _loop(run: _Run, *, time_budget_min: float | None, progress: bool, clock: Callable[[], float]) -> str:
+    """Optimiser steps until ``max_steps``, the time budget or early stopping; returns which one stopped it.
+
+    The budget counts this invocation; the learning-rate cosine runs over the whole run (resumed parts too). Rank
+    0's clock drives every rank's learning rate and budget stop, so replicas never drift.
+    """
+    from tqdm.auto import tqdm
+
+    oc, p, d = run.cfg.optim, run.progress, run.dist
     budget_s = time_budget_min * 60.0 if time_budget_min else None
-    n_anchor = int(round(oc.batch_size * cfg.contrast.fraction)) if w.contrast > 0 else 0
-    # The budget counts this invocation; the learning-rate schedule runs over the whole run (resumed parts too).
     t_start = clock()
-    schedule_s = elapsed_before + budget_s if budget_s else None
-    bar = tqdm(total=oc.max_steps, initial=step, desc="train", disable=not progress or rank != 0, unit="step")
+    schedule_s = p.elapsed_before + budget_s if budget_s else None
+    bar = tqdm(total=oc.max_steps, initial=p.step, desc="train", disable=not progress or d.rank != 0, unit="step")
     stop_reason = "max_steps"
     sums: dict[str, float] = {}
     n_sum = 0
-    net.train()
-    while step < oc.max_steps:
-        # Rank 0's clock drives every rank's learning rate and time-budget stop: replicas never drift.
-        run_s = _shared_clock(clock() - t_start, distributed=distributed, device=device)
-        elapsed = elapsed_before + run_s
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, elapsed, oc, schedule_s)
-        idx = rng.integers(0, len(prepared.train), size=oc.batch_size)
-        v, m, c = prepared.train.batch(idx)
-        hide = outage_mask(m[:, :L], rng, cfg.masking, groups).astype(np.float32)
-        m_in = m[:, :L] * (1.0 - hide)
-        extra = None
-        if n_anchor:
-            views = sampler.sample(prepared.train.starts[idx[:n_anchor]], rng)
-            extra = tuple(t.to(device) for t in _to_t(*views.stacked()))
-        tv, tm_in, tc, thide, tm = (t.to(device) for t in _to_t(v, m_in, c, hide, m))
-        ctx = None
-        if prepared.train_context is not None:
-            from gapcast.train.context import drop_context
-
-            cv, co = prepared.train_context.batch(prepared.train.starts[idx], L)
-            co = drop_context(co, hide, cfg.model.context_index, cfg.model.context_dropout, rng)
-            ctx = tuple(t.to(device) for t in _to_t(cv * co, co))
-        x_hat, fc, z_a, z_x = runner(tv[:, :L] * tm_in, tm_in, tc, n_anchor, extra, ctx)
-        l_imp = masked_mae(x_hat, tv[:, :L], thide)
-        l_rec = masked_mae(x_hat, tv[:, :L], tm_in)
-        l_fc = masked_mae(fc, tv[:, L:], tm[:, L:])
-        loss = w.impute * l_imp + w.recon * l_rec + w.forecast * l_fc
-        parts = {"impute": l_imp.item(), "recon": l_rec.item(), "forecast": l_fc.item()}
-        if z_a is not None:
-            n = n_anchor
-            l_con = info_nce(z_a, [z_x[:n], z_x[n : 2 * n]], z_x[2 * n :], cfg.contrast.temperature)
-            loss = loss + w.contrast * l_con
-            parts["contrast"] = l_con.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip)
-        opt.step()
-        step += 1
+    run.net.train()
+    while p.step < oc.max_steps:
+        run_s = _shared_clock(clock() - t_start, distributed=d.distributed, device=d.device)
+        for g in run.opt.param_groups:
+            g["lr"] = _lr_at(p.step, p.elapsed_before + run_s, oc, schedule_s)
+        parts = _train_step(run)
+        p.step += 1
         bar.update(1)
         for k, val in parts.items():
             sums[k] = sums.get(k, 0.0) + val
         n_sum += 1
-        if step % 10 == 0:
+        if p.step % 10 == 0:
             bar.set_postfix({k: f"{s / n_sum:.3f}" for k, s in sums.items()})
-
         # The step just done counts against the budget by rank 0's clock (the reading before the step plus its time
         # on rank 0), one broadcast decides for all.
         out_of_time = _rank0_decides(budget_s is not None and clock() - t_start >= budget_s,
-                                     distributed=distributed, device=device)
-        end_of_epoch = step % oc.steps_per_epoch == 0 or step >= oc.max_steps or out_of_time
-        if not end_of_epoch:
+                                     distributed=d.distributed, device=d.device)
+        if not (p.step % oc.steps_per_epoch == 0 or p.step >= oc.max_steps or out_of_time):
             continue
-        epoch += 1
-        figures = _validate(model, valset, rank=rank, world=world, device=device)
-        record = {"epoch": epoch, "step": step, "seconds": round(elapsed_before + clock() - t_start, 1),
-                  "lr": opt.param_groups[0]["lr"], **{f"train_{k}": s / max(n_sum, 1) for k, s in sums.items()},
-                  **figures}
-        history.append(record)
+        train_means = {f"train_{k}": s / max(n_sum, 1) for k, s in sums.items()}
+        _end_epoch(run, train_means, seconds=p.elapsed_before + clock() - t_start, bar=bar)
         sums, n_sum = {}, 0
-        improved = figures["val_score"] < best - 1e-6
-        if improved:
-            best, bad_epochs = figures["val_score"], 0
-        else:
-            bad_epochs += 1
-        if rank == 0:
-            train_state = {"step": step, "epoch": epoch, "best_val": best, "bad_epochs": bad_epochs,
-                           "history": history, "elapsed_s": elapsed_before + clock() - t_start}
-            if improved:
-                save_checkpoint(out / "best.pt", model, meta, **train_state, val=figures)
-            save_checkpoint(out / "last.pt", model, meta, **train_state, val=figures,
-                            proj_state_dict=net.proj.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(rng))
-            with (out / "history.jsonl").open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            bar.write(f"epoch {epoch} step {step}: val impute MAE {figures['val_impute_mae']:.4f}, "
-                      f"forecast MAE {figures['val_forecast_mae']:.4f}" + (" (best)" if improved else ""))
         if out_of_time:
             stop_reason = "time_budget"
             break
         # Every rank holds the same all-reduced score, hence the same bad_epochs; rank 0 still decides for all.
-        if _rank0_decides(bad_epochs >= oc.patience, distributed=distributed, device=device):
+        if _rank0_decides(p.bad_epochs >= oc.patience, distributed=d.distributed, device=d.device):
             stop_reason = "early_stopping"
             break
     bar.close()
-    if distributed:
-        torch.distributed.barrier()
-        if own_group:
-            torch.distributed.destroy_process_group()
-    log.info("training stopped (%s) at step %d, best validation score %.4f", stop_reason, step, best)
-    return TrainResult(out_dir=out, steps=step, best_val=best, stop_reason=stop_reason, history=history, model=model)
+    return stop_reason
+
+
+def _train_step(run: _Run) -> dict[str, float]:
+    """One optimiser step on a fresh batch: hide outages in the lookback, add neighbour context (dropped out at
+    ``context_dropout``) and the contrastive views, and descend on the weighted losses.
+
+    Returns:
+        the step's loss parts (``impute``, ``recon``, ``forecast``, and ``contrast`` when views were drawn).
+    """
+    cfg, prep, rng, dev = run.cfg, run.prepared, run.rng, run.dist.device
+    L, w, oc = cfg.model.lookback, cfg.loss, cfg.optim
+    n_anchor = int(round(oc.batch_size * cfg.contrast.fraction)) if w.contrast > 0 else 0
+    idx = rng.integers(0, len(prep.train), size=oc.batch_size)
+    v, m, c = prep.train.batch(idx)
+    hide = outage_mask(m[:, :L], rng, cfg.masking, run.groups).astype(np.float32)
+    m_in = m[:, :L] * (1.0 - hide)
+    extra = None
+    if n_anchor:
+        views = run.sampler.sample(prep.train.starts[idx[:n_anchor]], rng)
+        extra = tuple(t.to(dev) for t in _to_t(*views.stacked()))
+    tv, tm_in, tc, thide, tm = (t.to(dev) for t in _to_t(v, m_in, c, hide, m))
+    ctx = None
+    if prep.train_context is not None:
+        from gapcast.train.context import drop_context
+
+        cv, co = prep.train_context.batch(prep.train.starts[idx], L)
+        co = drop_context(co, hide, cfg.model.context_index, cfg.model.context_dropout, rng)
+        ctx = tuple(t.to(dev) for t in _to_t(cv * co, co))
+    x_hat, fc, z_a, z_x = run.runner(tv[:, :L] * tm_in, tm_in, tc, n_anchor, extra, ctx)
+    l_imp = masked_mae(x_hat, tv[:, :L], thide)
+    l_rec = masked_mae(x_hat, tv[:, :L], tm_in)
+    l_fc = masked_mae(fc, tv[:, L:], tm[:, L:])
+    loss = w.impute * l_imp + w.recon * l_rec + w.forecast * l_fc
+    parts = {"impute": l_imp.item(), "recon": l_rec.item(), "forecast": l_fc.item()}
+    if z_a is not None:
+        n = n_anchor
+        l_con = info_nce(z_a, [z_x[:n], z_x[n : 2 * n]], z_x[2 * n :], cfg.contrast.temperature)
+        loss = loss + w.contrast * l_con
+        parts["contrast"] = l_con.item()
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if oc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.net.parameters(), oc.grad_clip)
+    run.opt.step()
+    return parts
+
+
+def _end_epoch(run: _Run, train_means: dict[str, float], *, seconds: float, bar) -> None:
+    """Validate, record the epoch, update the early-stopping state; rank 0 writes ``best.pt`` (when the score
+    improved), ``last.pt`` (with optimiser and RNG state, for ``resume``) and a line of ``history.jsonl``."""
+    p, out = run.progress, run.out
+    p.epoch += 1
+    figures = _validate(run.model, run.valset, rank=run.dist.rank, world=run.dist.world, device=run.dist.device)
+    record = {"epoch": p.epoch, "step": p.step, "seconds": round(seconds, 1),
+              "lr": run.opt.param_groups[0]["lr"], **train_means, **figures}
+    p.history.append(record)
+    improved = figures["val_score"] < p.best - 1e-6
+    if improved:
+        p.best, p.bad_epochs = figures["val_score"], 0
+    else:
+        p.bad_epochs += 1
+    if run.dist.rank != 0:
+        return
+    train_state = {"step": p.step, "epoch": p.epoch, "best_val": p.best, "bad_epochs": p.bad_epochs,
+                   "history": p.history, "elapsed_s": seconds}
+    if improved:
+        save_checkpoint(out / "best.pt", run.model, run.meta, **train_state, val=figures)
+    save_checkpoint(out / "last.pt", run.model, run.meta, **train_state, val=figures,
+                    proj_state_dict=run.net.proj.state_dict(), optimizer=run.opt.state_dict(),
+                    rng=_rng_state(run.rng))
+    with (out / "history.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    bar.write(f"epoch {p.epoch} step {p.step}: val impute MAE {figures['val_impute_mae']:.4f}, "
+              f"forecast MAE {figures['val_forecast_mae']:.4f}" + (" (best)" if improved else ""))
