@@ -674,21 +674,12 @@ def evaluate_run(
         TrainError: missing checkpoint or no test data.
     """
     from gapcast.train.checkpoint import load_checkpoint
-    from gapcast.train.loader import load_dataset
 
     run = Path(run_dir)
     model, meta = load_checkpoint(run / checkpoint)
     cfg = model.cfg
     spec = spec_of_run(meta, dataset)
-    if series is None:
-        series = load_dataset(spec, data, stations or None)
-    elif stations:
-        series = {k: v for k, v in series.items() if k in stations}
-    normalizer = Normalizer.from_dict(meta["normalizer"])
-    channels = [c["name"] for c in meta["channels"]]
-    if tuple(channels) != spec.channel_names:
-        msg = f"the run's channels {channels} are not the dataset {spec.name}'s {list(spec.channel_names)}"
-        raise TrainError(msg)
+    series, normalizer, channels = _eval_inputs(spec, meta, data, series, stations)
     stride_steps = stride if isinstance(stride, int) else steps_of(stride, spec.cadence_s, key="--stride")
     ss = build_scenarios(series, normalizer, channels=channels, lookback=cfg.lookback, horizon=cfg.horizon,
                          stride=stride_steps, max_windows=max_windows, seed=seed, spec=spec)
@@ -706,31 +697,66 @@ def evaluate_run(
     metrics["targets"] = _targets(results)
     md = _markdown(metrics, ss)
     if len(series) > 1 and network_trials > 0:  # outages by what the neighbours see (issue 20)
-        from gapcast.calendar import calendar_features
-        from gapcast.train.loader import split_indices
-        from gapcast.train.network_eval import evaluate_network, network_markdown
-
-        group_name = next(iter(spec.groups), "all channels")
-        try:
-            metrics["network"] = evaluate_network(
-                series, normalizer, channels=channels, group=ss.group, group_name=group_name,
-                lookback=cfg.lookback, horizon=cfg.horizon, trials=network_trials, seed=seed,
-                coordinates=spec.coordinates(list(series)),  # IDW where the spec's [[stations]] has them all
-                models={"ConFill (no context)" if cfg.n_context else "ConFill": model_imputer(model, progress=False)},
-                calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
-                split=lambda s: split_indices(spec, s, check=False),
-                context_models=_context_models(model, meta))
-            md += network_markdown(metrics["network"])
-        except TrainError as exc:  # e.g. a test range shorter than a network trial: the rest of the report stands
-            log.warning("network scenarios skipped: %s", exc)
-            metrics["network"] = {"skipped": str(exc)}
-            md += f"\n## Network scenarios\n\nskipped: {exc}\n"
+        metrics["network"], network_md = _network_section(series, normalizer, spec, ss, model, meta,
+                                                          trials=network_trials, seed=seed)
+        md += network_md
     json_path, md_path = run / "metrics.json", run / "metrics.md"
     json_path.write_text(json.dumps(metrics, indent=2, default=_json_default))
     md_path.write_text(md)
     units = [str(c.get("unit", "")) for c in meta["channels"]]
     plot_paths = _plots(run, ss, preds, units, spec.cadence_s) if plots else []
     return EvalReport(metrics=metrics, markdown=md, json_path=json_path, markdown_path=md_path, plots=plot_paths)
+
+
+def _eval_inputs(spec: DatasetSpec, meta: dict[str, Any], data, series, stations
+                 ) -> tuple[dict[str, StationSeries], Normalizer, list[str]]:
+    """The stations to score (loaded, or the given ones kept to ``stations``), the run's normaliser and channels.
+
+    Raises:
+        TrainError: the run's channels are not the dataset spec's.
+        GapcastError: what loading the dataset raises.
+    """
+    from gapcast.train.loader import load_dataset
+
+    if series is None:
+        series = load_dataset(spec, data, stations or None)
+    elif stations:
+        series = {k: v for k, v in series.items() if k in stations}
+    normalizer = Normalizer.from_dict(meta["normalizer"])
+    channels = [c["name"] for c in meta["channels"]]
+    if tuple(channels) != spec.channel_names:
+        msg = f"the run's channels {channels} are not the dataset {spec.name}'s {list(spec.channel_names)}"
+        raise TrainError(msg)
+    return series, normalizer, channels
+
+
+def _network_section(series: dict[str, StationSeries], normalizer: Normalizer, spec: DatasetSpec, ss: ScenarioSet,
+                     model, meta: dict[str, Any], *, trials: int, seed: int) -> tuple[dict[str, Any], str]:
+    """The network scenarios of a run (station-local and network-wide outages; issue 20) and their markdown.
+
+    A :class:`TrainError` from the network evaluation (e.g. a test range shorter than one network trial) is logged
+    and reported as ``{"skipped": reason}``: the rest of the report stands.
+    """
+    from gapcast.calendar import calendar_features
+    from gapcast.train.loader import split_indices
+    from gapcast.train.network_eval import evaluate_network, network_markdown
+
+    cfg = model.cfg
+    channels = [c["name"] for c in meta["channels"]]
+    group_name = next(iter(spec.groups), "all channels")
+    try:
+        net = evaluate_network(
+            series, normalizer, channels=channels, group=ss.group, group_name=group_name,
+            lookback=cfg.lookback, horizon=cfg.horizon, trials=trials, seed=seed,
+            coordinates=spec.coordinates(list(series)),  # IDW where the spec's [[stations]] has them all
+            models={"ConFill (no context)" if cfg.n_context else "ConFill": model_imputer(model, progress=False)},
+            calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
+            split=lambda s: split_indices(spec, s, check=False),
+            context_models=_context_models(model, meta))
+    except TrainError as exc:
+        log.warning("network scenarios skipped: %s", exc)
+        return {"skipped": str(exc)}, f"\n## Network scenarios\n\nskipped: {exc}\n"
+    return net, network_markdown(net)
 
 
 def _context_models(model, meta: dict[str, Any]) -> dict[str, Any] | None:

@@ -578,21 +578,8 @@ def evaluate_network(
     t0 = time.perf_counter()
     test = align_network(series, "test", split=split)
     train = align_network(series, "train", split=split)
-    tr = normalizer.transform(train.values)
-    regression = CorrelatedRegression.fit(np.nan_to_num(tr), ~np.isnan(tr), k=k)
-    # Level ratio where the channel is a non-negative level in the training range (concentrations, rain, wind
-    # speed, pressure); an offset where it goes negative (temperature, dew point, wind-direction components).
-    mins = np.nanmin(train.values.reshape(-1, train.values.shape[-1]), axis=0)
-    scale = ["ratio" if lo >= 0 else "offset" for lo in mins]
-    coords = None
-    if coordinates:
-        if all(s in coordinates for s in test.stations):
-            coords = [tuple(coordinates[s]) for s in test.stations]
-        else:
-            log.warning("IDW skipped: coordinates missing for %s",
-                        ", ".join(s for s in test.stations if s not in coordinates))
-    methods = network_methods(normalizer=normalizer, cadence_s=test.cadence_s, scale=scale,
-                              ratio_lookback=ratio_lookback, regression=regression, coordinates=coords)
+    methods, scale, coords = _scored_methods(test, train, normalizer, ratio_lookback=ratio_lookback, k=k,
+                                             coordinates=coordinates)
     if models or context_models:
         if calendar is None:
             msg = "scoring a model in the network scenarios needs the calendar features"
@@ -605,7 +592,47 @@ def evaluate_network(
     scenarios = build_network_scenarios(test, group=group, lookback=lookback, ratio_lookback=ratio_lookback,
                                         blocks=blocks, kinds=kinds, trials=trials, seed=seed)
     scores = score_network(test, normalizer, scenarios, methods, channels=channels)
-    protocol = {
+    protocol = _network_protocol(test, channels=channels, group=group, group_name=group_name, lookback=lookback,
+                                 ratio_lookback=ratio_lookback, trials=trials, seed=seed, k=k, scale=scale,
+                                 idw=coords is not None)
+    protocol["seconds"] = round(time.perf_counter() - t0, 1)
+    return {"protocol": protocol, "scenarios": scores}
+
+
+def _scored_methods(test: AlignedNetwork, train: AlignedNetwork, normalizer: Normalizer, *, ratio_lookback: str, k: int,
+                    coordinates: Mapping[str, Sequence[float]] | None) -> tuple[dict, list[str], list | None]:
+    """The network baselines, fitted on the training range.
+
+    Returns:
+        ``(methods, scale, coords)``: label -> (method, causal) from :func:`network_methods`; per channel
+        ``"ratio"`` (a non-negative level in the training range: concentrations, rain, wind speed, pressure) or
+        ``"offset"`` (it goes negative: temperature, dew point, wind-direction components); the stations'
+        (lat, lon) in test order, or None when any is missing (IDW is then skipped, logged).
+    """
+    tr = normalizer.transform(train.values)
+    regression = CorrelatedRegression.fit(np.nan_to_num(tr), ~np.isnan(tr), k=k)
+    mins = np.nanmin(train.values.reshape(-1, train.values.shape[-1]), axis=0)
+    scale = ["ratio" if lo >= 0 else "offset" for lo in mins]
+    coords = None
+    if coordinates:
+        if all(s in coordinates for s in test.stations):
+            coords = [tuple(coordinates[s]) for s in test.stations]
+        else:
+            log.warning("IDW skipped: coordinates missing for %s",
+                        ", ".join(s for s in test.stations if s not in coordinates))
+    methods = network_methods(normalizer=normalizer, cadence_s=test.cadence_s, scale=scale,
+                              ratio_lookback=ratio_lookback, regression=regression, coordinates=coords)
+    return methods, scale, coords
+
+
+def _network_protocol(test: AlignedNetwork, *, channels: Sequence[str], group: Sequence[int], group_name: str, lookback: int,
+                      ratio_lookback: str, trials: int, seed: int, k: int, scale: list[str],
+                      idw: bool) -> dict[str, Any]:
+    """The ``protocol`` block of the network report: what was hidden, how, and how each baseline estimates.
+
+    ``seconds`` is None here; the caller sets it.
+    """
+    return {
         "stations": test.stations,
         "test_steps": int(len(test.epoch_s)),
         "cadence": format_duration(test.cadence_s),
@@ -625,13 +652,11 @@ def evaluate_network(
                               "negative); nothing after the gap start",
         "k_correlated_regression": f"least squares on the k = {k} neighbours most correlated on the training range, "
                                    "per station and channel; every subset pre-solved for missing neighbours",
-        "idw": "inverse distance squared, haversine" if coords else "no station coordinates given: not scored",
+        "idw": "inverse distance squared, haversine" if idw else "no station coordinates given: not scored",
         "fallback": "where a method has no estimate (no neighbour reports), linear interpolation; counted",
         "level_scale": dict(zip(channels, scale, strict=True)),
         "seconds": None,
     }
-    protocol["seconds"] = round(time.perf_counter() - t0, 1)
-    return {"protocol": protocol, "scenarios": scores}
 
 
 def network_markdown(net: Mapping[str, Any]) -> str:
