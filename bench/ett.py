@@ -362,7 +362,7 @@ def run_ett(
     if threads:
         torch.set_num_threads(threads)
     if confill_model is None and run_confill:
-        from gapcast.train.trainer import load_config
+        from gapcast.train.config import load_config
 
         confill_model = load_config().model
     budget = ConFillEttBudget(budget_s=confill_budget_s, seed=seed)

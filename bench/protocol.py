@@ -472,10 +472,11 @@ def _prepare(dataset, data, opts: ProtocolOptions) -> _Prepared:
         GapcastError: a held-out station not in the data; GapcastError subclasses: missing data, a bad spec.
     """
     from gapcast import GapcastError
+    from gapcast.train.config import load_config
     from gapcast.train.data import Normalizer
     from gapcast.train.loader import load_dataset, split_indices
     from gapcast.train.spec import DatasetSpec, load_spec
-    from gapcast.train.trainer import load_config, prepare_data
+    from gapcast.train.trainer import prepare_data
 
     spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset or "beijing")
     series = load_dataset(spec, data, list(opts.stations) or None)

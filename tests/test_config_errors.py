@@ -8,7 +8,7 @@ import pytest
 
 def test_training_config_errors_name_the_file(tmp_path):
     from gapcast.train import TrainError
-    from gapcast.train.trainer import load_config
+    from gapcast.train.config import load_config
 
     bad = tmp_path / "mine.toml"
     bad.write_text('[model]\nlookback = "4x"\n')

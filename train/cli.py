@@ -147,8 +147,9 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from gapcast.train.config import load_config
     from gapcast.train.spec import load_spec
-    from gapcast.train.trainer import load_config, train
+    from gapcast.train.trainer import train
 
     if args.threads:
         torch.set_num_threads(args.threads)

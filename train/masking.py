@@ -49,7 +49,7 @@ class MaskConfig:
             dataset spec, whole station).
 
     Block lengths are steps here; a training config writes them as durations (``max_block = "80h"``), converted
-    with the dataset's cadence (``gapcast.train.trainer.TrainConfig.from_dict``).
+    with the dataset's cadence (``gapcast.train.config.TrainConfig.from_dict``).
     """
 
     point_rate: float = 0.15

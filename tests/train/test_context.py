@@ -119,8 +119,8 @@ def test_context_sources_offset_by_hand():
 
 
 def test_config_key_sets_the_context_channels_from_the_spec():
+    from gapcast.train.config import TrainConfig
     from gapcast.train.spec import load_spec
-    from gapcast.train.trainer import TrainConfig
 
     spec = load_spec("beijing")
     cfg = TrainConfig.from_dict({"model": {"context": "neighbours", "context_group": next(iter(spec.groups))}}, spec)

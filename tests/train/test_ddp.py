@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from gapcast.train.trainer import default_config_path, load_config, train
+from gapcast.train.config import default_config_path, load_config
+from gapcast.train.trainer import train
 
 TINY = default_config_path().parent / "tiny.toml"
 WAIT_S = 240  # deadline for both ranks to report (the shared 2-core machine is slow to spawn torch twice)

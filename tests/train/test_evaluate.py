@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gapcast.train.config import default_config_path, load_config
 from gapcast.train.data import Normalizer
 from gapcast.train.evaluate import (
     EvalWindows,
@@ -20,7 +21,7 @@ from gapcast.train.evaluate import (
     evaluate_run,
     score_imputer,
 )
-from gapcast.train.trainer import default_config_path, load_config, train
+from gapcast.train.trainer import train
 
 L, H, C = 12, 4, 2
 

@@ -197,8 +197,9 @@ def test_causal_methods_never_read_after_the_gap_start_on_real_data(beijing_net)
 
 
 def test_evaluate_run_adds_the_network_section(beijing, tmp_path):
+    from gapcast.train.config import default_config_path, load_config
     from gapcast.train.evaluate import evaluate_run
-    from gapcast.train.trainer import default_config_path, load_config, train
+    from gapcast.train.trainer import train
 
     cfg = load_config(default_config_path().parent / "tiny.toml")
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=2, steps_per_epoch=2))

@@ -10,8 +10,9 @@ import torch
 
 from gapcast.train import TrainError
 from gapcast.train.checkpoint import load_checkpoint, read_checkpoint
+from gapcast.train.config import TrainConfig, default_config_path, dump_toml, load_config
 from gapcast.train.data import BEIJING_CHANNELS
-from gapcast.train.trainer import TrainConfig, default_config_path, dump_toml, load_config, train
+from gapcast.train.trainer import train
 
 TINY = default_config_path().parent / "tiny.toml"
 
