@@ -177,6 +177,113 @@ def _opset_of(model) -> int:
     raise ExportError(msg)
 
 
+def _example_inputs(batch: int, lookback: int, horizon: int, n_channels: int, n_calendar: int) -> tuple:
+    """Seeded example inputs for tracing: (values [B,L,C], observed [B,L,C] 0/1, calendar [B,L+H,F]), all float32
+    torch tensors, values zeroed where unobserved (about 20 % of entries). Raises nothing."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(batch, lookback, n_channels, generator=g)
+    observed = (torch.rand(batch, lookback, n_channels, generator=g) > 0.2).float()
+    values = values * observed
+    calendar = torch.randn(batch, lookback + horizon, n_calendar, generator=g)
+    return (values, observed, calendar)
+
+
+def _export_torchscript(model, args: tuple, opset: int):
+    """The TorchScript-based exporter (``dynamo=False``): writes ``opset`` directly, batch axis symbolic.
+
+    Returns:
+        The ``onnx.ModelProto``.
+
+    Raises:
+        Whatever torch raises (many unrelated types); :func:`export_onnx` reports it and tries the next exporter.
+    """
+    import onnx
+    import torch
+
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        args,
+        buf,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
+        dynamo=False,
+        do_constant_folding=True,
+        dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+    )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _export_dynamo(model, args: tuple, opset: int):
+    """The torch.export-based exporter (``dynamo=True``): writes opset 18, converted down here for a lower
+    ``opset`` (LayerNorm first decomposed below 17) instead of by torch's fallback converter.
+
+    Returns:
+        The ``onnx.ModelProto`` at ``opset`` (or 18 and above as written).
+
+    Raises:
+        Whatever torch or onnx's version converter raises; :func:`export_onnx` reports it and tries the next one.
+    """
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(
+        model,
+        args,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=max(opset, 18),
+        dynamo=True,
+        external_data=False,
+        dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+    )
+    proto = program.model_proto
+    if opset < 18:
+        from onnx import version_converter
+
+        if opset < 17:
+            decompose_layernorm(proto)
+        proto = version_converter.convert_version(proto, opset)
+    return proto
+
+
+def _run_exporter(name: str, model, args: tuple, opset: int):
+    """Run one exporter (``torchscript`` or ``dynamo``) under ``torch.no_grad``, its warnings logged at debug.
+
+    Returns:
+        The ``onnx.ModelProto``.
+
+    Raises:
+        Whatever the exporter raises (see :func:`_export_torchscript`, :func:`_export_dynamo`).
+    """
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proto = _export_torchscript(model, args, opset) if name == "torchscript" else _export_dynamo(model, args, opset)
+    for w in caught:
+        log.debug("%s exporter: %s", name, w.message)
+    return proto
+
+
+def _name_io_dims(proto, *, lookback: int, horizon: int, n_channels: int) -> None:
+    """In place: name the batch axis ``batch`` on every input and output whatever the exporter called it, and
+    state the fixed output dims (imputed [batch, L, C], forecast [batch, H, C]). Raises nothing."""
+    # The TorchScript exporter can leave output dims symbolic after a reshape with -1; check_onnx_file then runs
+    # the graph at another batch size to prove the declared shapes hold.
+    fixed = {"imputed": (lookback, n_channels), "forecast": (horizon, n_channels)}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+        if vi.name in fixed and len(dims) == 3:
+            for d, size in zip(dims[1:], fixed[vi.name], strict=True):
+                d.dim_value = size
+
+
 def export_onnx(
     model,
     path: str | Path,
@@ -209,7 +316,6 @@ def export_onnx(
         ExportError: every exporter failed, or the result has another opset than asked (the message says why).
     """
     import onnx
-    import torch
 
     if example_batch < 2:
         msg = f"example_batch must be >= 2 to prove the batch axis is symbolic, got {example_batch}"
@@ -219,55 +325,12 @@ def export_onnx(
         raise ExportError(msg)
     path = Path(path)
     model = model.eval()
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(example_batch, lookback, n_channels, generator=g)
-    observed = (torch.rand(example_batch, lookback, n_channels, generator=g) > 0.2).float()
-    values = values * observed
-    calendar = torch.randn(example_batch, lookback + horizon, n_calendar, generator=g)
-    args = (values, observed, calendar)
+    args = _example_inputs(example_batch, lookback, horizon, n_channels, n_calendar)
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors: list[str] = []
     for name in order:
         try:
-            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if name == "torchscript":
-                    buf = io.BytesIO()
-                    torch.onnx.export(
-                        model,
-                        args,
-                        buf,
-                        input_names=list(INPUT_NAMES),
-                        output_names=list(OUTPUT_NAMES),
-                        opset_version=opset,
-                        dynamo=False,
-                        do_constant_folding=True,
-                        dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
-                    )
-                    proto = onnx.load_from_string(buf.getvalue())
-                else:
-                    # This exporter writes opset 18 natively; lower opsets are converted here (LayerNorm first
-                    # decomposed when the target opset predates it) instead of by torch's fallback converter.
-                    batch = torch.export.Dim("batch", min=1, max=65536)
-                    program = torch.onnx.export(
-                        model,
-                        args,
-                        input_names=list(INPUT_NAMES),
-                        output_names=list(OUTPUT_NAMES),
-                        opset_version=max(opset, 18),
-                        dynamo=True,
-                        external_data=False,
-                        dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
-                    )
-                    proto = program.model_proto
-                    if opset < 18:
-                        from onnx import version_converter
-
-                        if opset < 17:
-                            decompose_layernorm(proto)
-                        proto = version_converter.convert_version(proto, opset)
-            for w in caught:
-                log.debug("%s exporter: %s", name, w.message)
+            proto = _run_exporter(name, model, args, opset)
         except Exception as exc:  # torch raises many unrelated types here; each is reported, then the next tried
             errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:400]}")
             log.warning("the %s ONNX exporter failed: %s", name, errors[-1])
@@ -277,17 +340,7 @@ def export_onnx(
             errors.append(f"{name}: wrote opset {got}, not the {opset} asked for")
             log.warning("the %s ONNX exporter wrote opset %d instead of %d", name, got, opset)
             continue
-        # Name the batch axis "batch" on every input and output whatever the exporter called it, and state the
-        # fixed output dims (the TorchScript exporter can leave them symbolic after a reshape with -1);
-        # check_onnx_file then runs the graph at another batch size to prove the declared shapes hold.
-        fixed = {"imputed": (lookback, n_channels), "forecast": (horizon, n_channels)}
-        for vi in list(proto.graph.input) + list(proto.graph.output):
-            dims = vi.type.tensor_type.shape.dim
-            if not dims[0].HasField("dim_value"):
-                dims[0].dim_param = "batch"
-            if vi.name in fixed and len(dims) == 3:
-                for d, size in zip(dims[1:], fixed[vi.name], strict=True):
-                    d.dim_value = size
+        _name_io_dims(proto, lookback=lookback, horizon=horizon, n_channels=n_channels)
         proto.producer_name = "gapcast"
         onnx.save_model(proto, str(path), save_as_external_data=False)
         return name
