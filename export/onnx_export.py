@@ -423,31 +423,18 @@ class OnnxCheck:
     bytes: int
 
 
-def check_onnx_file(
-    path: str | Path,
-    target: ExportTarget,
-    *,
-    opset: int,
-    lookback: int,
-    horizon: int,
-    n_channels: int,
-    n_calendar: int,
-    what: str | None = None,
-) -> OnnxCheck:
-    """Every check an exported file must pass before it enters a bundle.
+def _load_checked(path: Path, what: str, opset: int):
+    """``onnx.checker`` full check (with shape inference), then the file's opset and self-containedness.
 
-    ``onnx.checker`` full check (with shape inference), the opset asked for, inputs/outputs named and shaped per
-    the bundle contract with a symbolic batch axis and fixed L/H/C/F, all weights inside the file (no external data),
-    onnxruntime loads it, and every operator in the target's list.
+    Returns:
+        (the ``onnx.ModelProto`` loaded without external data, its ai.onnx opset).
 
     Raises:
-        ExportError: the first failing check, naming the file.
+        ExportError: the checker fails, the opset is not ``opset``, or an initializer is stored as external data.
     """
     import onnx
     import onnx.checker
 
-    path = Path(path)
-    what = what or path.name
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -462,6 +449,18 @@ def check_onnx_file(
         if init.data_location == onnx.TensorProto.EXTERNAL:
             msg = f"{what}: initializer {init.name!r} is stored as external data; bundles hold one self-contained file"
             raise ExportError(msg)
+    return model, got
+
+
+def _check_io(model, what: str, *, lookback: int, horizon: int, n_channels: int, n_calendar: int) -> None:
+    """The bundle contract on the graph's inputs and outputs: values/observed [batch, L, C], calendar
+    [batch, L+H, F], imputed [batch, L, C], forecast [batch, H, C], all float32, batch symbolic, the rest fixed.
+
+    Raises:
+        ExportError: a name missing or extra, another element type, a fixed batch axis, or other trailing dims.
+    """
+    import onnx
+
     want_in = {
         "values": [lookback, n_channels],
         "observed": [lookback, n_channels],
@@ -485,13 +484,20 @@ def check_onnx_file(
             if fixed != want[vi.name]:
                 msg = f"{what}: {kind} {vi.name} has trailing dims {fixed}, expected fixed {want[vi.name]}"
                 raise ExportError(msg)
-    ops = check_ops(model, target, what=what)
+
+
+def _check_runs(path: Path, what: str, *, lookback: int, horizon: int, n_channels: int, n_calendar: int) -> None:
+    """onnxruntime loads the file and runs it on zeros at batch 3, a size the exporter never saw (a batch baked
+    into a Reshape fails here); the outputs must be imputed [3, L, C] and forecast [3, H, C].
+
+    Raises:
+        ExportError: onnxruntime cannot load or run it, or the outputs have other shapes.
+    """
     try:
         sess = make_session(path, threads=1)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
         msg = f"{what}: onnxruntime cannot load it: {exc}"
         raise ExportError(msg) from exc
-    # Run it at a batch size the exporter never saw (3): a batch baked into a Reshape fails here.
     b = 3
     zeros = np.zeros((b, lookback, n_channels), dtype=np.float32)
     cal = np.zeros((b, lookback + horizon, n_calendar), dtype=np.float32)
@@ -503,6 +509,35 @@ def check_onnx_file(
     if imp.shape != (b, lookback, n_channels) or fc.shape != (b, horizon, n_channels):
         msg = f"{what}: at batch {b} the outputs have shapes {imp.shape} and {fc.shape}"
         raise ExportError(msg)
+
+
+def check_onnx_file(
+    path: str | Path,
+    target: ExportTarget,
+    *,
+    opset: int,
+    lookback: int,
+    horizon: int,
+    n_channels: int,
+    n_calendar: int,
+    what: str | None = None,
+) -> OnnxCheck:
+    """Every check an exported file must pass before it enters a bundle.
+
+    ``onnx.checker`` full check (with shape inference), the opset asked for, inputs/outputs named and shaped per
+    the bundle contract with a symbolic batch axis and fixed L/H/C/F, all weights inside the file (no external data),
+    onnxruntime loads it, and every operator in the target's list.
+
+    Raises:
+        ExportError: the first failing check, naming the file.
+    """
+    path = Path(path)
+    what = what or path.name
+    dims = {"lookback": lookback, "horizon": horizon, "n_channels": n_channels, "n_calendar": n_calendar}
+    model, got = _load_checked(path, what, opset)
+    _check_io(model, what, **dims)
+    ops = check_ops(model, target, what=what)
+    _check_runs(path, what, **dims)
     return OnnxCheck(opset=got, ops=tuple(sorted(ops)), bytes=path.stat().st_size)
 
 
