@@ -2,7 +2,7 @@
 
 (Over 600 lines on purpose: the export stages share one context (run, spec, windows, golden
 outputs) and run in one order; splitting them would pass that state through modules. The INT8 variants and
-their accuracy gate live in export/int8.py.)
+their accuracy gate live in export/int8.py, the real windows (loading, outage copies) in export/windows.py.)
 
 Steps, each one a check that stops the export with a clear :class:`ExportError` when it fails:
 
@@ -36,6 +36,16 @@ import tomllib
 from tqdm import tqdm
 
 from gapcast.export import ExportError
+from gapcast.export.windows import (  # re-exported: callers import the window types from here
+    OUTAGE,  # noqa: F401  (kept importable from here)
+    OUTAGE_STEPS,  # noqa: F401  (kept importable from here)
+    WindowData,
+    _parity_windows,
+    _ParityWindows,
+    _past,
+    load_run_windows,
+    special_windows,
+)
 
 __all__ = [
     "FP32_FILE",
@@ -59,8 +69,6 @@ FP32_FILE = "model.onnx"
 INT8_QDQ_FILE = "model.int8.qdq.onnx"
 INT8_CPU_FILE = "model.int8.cpu.onnx"
 GOLDEN_FILE = "golden.npz"
-OUTAGE = "72h"  # the outage of the parity and golden windows (a duration: steps of the run's cadence)
-OUTAGE_STEPS = 72  # the same at hourly cadence (kept for callers of special_windows)
 
 
 @dataclass(frozen=True)
@@ -159,24 +167,6 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class WindowData:
-    """Real windows for calibration (training months) and for parity, gate and golden (validation months).
-
-    Each is a tuple (values [N, L+H, C] float32 normalised with 0 where unobserved, observed [N, L+H, C] float32 0/1,
-    calendar [N, L+H, F] float32).
-
-    Attributes:
-        train: calibration windows.
-        val: validation windows.
-        source: where they come from (recorded in the card).
-    """
-
-    train: tuple[np.ndarray, np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray, np.ndarray]
-    source: str
-
-
-@dataclass(frozen=True)
 class ExportResult:
     """A finished export.
 
@@ -189,43 +179,6 @@ class ExportResult:
     path: Path
     card: dict[str, Any]
     signed: bool
-
-
-def special_windows(
-    values: np.ndarray, observed: np.ndarray, lookback: int, *, outage_steps: int = OUTAGE_STEPS, channel: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Copies of windows with a contiguous all-channel outage and with one channel missing for the whole past.
-
-    Args:
-        values: [N, L+H, C] float32 normalised, 0 where unobserved.
-        observed: [N, L+H, C] float32 0/1.
-        lookback: L.
-        outage_steps: outage length, steps (clipped to L - 1 so one step stays observed).
-        channel: the channel removed in the second set.
-
-    Returns:
-        (values_outage, observed_outage, values_missing_channel, observed_missing_channel), same shapes as the
-        inputs; the outage ends ``(L - outage)//2`` steps before the window's present, as a real gap would.
-    """
-    n = min(outage_steps, lookback - 1)
-    start = (lookback - n) // 2
-    o1 = observed.copy()
-    o1[:, start : start + n, :] = 0.0
-    o2 = observed.copy()
-    o2[:, :lookback, channel] = 0.0
-    return values * o1, o1, values * o2, o2
-
-
-def _sample(arrays: tuple[np.ndarray, ...], n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    count = len(arrays[0])
-    idx = np.sort(rng.choice(count, size=min(n, count), replace=False))
-    return tuple(a[idx] for a in arrays)
-
-
-def _past(values: np.ndarray, observed: np.ndarray, lookback: int) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs from full windows: the past L steps, values zeroed where unobserved."""
-    o = observed[:, :lookback].astype(np.float32)
-    return (values[:, :lookback] * o).astype(np.float32), o
 
 
 def _versions() -> dict[str, str]:
@@ -354,41 +307,6 @@ def _stage_fp32(model, work: Path, target, opset: int, opts: ExportOptions, dims
     check = check_onnx_file(fp32, target, opset=opset, **dims)
     log.info("exported %s (%s exporter, opset %d, %d bytes)", FP32_FILE, exporter, opset, check.bytes)
     return exporter, check
-
-
-@dataclass(frozen=True)
-class _ParityWindows:
-    """The parity and golden windows: real validation windows and k of them with a 72 h outage / channel 0 missing.
-
-    Attributes:
-        real: (values [N, L+H, C] float32 normalised, 0 where unobserved; observed [N, L+H, C] 0/1; calendar
-            [N, L+H, F]).
-        outage: (values, observed) [k, L+H, C] of the first k real windows with the outage.
-        missing: (values, observed) [k, L+H, C] of the first k real windows without channel 0 in the past.
-    """
-
-    real: tuple[np.ndarray, np.ndarray, np.ndarray]
-    outage: tuple[np.ndarray, np.ndarray]
-    missing: tuple[np.ndarray, np.ndarray]
-
-    @property
-    def k(self) -> int:
-        return len(self.outage[0])
-
-
-def _parity_windows(data: WindowData, spec: ModelSpec, opts: ExportOptions, rng: np.random.Generator) -> _ParityWindows:
-    """``opts.parity_windows`` real validation windows drawn with ``rng``, and k = min(8, N) copies each with a
-    72 h outage (half the lookback when the cadence does not divide 72 h) and with channel 0 missing. Raises nothing."""
-    from gapcast.duration import DurationError, steps_of
-
-    pv, po, pc = _sample(data.val, opts.parity_windows, rng)
-    k = max(1, min(8, len(pv)))
-    try:
-        outage_steps = steps_of(OUTAGE, spec.cadence_s, key="parity outage")
-    except DurationError:  # a cadence that does not divide 72 h: half the window instead
-        outage_steps = spec.lookback // 2
-    v72, o72, vmc, omc = special_windows(pv[:k], po[:k], spec.lookback, outage_steps=outage_steps)
-    return _ParityWindows(real=(pv, po, pc), outage=(v72, o72), missing=(vmc, omc))
 
 
 def _stage_parity(model, fp32: Path, win: _ParityWindows, spec: ModelSpec, opts: ExportOptions) -> dict[str, Any]:
@@ -660,92 +578,6 @@ def _channels_from_meta(meta: dict[str, Any]) -> list[dict[str, Any]]:
             msg = f"channel {i} in the checkpoint is incomplete: {exc}"
             raise ExportError(msg) from exc
     return out
-
-
-def load_run_windows(
-    meta: dict[str, Any],
-    run_config: dict[str, Any],
-    *,
-    data_root: str | os.PathLike | None = None,
-    stations: list[str] | None = None,
-    stride: int | None = None,
-    dataset=None,
-) -> WindowData:
-    """Real windows of the run's own dataset: training range (calibration) and validation range (parity, gate,
-    golden).
-
-    Uses the dataset spec the checkpoint carries (or ``dataset``), the run's stations (``[data] stations`` in its
-    config, empty = all), the checkpoint's normaliser, the spec's split, windows every ``stride`` steps (default:
-    one day) whose past is at least half observed.
-
-    Raises:
-        ExportError: the data cannot be loaded or yields no windows.
-    """
-    from gapcast import GapcastError
-    from gapcast.duration import steps_of
-    from gapcast.train.data import Normalizer, make_windows
-    from gapcast.train.evaluate import spec_of_run
-    from gapcast.train.loader import load_dataset, split_indices
-
-    cfg = meta["config"]
-    L, H = int(cfg["lookback"]), int(cfg["horizon"])
-    data_cfg = run_config.get("data", {}) if isinstance(run_config, dict) else {}
-    wanted = stations or list(data_cfg.get("stations") or []) or None
-    try:
-        spec = spec_of_run(meta, dataset)
-        series = load_dataset(spec, data_root, wanted)
-    except GapcastError as exc:
-        msg = f"cannot load the real windows for calibration and parity: {exc}"
-        raise ExportError(msg) from exc
-    stride = stride or steps_of("1d", spec.cadence_s, key="stride")
-    norm = Normalizer.from_dict(meta["normalizer"])
-    utc = int(meta.get("utc_offset_s", 0))
-    parts: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
-    for s in series.values():
-        sp = split_indices(spec, s)
-        for name, sl in (("train", sp.train), ("val", sp.val)):
-            parts[name][0].append(norm.transform(s.values[sl]))
-            parts[name][1].append(s.epoch_s[sl])
-    out = {}
-    cspec = None
-    if meta.get("context"):
-        from gapcast.neighbours import ContextSpec
-
-        cspec = ContextSpec.from_dict(meta["context"])
-        absent = sorted(set(cspec.stations) - set(series))
-        if absent:
-            msg = f"the context model's neighbours {absent} are not in the loaded data: cannot build its context"
-            raise ExportError(msg)
-    for name, (vals, epochs) in parts.items():
-        ws = make_windows(
-            vals, epochs, lookback=L, horizon=H, stride=stride, min_observed=0.5, utc_offset_s=utc,
-            station_names=list(series), timezone=spec.timezone,
-        )
-        if len(ws) == 0:
-            msg = f"no {name} windows with at least half the past observed"
-            raise ExportError(msg)
-        out[name] = ws.batch(range(len(ws)))
-        if cspec is not None:  # context columns C..C+G-1: the other stations at the same steps, none in the future
-            from gapcast.train.context import series_context
-
-            names = list(series)
-            unknown = sorted(set(names) - set(cspec.stations))
-            if unknown:
-                msg = f"stations {unknown} have no context in the model's spec"
-                raise ExportError(msg)
-            ctx = series_context(cspec, [vals[names.index(n)] for n in cspec.stations],
-                                 [epochs[names.index(n)] for n in cspec.stations])
-            series_ctx = type(ctx)([ctx.values[cspec.stations.index(n)] for n in names])
-            cv, co = series_ctx.batch(ws.starts, L + H)
-            cv[:, L:], co[:, L:] = 0.0, 0.0
-            v, o, c = out[name]
-            out[name] = (np.concatenate([v, cv], axis=-1), np.concatenate([o, co], axis=-1), c)
-    source = (
-        f"{spec.name}, stations {sorted(series)}, the spec's split; calibration from the training range, "
-        f"parity/gate/golden from the validation range; windows every {stride} steps with >= 50 % of the past "
-        "observed"
-    )
-    return WindowData(train=out["train"], val=out["val"], source=source)
 
 
 def export_run(
