@@ -645,6 +645,64 @@ def export_run(
     )
 
 
+def _interpolation_history(dataset, data_root, lookback: str, horizon: str) -> tuple[Any, int, int, dict, Any]:
+    """The dataset spec, L and H in steps, the stations' history and the normaliser fitted on its training range.
+
+    Returns:
+        (:class:`~gapcast.train.spec.DatasetSpec`, L, H, ``{station: series}``, :class:`~gapcast.train.data.Normalizer`
+        with per-channel mean/std [C] in physical units).
+
+    Raises:
+        ExportError: the spec or data cannot be loaded, or a duration is not a multiple of the cadence.
+    """
+    from gapcast import GapcastError
+    from gapcast.duration import steps_of
+    from gapcast.train.data import Normalizer
+    from gapcast.train.loader import load_dataset, split_indices
+    from gapcast.train.spec import DatasetSpec, load_spec
+
+    try:
+        spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
+        L = steps_of(lookback, spec.cadence_s, key="--lookback")
+        H = steps_of(horizon, spec.cadence_s, key="--horizon")
+        series = load_dataset(spec, data_root)
+        norm = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
+    except GapcastError as exc:
+        msg = f"cannot build the interpolation bundle: {exc}"
+        raise ExportError(msg) from exc
+    return spec, L, H, series, norm
+
+
+def _interpolation_card(spec, L: int, H: int, series: dict, norm, *, model_name: str, model_version: int,
+                        signature: dict[str, Any]) -> dict[str, Any]:
+    """The card of an interpolation-only bundle: no variants (``fp32`` excluded with the reason), the spec's
+    channels with ``norm``'s mean/std, L and H in steps (key order as written). Raises nothing."""
+    from gapcast.calendar import CALENDAR_FEATURES
+    from gapcast.export.card import channel_entries, io_entries, rfc3339_now
+
+    mcs = spec.model_channels
+    inputs, outputs = io_entries(L, H, len(mcs), len(CALENDAR_FEATURES))
+    calendar: dict[str, Any] = {"features": list(CALENDAR_FEATURES), "utc_offset_s": spec.utc_offset_s,
+                                "timezone": spec.timezone}
+    return {
+        "model": {"name": model_name, "version": int(model_version), "kind": "interpolation", "config": {}},
+        "created": rfc3339_now(),
+        "channels": channel_entries([c.name for c in mcs], [c.unit for c in mcs], [c.valid_min for c in mcs],
+                                    [c.valid_max for c in mcs], norm.mean.tolist(), norm.std.tolist()),
+        "cadence_s": spec.cadence_s,
+        "lookback": L,
+        "horizon": H,
+        "calendar": calendar,
+        "inputs": inputs,
+        "outputs": outputs,
+        "variants": {},
+        "excluded_variants": {"fp32": "interpolation-only bundle: no trained model yet"},
+        "dataset": spec.to_dict(),
+        "export": {"data": f"{spec.name}: normalisation fitted on the training range of {sorted(series)}"},
+        "signature": signature,
+    }
+
+
 def export_interpolation_only(
     dataset,
     out: str | Path,
@@ -678,59 +736,11 @@ def export_interpolation_only(
     Raises:
         ExportError: the data cannot be loaded, a duration is not a multiple of the cadence, ``out`` exists.
     """
-    from gapcast import GapcastError
-    from gapcast.calendar import CALENDAR_FEATURES
-    from gapcast.duration import steps_of
-    from gapcast.export.card import channel_entries, io_entries, rfc3339_now
-    from gapcast.train.data import Normalizer
-    from gapcast.train.loader import load_dataset, split_indices
-    from gapcast.train.spec import DatasetSpec, load_spec
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        msg = f"{out} exists and is not empty; pass --overwrite to replace it"
-        raise ExportError(msg)
-    try:
-        spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
-        L = steps_of(lookback, spec.cadence_s, key="--lookback")
-        H = steps_of(horizon, spec.cadence_s, key="--horizon")
-        series = load_dataset(spec, data_root)
-        norm = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
-    except GapcastError as exc:
-        msg = f"cannot build the interpolation bundle: {exc}"
-        raise ExportError(msg) from exc
-    mcs = spec.model_channels
-    inputs, outputs = io_entries(L, H, len(mcs), len(CALENDAR_FEATURES))
-    public_hex = None
-    if sign_key is not None:
-        from gapcast.export.keys import load_private_key, public_key_hex
-
-        sign_key = sign_key if hasattr(sign_key, "sign") else load_private_key(sign_key)
-        public_hex = public_key_hex(sign_key)
-    calendar: dict[str, Any] = {"features": list(CALENDAR_FEATURES), "utc_offset_s": spec.utc_offset_s,
-                                "timezone": spec.timezone}
-    card: dict[str, Any] = {
-        "model": {"name": model_name, "version": int(model_version), "kind": "interpolation", "config": {}},
-        "created": rfc3339_now(),
-        "channels": channel_entries([c.name for c in mcs], [c.unit for c in mcs], [c.valid_min for c in mcs],
-                                    [c.valid_max for c in mcs], norm.mean.tolist(), norm.std.tolist()),
-        "cadence_s": spec.cadence_s,
-        "lookback": L,
-        "horizon": H,
-        "calendar": calendar,
-        "inputs": inputs,
-        "outputs": outputs,
-        "variants": {},
-        "excluded_variants": {"fp32": "interpolation-only bundle: no trained model yet"},
-        "dataset": spec.to_dict(),
-        "export": {"data": f"{spec.name}: normalisation fitted on the training range of {sorted(series)}"},
-        "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        written = _sign_verify_publish(work, out, card, sign_key, public_hex)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    out = _check_out(out, overwrite)
+    spec, L, H, series, norm = _interpolation_history(dataset, data_root, lookback, horizon)
+    sign_key, signature = _signing(sign_key)
+    card = _interpolation_card(spec, L, H, series, norm, model_name=model_name, model_version=model_version,
+                               signature=signature)
+    with _staging(out) as work:
+        written = _sign_verify_publish(work, out, card, sign_key, signature["public_key_hex"])
     return ExportResult(path=out, card=written, signed=sign_key is not None)
