@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gapcast.export.pipeline import FP32_FILE, INT8_CPU_FILE, INT8_QDQ_FILE, _past, _sample
+from gapcast.export.pipeline import FP32_FILE, INT8_CPU_FILE, INT8_QDQ_FILE
+from gapcast.export.windows import _past, _sample
 
 if TYPE_CHECKING:
     from gapcast.export.pipeline import ExportOptions, WindowData

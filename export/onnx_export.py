@@ -16,6 +16,9 @@ The graph has a symbolic batch axis and fixed lookback L and horizon H. Export u
 exporter (``dynamo=True``) is the fallback: it writes opset 18, converted down here for lower opsets (for 16 after
 :func:`decompose_layernorm`, since LayerNormalization has no earlier version). Either way the result is checked: ``onnx.checker`` full check, the opset asked for, a symbolic batch
 axis, no external data, onnxruntime loads it, and every operator is in the target's list (DFT/STFT never).
+
+(Over 600 lines on purpose: the targets, the two exporters and the checks every exported file passes are one
+contract; its stage functions stay short and beside the checks that judge their output.)
 """
 
 from __future__ import annotations
@@ -177,6 +180,113 @@ def _opset_of(model) -> int:
     raise ExportError(msg)
 
 
+def _example_inputs(batch: int, lookback: int, horizon: int, n_channels: int, n_calendar: int) -> tuple:
+    """Seeded example inputs for tracing: (values [B,L,C], observed [B,L,C] 0/1, calendar [B,L+H,F]), all float32
+    torch tensors, values zeroed where unobserved (about 20 % of entries). Raises nothing."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(batch, lookback, n_channels, generator=g)
+    observed = (torch.rand(batch, lookback, n_channels, generator=g) > 0.2).float()
+    values = values * observed
+    calendar = torch.randn(batch, lookback + horizon, n_calendar, generator=g)
+    return (values, observed, calendar)
+
+
+def _export_torchscript(model, args: tuple, opset: int):
+    """The TorchScript-based exporter (``dynamo=False``): writes ``opset`` directly, batch axis symbolic.
+
+    Returns:
+        The ``onnx.ModelProto``.
+
+    Raises:
+        Whatever torch raises (many unrelated types); :func:`export_onnx` reports it and tries the next exporter.
+    """
+    import onnx
+    import torch
+
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        args,
+        buf,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
+        dynamo=False,
+        do_constant_folding=True,
+        dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+    )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _export_dynamo(model, args: tuple, opset: int):
+    """The torch.export-based exporter (``dynamo=True``): writes opset 18, converted down here for a lower
+    ``opset`` (LayerNorm first decomposed below 17) instead of by torch's fallback converter.
+
+    Returns:
+        The ``onnx.ModelProto`` at ``opset`` (or 18 and above as written).
+
+    Raises:
+        Whatever torch or onnx's version converter raises; :func:`export_onnx` reports it and tries the next one.
+    """
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(
+        model,
+        args,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=max(opset, 18),
+        dynamo=True,
+        external_data=False,
+        dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+    )
+    proto = program.model_proto
+    if opset < 18:
+        from onnx import version_converter
+
+        if opset < 17:
+            decompose_layernorm(proto)
+        proto = version_converter.convert_version(proto, opset)
+    return proto
+
+
+def _run_exporter(name: str, model, args: tuple, opset: int):
+    """Run one exporter (``torchscript`` or ``dynamo``) under ``torch.no_grad``, its warnings logged at debug.
+
+    Returns:
+        The ``onnx.ModelProto``.
+
+    Raises:
+        Whatever the exporter raises (see :func:`_export_torchscript`, :func:`_export_dynamo`).
+    """
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proto = _export_torchscript(model, args, opset) if name == "torchscript" else _export_dynamo(model, args, opset)
+    for w in caught:
+        log.debug("%s exporter: %s", name, w.message)
+    return proto
+
+
+def _name_io_dims(proto, *, lookback: int, horizon: int, n_channels: int) -> None:
+    """In place: name the batch axis ``batch`` on every input and output whatever the exporter called it, and
+    state the fixed output dims (imputed [batch, L, C], forecast [batch, H, C]). Raises nothing."""
+    # The TorchScript exporter can leave output dims symbolic after a reshape with -1; check_onnx_file then runs
+    # the graph at another batch size to prove the declared shapes hold.
+    fixed = {"imputed": (lookback, n_channels), "forecast": (horizon, n_channels)}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+        if vi.name in fixed and len(dims) == 3:
+            for d, size in zip(dims[1:], fixed[vi.name], strict=True):
+                d.dim_value = size
+
+
 def export_onnx(
     model,
     path: str | Path,
@@ -209,7 +319,6 @@ def export_onnx(
         ExportError: every exporter failed, or the result has another opset than asked (the message says why).
     """
     import onnx
-    import torch
 
     if example_batch < 2:
         msg = f"example_batch must be >= 2 to prove the batch axis is symbolic, got {example_batch}"
@@ -219,55 +328,12 @@ def export_onnx(
         raise ExportError(msg)
     path = Path(path)
     model = model.eval()
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(example_batch, lookback, n_channels, generator=g)
-    observed = (torch.rand(example_batch, lookback, n_channels, generator=g) > 0.2).float()
-    values = values * observed
-    calendar = torch.randn(example_batch, lookback + horizon, n_calendar, generator=g)
-    args = (values, observed, calendar)
+    args = _example_inputs(example_batch, lookback, horizon, n_channels, n_calendar)
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors: list[str] = []
     for name in order:
         try:
-            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if name == "torchscript":
-                    buf = io.BytesIO()
-                    torch.onnx.export(
-                        model,
-                        args,
-                        buf,
-                        input_names=list(INPUT_NAMES),
-                        output_names=list(OUTPUT_NAMES),
-                        opset_version=opset,
-                        dynamo=False,
-                        do_constant_folding=True,
-                        dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
-                    )
-                    proto = onnx.load_from_string(buf.getvalue())
-                else:
-                    # This exporter writes opset 18 natively; lower opsets are converted here (LayerNorm first
-                    # decomposed when the target opset predates it) instead of by torch's fallback converter.
-                    batch = torch.export.Dim("batch", min=1, max=65536)
-                    program = torch.onnx.export(
-                        model,
-                        args,
-                        input_names=list(INPUT_NAMES),
-                        output_names=list(OUTPUT_NAMES),
-                        opset_version=max(opset, 18),
-                        dynamo=True,
-                        external_data=False,
-                        dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
-                    )
-                    proto = program.model_proto
-                    if opset < 18:
-                        from onnx import version_converter
-
-                        if opset < 17:
-                            decompose_layernorm(proto)
-                        proto = version_converter.convert_version(proto, opset)
-            for w in caught:
-                log.debug("%s exporter: %s", name, w.message)
+            proto = _run_exporter(name, model, args, opset)
         except Exception as exc:  # torch raises many unrelated types here; each is reported, then the next tried
             errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:400]}")
             log.warning("the %s ONNX exporter failed: %s", name, errors[-1])
@@ -277,17 +343,7 @@ def export_onnx(
             errors.append(f"{name}: wrote opset {got}, not the {opset} asked for")
             log.warning("the %s ONNX exporter wrote opset %d instead of %d", name, got, opset)
             continue
-        # Name the batch axis "batch" on every input and output whatever the exporter called it, and state the
-        # fixed output dims (the TorchScript exporter can leave them symbolic after a reshape with -1);
-        # check_onnx_file then runs the graph at another batch size to prove the declared shapes hold.
-        fixed = {"imputed": (lookback, n_channels), "forecast": (horizon, n_channels)}
-        for vi in list(proto.graph.input) + list(proto.graph.output):
-            dims = vi.type.tensor_type.shape.dim
-            if not dims[0].HasField("dim_value"):
-                dims[0].dim_param = "batch"
-            if vi.name in fixed and len(dims) == 3:
-                for d, size in zip(dims[1:], fixed[vi.name], strict=True):
-                    d.dim_value = size
+        _name_io_dims(proto, lookback=lookback, horizon=horizon, n_channels=n_channels)
         proto.producer_name = "gapcast"
         onnx.save_model(proto, str(path), save_as_external_data=False)
         return name
@@ -370,31 +426,18 @@ class OnnxCheck:
     bytes: int
 
 
-def check_onnx_file(
-    path: str | Path,
-    target: ExportTarget,
-    *,
-    opset: int,
-    lookback: int,
-    horizon: int,
-    n_channels: int,
-    n_calendar: int,
-    what: str | None = None,
-) -> OnnxCheck:
-    """Every check an exported file must pass before it enters a bundle.
+def _load_checked(path: Path, what: str, opset: int):
+    """``onnx.checker`` full check (with shape inference), then the file's opset and self-containedness.
 
-    ``onnx.checker`` full check (with shape inference), the opset asked for, inputs/outputs named and shaped per
-    the bundle contract with a symbolic batch axis and fixed L/H/C/F, all weights inside the file (no external data),
-    onnxruntime loads it, and every operator in the target's list.
+    Returns:
+        (the ``onnx.ModelProto`` loaded without external data, its ai.onnx opset).
 
     Raises:
-        ExportError: the first failing check, naming the file.
+        ExportError: the checker fails, the opset is not ``opset``, or an initializer is stored as external data.
     """
     import onnx
     import onnx.checker
 
-    path = Path(path)
-    what = what or path.name
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -409,6 +452,18 @@ def check_onnx_file(
         if init.data_location == onnx.TensorProto.EXTERNAL:
             msg = f"{what}: initializer {init.name!r} is stored as external data; bundles hold one self-contained file"
             raise ExportError(msg)
+    return model, got
+
+
+def _check_io(model, what: str, *, lookback: int, horizon: int, n_channels: int, n_calendar: int) -> None:
+    """The bundle contract on the graph's inputs and outputs: values/observed [batch, L, C], calendar
+    [batch, L+H, F], imputed [batch, L, C], forecast [batch, H, C], all float32, batch symbolic, the rest fixed.
+
+    Raises:
+        ExportError: a name missing or extra, another element type, a fixed batch axis, or other trailing dims.
+    """
+    import onnx
+
     want_in = {
         "values": [lookback, n_channels],
         "observed": [lookback, n_channels],
@@ -432,13 +487,20 @@ def check_onnx_file(
             if fixed != want[vi.name]:
                 msg = f"{what}: {kind} {vi.name} has trailing dims {fixed}, expected fixed {want[vi.name]}"
                 raise ExportError(msg)
-    ops = check_ops(model, target, what=what)
+
+
+def _check_runs(path: Path, what: str, *, lookback: int, horizon: int, n_channels: int, n_calendar: int) -> None:
+    """onnxruntime loads the file and runs it on zeros at batch 3, a size the exporter never saw (a batch baked
+    into a Reshape fails here); the outputs must be imputed [3, L, C] and forecast [3, H, C].
+
+    Raises:
+        ExportError: onnxruntime cannot load or run it, or the outputs have other shapes.
+    """
     try:
         sess = make_session(path, threads=1)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
         msg = f"{what}: onnxruntime cannot load it: {exc}"
         raise ExportError(msg) from exc
-    # Run it at a batch size the exporter never saw (3): a batch baked into a Reshape fails here.
     b = 3
     zeros = np.zeros((b, lookback, n_channels), dtype=np.float32)
     cal = np.zeros((b, lookback + horizon, n_calendar), dtype=np.float32)
@@ -450,6 +512,35 @@ def check_onnx_file(
     if imp.shape != (b, lookback, n_channels) or fc.shape != (b, horizon, n_channels):
         msg = f"{what}: at batch {b} the outputs have shapes {imp.shape} and {fc.shape}"
         raise ExportError(msg)
+
+
+def check_onnx_file(
+    path: str | Path,
+    target: ExportTarget,
+    *,
+    opset: int,
+    lookback: int,
+    horizon: int,
+    n_channels: int,
+    n_calendar: int,
+    what: str | None = None,
+) -> OnnxCheck:
+    """Every check an exported file must pass before it enters a bundle.
+
+    ``onnx.checker`` full check (with shape inference), the opset asked for, inputs/outputs named and shaped per
+    the bundle contract with a symbolic batch axis and fixed L/H/C/F, all weights inside the file (no external data),
+    onnxruntime loads it, and every operator in the target's list.
+
+    Raises:
+        ExportError: the first failing check, naming the file.
+    """
+    path = Path(path)
+    what = what or path.name
+    dims = {"lookback": lookback, "horizon": horizon, "n_channels": n_channels, "n_calendar": n_calendar}
+    model, got = _load_checked(path, what, opset)
+    _check_io(model, what, **dims)
+    ops = check_ops(model, target, what=what)
+    _check_runs(path, what, **dims)
     return OnnxCheck(opset=got, ops=tuple(sorted(ops)), bytes=path.stat().st_size)
 
 

@@ -2,7 +2,7 @@
 
 (Over 600 lines on purpose: the export stages share one context (run, spec, windows, golden
 outputs) and run in one order; splitting them would pass that state through modules. The INT8 variants and
-their accuracy gate live in export/int8.py.)
+their accuracy gate live in export/int8.py, the real windows (loading, outage copies) in export/windows.py.)
 
 Steps, each one a check that stops the export with a clear :class:`ExportError` when it fails:
 
@@ -25,6 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,16 @@ import tomllib
 from tqdm import tqdm
 
 from gapcast.export import ExportError
+from gapcast.export.windows import (  # re-exported: callers import the window types from here
+    OUTAGE,  # noqa: F401  (kept importable from here)
+    OUTAGE_STEPS,  # noqa: F401  (kept importable from here)
+    WindowData,
+    _parity_windows,
+    _ParityWindows,
+    _past,
+    load_run_windows,
+    special_windows,
+)
 
 __all__ = [
     "FP32_FILE",
@@ -57,8 +69,6 @@ FP32_FILE = "model.onnx"
 INT8_QDQ_FILE = "model.int8.qdq.onnx"
 INT8_CPU_FILE = "model.int8.cpu.onnx"
 GOLDEN_FILE = "golden.npz"
-OUTAGE = "72h"  # the outage of the parity and golden windows (a duration: steps of the run's cadence)
-OUTAGE_STEPS = 72  # the same at hourly cadence (kept for callers of special_windows)
 
 
 @dataclass(frozen=True)
@@ -157,24 +167,6 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class WindowData:
-    """Real windows for calibration (training months) and for parity, gate and golden (validation months).
-
-    Each is a tuple (values [N, L+H, C] float32 normalised with 0 where unobserved, observed [N, L+H, C] float32 0/1,
-    calendar [N, L+H, F] float32).
-
-    Attributes:
-        train: calibration windows.
-        val: validation windows.
-        source: where they come from (recorded in the card).
-    """
-
-    train: tuple[np.ndarray, np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray, np.ndarray]
-    source: str
-
-
-@dataclass(frozen=True)
 class ExportResult:
     """A finished export.
 
@@ -189,43 +181,6 @@ class ExportResult:
     signed: bool
 
 
-def special_windows(
-    values: np.ndarray, observed: np.ndarray, lookback: int, *, outage_steps: int = OUTAGE_STEPS, channel: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Copies of windows with a contiguous all-channel outage and with one channel missing for the whole past.
-
-    Args:
-        values: [N, L+H, C] float32 normalised, 0 where unobserved.
-        observed: [N, L+H, C] float32 0/1.
-        lookback: L.
-        outage_steps: outage length, steps (clipped to L - 1 so one step stays observed).
-        channel: the channel removed in the second set.
-
-    Returns:
-        (values_outage, observed_outage, values_missing_channel, observed_missing_channel), same shapes as the
-        inputs; the outage ends ``(L - outage)//2`` steps before the window's present, as a real gap would.
-    """
-    n = min(outage_steps, lookback - 1)
-    start = (lookback - n) // 2
-    o1 = observed.copy()
-    o1[:, start : start + n, :] = 0.0
-    o2 = observed.copy()
-    o2[:, :lookback, channel] = 0.0
-    return values * o1, o1, values * o2, o2
-
-
-def _sample(arrays: tuple[np.ndarray, ...], n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    count = len(arrays[0])
-    idx = np.sort(rng.choice(count, size=min(n, count), replace=False))
-    return tuple(a[idx] for a in arrays)
-
-
-def _past(values: np.ndarray, observed: np.ndarray, lookback: int) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs from full windows: the past L steps, values zeroed where unobserved."""
-    o = observed[:, :lookback].astype(np.float32)
-    return (values[:, :lookback] * o).astype(np.float32), o
-
-
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -238,6 +193,244 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _check_out(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a Path, refused when it exists and is not empty unless ``overwrite``.
+
+    Raises:
+        ExportError: ``out`` exists, is not empty and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        msg = f"{out} exists and is not empty; pass --overwrite to replace it"
+        raise ExportError(msg)
+    return out
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``out`` (``.NAME.*``) to assemble the bundle in, removed when the block raises
+    anything (KeyboardInterrupt included) so nothing half-built stays; a successful block has renamed it to ``out``.
+
+    Raises:
+        OSError: the parent of ``out`` cannot be created or written; else whatever the block raises.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _signing(sign_key) -> tuple[Any, dict[str, Any]]:
+    """The signing key (loaded when ``sign_key`` is a PEM path) and the card's ``signature`` entry.
+
+    Returns:
+        (the Ed25519 private key or None, ``{"algorithm", "public_key_hex" (None when unsigned), "signed"}``).
+
+    Raises:
+        ExportError: the key file is unreadable, encrypted, or not an Ed25519 private key (export/keys.py).
+    """
+    public_hex = None
+    if sign_key is not None:
+        from gapcast.export.keys import load_private_key, public_key_hex
+
+        sign_key = sign_key if hasattr(sign_key, "sign") else load_private_key(sign_key)
+        public_hex = public_key_hex(sign_key)
+    return sign_key, {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None}
+
+
+def _target_opset(opts: ExportOptions) -> tuple[Any, int]:
+    """The deployment target of ``opts`` and the ai.onnx opset to write (``opts.opset`` or the target's own).
+
+    Returns:
+        (:class:`~gapcast.export.onnx_export.ExportTarget`, opset).
+
+    Raises:
+        ExportError: an unknown or removed target, or an opset outside 13..the target's maximum.
+    """
+    from gapcast.export.onnx_export import load_target
+
+    target = load_target(opts.target)
+    opset = opts.opset or target.opset
+    if opset > target.max_opset or opset < 13:
+        msg = f"opset {opset} is outside what target {target.name} reads (13..{target.max_opset})"
+        raise ExportError(msg)
+    return target, opset
+
+
+def _graph_model(model, spec: ModelSpec):
+    """The module to export: ``model`` itself, or for a model with G neighbour-context channels (issue 20) a
+    wrapper that takes the context as columns C..C+G-1 of values/observed (export/context.py).
+
+    Raises:
+        ExportError: the model has context channels but ``spec.context`` does not carry as many.
+    """
+    from gapcast.export.context import ContextInputs, n_context
+
+    if n_context(model):
+        if not spec.context or len(spec.context["channels"]) != n_context(model):
+            msg = f"the model has {n_context(model)} context channels but the model spec carries no matching context"
+            raise ExportError(msg)
+        model = ContextInputs(model).eval()
+    return model
+
+
+def _check_windows(spec: ModelSpec, data: WindowData) -> None:
+    """Raises ExportError unless the train and val windows are values/observed [N, L+H, C] (C counts context
+    channels) and calendar [N, L+H, F], N >= 1."""
+    L, H, C, F = spec.lookback, spec.horizon, spec.n_inputs, spec.n_calendar
+    for name, arrs in (("train", data.train), ("val", data.val)):
+        v, o, c = arrs
+        if v.shape[1:] != (L + H, C) or o.shape != v.shape or c.shape[1:] != (L + H, F) or len(v) == 0:
+            msg = f"{name} windows have shapes {v.shape}/{o.shape}/{c.shape}, expected [N, {L + H}, {C}] and [N, {L + H}, {F}]"
+            raise ExportError(msg)
+
+
+def _stage_fp32(model, work: Path, target, opset: int, opts: ExportOptions, dims: dict[str, int]) -> tuple[str, Any]:
+    """Step 1: export the fp32 graph to ``work/model.onnx`` and check it (:func:`check_onnx_file`).
+
+    Returns:
+        (the exporter that wrote it, the :class:`~gapcast.export.onnx_export.OnnxCheck`).
+
+    Raises:
+        ExportError: every exporter failed, or the file fails a check.
+    """
+    from gapcast.export.onnx_export import check_onnx_file, export_onnx
+
+    fp32 = work / FP32_FILE
+    exporter = export_onnx(model, fp32, opset=opset, exporter=opts.exporter, **dims)
+    check = check_onnx_file(fp32, target, opset=opset, **dims)
+    log.info("exported %s (%s exporter, opset %d, %d bytes)", FP32_FILE, exporter, opset, check.bytes)
+    return exporter, check
+
+
+def _stage_parity(model, fp32: Path, win: _ParityWindows, spec: ModelSpec, opts: ExportOptions) -> dict[str, Any]:
+    """Step 2: onnxruntime fp32 against torch on every window of ``win``.
+
+    Returns:
+        The card's ``parity`` entry (:func:`~gapcast.export.onnx_export.parity_check` plus what it includes).
+
+    Raises:
+        ExportError: the max abs difference exceeds ``opts.parity_tolerance``.
+    """
+    from gapcast.export.onnx_export import parity_check
+
+    (pv, po, pc), k = win.real, win.k
+    par_v = np.concatenate([pv, win.outage[0], win.missing[0]])
+    par_o = np.concatenate([po, win.outage[1], win.missing[1]])
+    par_c = np.concatenate([pc, pc[:k], pc[:k]])
+    xv, xo = _past(par_v, par_o, spec.lookback)
+    parity = parity_check(model, fp32, xv, xo, par_c, tolerance=opts.parity_tolerance)
+    parity["includes"] = {
+        "real_windows": len(pv),
+        "outage_72h_windows": k,
+        "missing_channel_windows": k,
+        "missing_channel": spec.channels[0]["name"],
+    }
+    log.info("parity onnxruntime fp32 vs torch: max abs err %.3g", parity["max_abs_err"])
+    return parity
+
+
+def _stage_golden(work: Path, win: _ParityWindows, n: int, lookback: int, source: str) -> tuple[Any, dict[str, Any]]:
+    """Step 3: ``golden.npz`` in ``work``: n - 2 real windows, one with the outage, one with channel 0 missing
+    (past values/observed [n, L, C], calendar [n, L+H, F]) and their fp32 onnxruntime outputs.
+
+    Returns:
+        (the fp32 onnxruntime session, the card's ``golden`` entry).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    from gapcast.export.onnx_export import make_session, run_session
+
+    pv, po, pc = win.real
+    gv = np.concatenate([pv[: n - 2], win.outage[0][:1], win.missing[0][:1]])
+    go = np.concatenate([po[: n - 2], win.outage[1][:1], win.missing[1][:1]])
+    gc = np.concatenate([pc[: n - 2], pc[:1], pc[:1]])
+    gxv, gxo = _past(gv, go, lookback)
+    sess32 = make_session(work / FP32_FILE)
+    g_imp, g_fc = run_session(sess32, gxv, gxo, gc)
+    np.savez(work / GOLDEN_FILE, values=gxv, observed=gxo, calendar=gc.astype(np.float32), imputed=g_imp, forecast=g_fc)
+    kinds = ["real"] * (len(gv) - 2) + ["outage_72h", "missing_channel"]
+    golden = {
+        "file": GOLDEN_FILE,
+        "windows": len(gv),
+        "kinds": kinds,
+        "outputs_from": "onnxruntime fp32 (model.onnx)",
+        "source": source,
+    }
+    return sess32, golden
+
+
+def _stage_int8(work: Path, sess32, opts: ExportOptions, target, opset: int, dims: dict[str, int],
+                data: WindowData, rng: np.random.Generator):
+    """Step 4: the INT8 variants and their accuracy gate (export/int8.py), or both excluded when INT8 is off.
+
+    Returns:
+        The :class:`~gapcast.export.int8.Int8Builder` (``variants``, ``excluded``, ``delta``, ``cpu_choice``).
+
+    Raises:
+        ExportError: a variant cannot be quantized or fails its file checks.
+    """
+    from gapcast.export.int8 import Int8Builder  # here: int8 builds on this module's window helpers
+
+    int8 = Int8Builder(work, work / FP32_FILE, sess32, opts, target, opset, dims)
+    if opts.int8:
+        int8.build(data, rng, dims["lookback"])
+    else:
+        int8.excluded["int8_qdq"] = "not built: INT8 disabled for this export"
+        int8.excluded["int8_cpu"] = "not built: INT8 disabled for this export"
+    return int8
+
+
+def _bundle_card(spec: ModelSpec, opts: ExportOptions, data: WindowData, *, target, opset: int, exporter: str,
+                 check, parity: dict[str, Any], golden: dict[str, Any], int8, evaluation: dict[str, Any] | None,
+                 run: dict[str, Any] | None, signature: dict[str, Any]) -> dict[str, Any]:
+    """Step 5: the card dict of a model bundle from what the steps before found (key order as written).
+
+    Raises:
+        ImportError: torch, onnx or onnxruntime are missing (their versions are recorded).
+    """
+    from gapcast.export.card import channel_entries, io_entries, rfc3339_now
+
+    inputs, outputs = io_entries(spec.lookback, spec.horizon, spec.n_inputs, spec.n_calendar)
+    ch = spec.channels
+    return {
+        "model": {"name": opts.model_name, "version": int(opts.model_version), "config": spec.config},
+        "created": rfc3339_now(),
+        "channels": channel_entries(
+            [c["name"] for c in ch],
+            [c["unit"] for c in ch],
+            [c["valid_min"] for c in ch],
+            [c["valid_max"] for c in ch],
+            [c["mean"] for c in ch],
+            [c["std"] for c in ch],
+        ),
+        "cadence_s": int(spec.cadence_s),
+        "lookback": spec.lookback,
+        "horizon": spec.horizon,
+        "calendar": _calendar_entry(spec),
+        "inputs": inputs,
+        "outputs": outputs,
+        "variants": int8.variants,
+        "excluded_variants": int8.excluded,
+        "golden": golden,
+        "opset": opset,
+        "target": {"name": target.name, "tensorrt": target.tensorrt, "operator_list": target.source},
+        "operators": list(check.ops),
+        "parity": parity,
+        "int8_delta": int8.delta,
+        "cpu_variant_choice": int8.cpu_choice,
+        "evaluation": evaluation,
+        "dataset": spec.dataset,
+        **({"context": _context_entry(spec)} if spec.context else {}),
+        "export": {**_versions(), "exporter": exporter, "data": data.source, "run": run or {}},
+        "signature": signature,
     }
 
 
@@ -272,162 +465,34 @@ def export_bundle(
     Raises:
         ExportError: any failed check (export, opset/operator/shape checks, parity, card contract, verification).
     """
-    from gapcast.export.card import channel_entries, io_entries, rfc3339_now
-    from gapcast.export.onnx_export import (
-        check_onnx_file,
-        export_onnx,
-        load_target,
-        make_session,
-        parity_check,
-        run_session,
-    )
-
     opts = options or ExportOptions()
-    target = load_target(opts.target)
-    opset = opts.opset or target.opset
-    if opset > target.max_opset or opset < 13:
-        msg = f"opset {opset} is outside what target {target.name} reads (13..{target.max_opset})"
-        raise ExportError(msg)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        msg = f"{out} exists and is not empty; pass --overwrite to replace it"
-        raise ExportError(msg)
-    from gapcast.export.context import ContextInputs, n_context
-
-    if n_context(model):  # issue 20: the context travels as C..C+G-1 of values/observed (export/context.py)
-        if not spec.context or len(spec.context["channels"]) != n_context(model):
-            msg = f"the model has {n_context(model)} context channels but the model spec carries no matching context"
-            raise ExportError(msg)
-        model = ContextInputs(model).eval()
-    L, H, C, F = spec.lookback, spec.horizon, spec.n_inputs, spec.n_calendar
-    for name, arrs in (("train", data.train), ("val", data.val)):
-        v, o, c = arrs
-        if v.shape[1:] != (L + H, C) or o.shape != v.shape or c.shape[1:] != (L + H, F) or len(v) == 0:
-            msg = f"{name} windows have shapes {v.shape}/{o.shape}/{c.shape}, expected [N, {L + H}, {C}] and [N, {L + H}, {F}]"
-            raise ExportError(msg)
+    target, opset = _target_opset(opts)
+    out = _check_out(out, overwrite)
+    model = _graph_model(model, spec)
+    _check_windows(spec, data)
+    dims = {"lookback": spec.lookback, "horizon": spec.horizon, "n_channels": spec.n_inputs, "n_calendar": spec.n_calendar}
     rng = np.random.default_rng(opts.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    progress = tqdm(total=5, unit="step", disable=None)  # shown on a terminal only
-    try:
-        dims = {"lookback": L, "horizon": H, "n_channels": C, "n_calendar": F}
-        # 1. fp32 graph
+    with _staging(out) as work, tqdm(total=5, unit="step", disable=None) as progress:  # shown on a terminal only
         progress.set_description("export: fp32 graph")
-        fp32 = work / FP32_FILE
-        exporter = export_onnx(model, fp32, opset=opset, exporter=opts.exporter, **dims)
-        check = check_onnx_file(fp32, target, opset=opset, **dims)
-        log.info("exported %s (%s exporter, opset %d, %d bytes)", FP32_FILE, exporter, opset, check.bytes)
-
-        # 2. parity on real validation windows + 72 h outage + fully missing channel
+        exporter, check = _stage_fp32(model, work, target, opset, opts, dims)
         progress.update()
         progress.set_description("export: parity")
-        pv, po, pc = _sample(data.val, opts.parity_windows, rng)
-        k = max(1, min(8, len(pv)))
-        from gapcast.duration import DurationError, steps_of
-
-        try:
-            outage_steps = steps_of(OUTAGE, spec.cadence_s, key="parity outage")
-        except DurationError:  # a cadence that does not divide 72 h: half the window instead
-            outage_steps = L // 2
-        v72, o72, vmc, omc = special_windows(pv[:k], po[:k], L, outage_steps=outage_steps)
-        par_v = np.concatenate([pv, v72, vmc])
-        par_o = np.concatenate([po, o72, omc])
-        par_c = np.concatenate([pc, pc[:k], pc[:k]])
-        xv, xo = _past(par_v, par_o, L)
-        parity = parity_check(model, fp32, xv, xo, par_c, tolerance=opts.parity_tolerance)
-        parity["includes"] = {
-            "real_windows": len(pv),
-            "outage_72h_windows": k,
-            "missing_channel_windows": k,
-            "missing_channel": spec.channels[0]["name"],
-        }
-        log.info("parity onnxruntime fp32 vs torch: max abs err %.3g", parity["max_abs_err"])
-
-        # 3. golden inputs/outputs
+        win = _parity_windows(data, spec, opts, rng)
+        parity = _stage_parity(model, work / FP32_FILE, win, spec, opts)
         progress.update()
         progress.set_description("export: golden")
-        ng = opts.golden_windows
-        gv = np.concatenate([pv[: ng - 2], v72[:1], vmc[:1]])
-        go = np.concatenate([po[: ng - 2], o72[:1], omc[:1]])
-        gc = np.concatenate([pc[: ng - 2], pc[:1], pc[:1]])
-        gxv, gxo = _past(gv, go, L)
-        sess32 = make_session(fp32)
-        g_imp, g_fc = run_session(sess32, gxv, gxo, gc)
-        np.savez(
-            work / GOLDEN_FILE, values=gxv, observed=gxo, calendar=gc.astype(np.float32), imputed=g_imp, forecast=g_fc
-        )
-        golden_kinds = ["real"] * (len(gv) - 2) + ["outage_72h", "missing_channel"]
-
-        # 4. INT8 variants and the accuracy gate
+        sess32, golden = _stage_golden(work, win, opts.golden_windows, spec.lookback, data.source)
         progress.update()
         progress.set_description("export: INT8 variants")
-
-        from gapcast.export.int8 import Int8Builder  # here: int8 builds on this module's window helpers
-
-        int8 = Int8Builder(work, fp32, sess32, opts, target, opset, dims)
-        if opts.int8:
-            int8.build(data, rng, L)
-        else:
-            int8.excluded["int8_qdq"] = "not built: INT8 disabled for this export"
-            int8.excluded["int8_cpu"] = "not built: INT8 disabled for this export"
-        variants, excluded, int8_delta, cpu_choice = int8.variants, int8.excluded, int8.delta, int8.cpu_choice
-
-        # 5. card, signature, verification
+        int8 = _stage_int8(work, sess32, opts, target, opset, dims, data, rng)
         progress.update()
         progress.set_description("export: card, signature")
-        inputs, outputs = io_entries(L, H, C, F)
-        ch = spec.channels
-        public_hex = None
-        if sign_key is not None:
-            from gapcast.export.keys import load_private_key, public_key_hex
-
-            sign_key = sign_key if hasattr(sign_key, "sign") else load_private_key(sign_key)
-            public_hex = public_key_hex(sign_key)
-        card: dict[str, Any] = {
-            "model": {"name": opts.model_name, "version": int(opts.model_version), "config": spec.config},
-            "created": rfc3339_now(),
-            "channels": channel_entries(
-                [c["name"] for c in ch],
-                [c["unit"] for c in ch],
-                [c["valid_min"] for c in ch],
-                [c["valid_max"] for c in ch],
-                [c["mean"] for c in ch],
-                [c["std"] for c in ch],
-            ),
-            "cadence_s": int(spec.cadence_s),
-            "lookback": L,
-            "horizon": H,
-            "calendar": _calendar_entry(spec),
-            "inputs": inputs,
-            "outputs": outputs,
-            "variants": variants,
-            "excluded_variants": excluded,
-            "golden": {
-                "file": GOLDEN_FILE,
-                "windows": len(gv),
-                "kinds": golden_kinds,
-                "outputs_from": "onnxruntime fp32 (model.onnx)",
-                "source": data.source,
-            },
-            "opset": opset,
-            "target": {"name": target.name, "tensorrt": target.tensorrt, "operator_list": target.source},
-            "operators": list(check.ops),
-            "parity": parity,
-            "int8_delta": int8_delta,
-            "cpu_variant_choice": cpu_choice,
-            "evaluation": evaluation,
-            "dataset": spec.dataset,
-            **({"context": _context_entry(spec)} if spec.context else {}),
-            "export": {**_versions(), "exporter": exporter, "data": data.source, "run": run or {}},
-            "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
-        }
-        written = _sign_verify_publish(work, out, card, sign_key, public_hex)
+        sign_key, signature = _signing(sign_key)
+        card = _bundle_card(spec, opts, data, target=target, opset=opset, exporter=exporter, check=check,
+                            parity=parity, golden=golden, int8=int8, evaluation=evaluation, run=run,
+                            signature=signature)
+        written = _sign_verify_publish(work, out, card, sign_key, signature["public_key_hex"])
         progress.update()
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        progress.close()
     return ExportResult(path=out, card=written, signed=sign_key is not None)
 
 
@@ -515,92 +580,6 @@ def _channels_from_meta(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def load_run_windows(
-    meta: dict[str, Any],
-    run_config: dict[str, Any],
-    *,
-    data_root: str | os.PathLike | None = None,
-    stations: list[str] | None = None,
-    stride: int | None = None,
-    dataset=None,
-) -> WindowData:
-    """Real windows of the run's own dataset: training range (calibration) and validation range (parity, gate,
-    golden).
-
-    Uses the dataset spec the checkpoint carries (or ``dataset``), the run's stations (``[data] stations`` in its
-    config, empty = all), the checkpoint's normaliser, the spec's split, windows every ``stride`` steps (default:
-    one day) whose past is at least half observed.
-
-    Raises:
-        ExportError: the data cannot be loaded or yields no windows.
-    """
-    from gapcast import GapcastError
-    from gapcast.duration import steps_of
-    from gapcast.train.data import Normalizer, make_windows
-    from gapcast.train.evaluate import spec_of_run
-    from gapcast.train.loader import load_dataset, split_indices
-
-    cfg = meta["config"]
-    L, H = int(cfg["lookback"]), int(cfg["horizon"])
-    data_cfg = run_config.get("data", {}) if isinstance(run_config, dict) else {}
-    wanted = stations or list(data_cfg.get("stations") or []) or None
-    try:
-        spec = spec_of_run(meta, dataset)
-        series = load_dataset(spec, data_root, wanted)
-    except GapcastError as exc:
-        msg = f"cannot load the real windows for calibration and parity: {exc}"
-        raise ExportError(msg) from exc
-    stride = stride or steps_of("1d", spec.cadence_s, key="stride")
-    norm = Normalizer.from_dict(meta["normalizer"])
-    utc = int(meta.get("utc_offset_s", 0))
-    parts: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
-    for s in series.values():
-        sp = split_indices(spec, s)
-        for name, sl in (("train", sp.train), ("val", sp.val)):
-            parts[name][0].append(norm.transform(s.values[sl]))
-            parts[name][1].append(s.epoch_s[sl])
-    out = {}
-    cspec = None
-    if meta.get("context"):
-        from gapcast.neighbours import ContextSpec
-
-        cspec = ContextSpec.from_dict(meta["context"])
-        absent = sorted(set(cspec.stations) - set(series))
-        if absent:
-            msg = f"the context model's neighbours {absent} are not in the loaded data: cannot build its context"
-            raise ExportError(msg)
-    for name, (vals, epochs) in parts.items():
-        ws = make_windows(
-            vals, epochs, lookback=L, horizon=H, stride=stride, min_observed=0.5, utc_offset_s=utc,
-            station_names=list(series), timezone=spec.timezone,
-        )
-        if len(ws) == 0:
-            msg = f"no {name} windows with at least half the past observed"
-            raise ExportError(msg)
-        out[name] = ws.batch(range(len(ws)))
-        if cspec is not None:  # context columns C..C+G-1: the other stations at the same steps, none in the future
-            from gapcast.train.context import series_context
-
-            names = list(series)
-            unknown = sorted(set(names) - set(cspec.stations))
-            if unknown:
-                msg = f"stations {unknown} have no context in the model's spec"
-                raise ExportError(msg)
-            ctx = series_context(cspec, [vals[names.index(n)] for n in cspec.stations],
-                                 [epochs[names.index(n)] for n in cspec.stations])
-            series_ctx = type(ctx)([ctx.values[cspec.stations.index(n)] for n in names])
-            cv, co = series_ctx.batch(ws.starts, L + H)
-            cv[:, L:], co[:, L:] = 0.0, 0.0
-            v, o, c = out[name]
-            out[name] = (np.concatenate([v, cv], axis=-1), np.concatenate([o, co], axis=-1), c)
-    source = (
-        f"{spec.name}, stations {sorted(series)}, the spec's split; calibration from the training range, "
-        f"parity/gate/golden from the validation range; windows every {stride} steps with >= 50 % of the past "
-        "observed"
-    )
-    return WindowData(train=out["train"], val=out["val"], source=source)
-
-
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -666,6 +645,64 @@ def export_run(
     )
 
 
+def _interpolation_history(dataset, data_root, lookback: str, horizon: str) -> tuple[Any, int, int, dict, Any]:
+    """The dataset spec, L and H in steps, the stations' history and the normaliser fitted on its training range.
+
+    Returns:
+        (:class:`~gapcast.train.spec.DatasetSpec`, L, H, ``{station: series}``, :class:`~gapcast.train.data.Normalizer`
+        with per-channel mean/std [C] in physical units).
+
+    Raises:
+        ExportError: the spec or data cannot be loaded, or a duration is not a multiple of the cadence.
+    """
+    from gapcast import GapcastError
+    from gapcast.duration import steps_of
+    from gapcast.train.data import Normalizer
+    from gapcast.train.loader import load_dataset, split_indices
+    from gapcast.train.spec import DatasetSpec, load_spec
+
+    try:
+        spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
+        L = steps_of(lookback, spec.cadence_s, key="--lookback")
+        H = steps_of(horizon, spec.cadence_s, key="--horizon")
+        series = load_dataset(spec, data_root)
+        norm = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
+    except GapcastError as exc:
+        msg = f"cannot build the interpolation bundle: {exc}"
+        raise ExportError(msg) from exc
+    return spec, L, H, series, norm
+
+
+def _interpolation_card(spec, L: int, H: int, series: dict, norm, *, model_name: str, model_version: int,
+                        signature: dict[str, Any]) -> dict[str, Any]:
+    """The card of an interpolation-only bundle: no variants (``fp32`` excluded with the reason), the spec's
+    channels with ``norm``'s mean/std, L and H in steps (key order as written). Raises nothing."""
+    from gapcast.calendar import CALENDAR_FEATURES
+    from gapcast.export.card import channel_entries, io_entries, rfc3339_now
+
+    mcs = spec.model_channels
+    inputs, outputs = io_entries(L, H, len(mcs), len(CALENDAR_FEATURES))
+    calendar: dict[str, Any] = {"features": list(CALENDAR_FEATURES), "utc_offset_s": spec.utc_offset_s,
+                                "timezone": spec.timezone}
+    return {
+        "model": {"name": model_name, "version": int(model_version), "kind": "interpolation", "config": {}},
+        "created": rfc3339_now(),
+        "channels": channel_entries([c.name for c in mcs], [c.unit for c in mcs], [c.valid_min for c in mcs],
+                                    [c.valid_max for c in mcs], norm.mean.tolist(), norm.std.tolist()),
+        "cadence_s": spec.cadence_s,
+        "lookback": L,
+        "horizon": H,
+        "calendar": calendar,
+        "inputs": inputs,
+        "outputs": outputs,
+        "variants": {},
+        "excluded_variants": {"fp32": "interpolation-only bundle: no trained model yet"},
+        "dataset": spec.to_dict(),
+        "export": {"data": f"{spec.name}: normalisation fitted on the training range of {sorted(series)}"},
+        "signature": signature,
+    }
+
+
 def export_interpolation_only(
     dataset,
     out: str | Path,
@@ -699,59 +736,11 @@ def export_interpolation_only(
     Raises:
         ExportError: the data cannot be loaded, a duration is not a multiple of the cadence, ``out`` exists.
     """
-    from gapcast import GapcastError
-    from gapcast.calendar import CALENDAR_FEATURES
-    from gapcast.duration import steps_of
-    from gapcast.export.card import channel_entries, io_entries, rfc3339_now
-    from gapcast.train.data import Normalizer
-    from gapcast.train.loader import load_dataset, split_indices
-    from gapcast.train.spec import DatasetSpec, load_spec
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        msg = f"{out} exists and is not empty; pass --overwrite to replace it"
-        raise ExportError(msg)
-    try:
-        spec = dataset if isinstance(dataset, DatasetSpec) else load_spec(dataset)
-        L = steps_of(lookback, spec.cadence_s, key="--lookback")
-        H = steps_of(horizon, spec.cadence_s, key="--horizon")
-        series = load_dataset(spec, data_root)
-        norm = Normalizer.fit([s.values[split_indices(spec, s).train] for s in series.values()])
-    except GapcastError as exc:
-        msg = f"cannot build the interpolation bundle: {exc}"
-        raise ExportError(msg) from exc
-    mcs = spec.model_channels
-    inputs, outputs = io_entries(L, H, len(mcs), len(CALENDAR_FEATURES))
-    public_hex = None
-    if sign_key is not None:
-        from gapcast.export.keys import load_private_key, public_key_hex
-
-        sign_key = sign_key if hasattr(sign_key, "sign") else load_private_key(sign_key)
-        public_hex = public_key_hex(sign_key)
-    calendar: dict[str, Any] = {"features": list(CALENDAR_FEATURES), "utc_offset_s": spec.utc_offset_s,
-                                "timezone": spec.timezone}
-    card: dict[str, Any] = {
-        "model": {"name": model_name, "version": int(model_version), "kind": "interpolation", "config": {}},
-        "created": rfc3339_now(),
-        "channels": channel_entries([c.name for c in mcs], [c.unit for c in mcs], [c.valid_min for c in mcs],
-                                    [c.valid_max for c in mcs], norm.mean.tolist(), norm.std.tolist()),
-        "cadence_s": spec.cadence_s,
-        "lookback": L,
-        "horizon": H,
-        "calendar": calendar,
-        "inputs": inputs,
-        "outputs": outputs,
-        "variants": {},
-        "excluded_variants": {"fp32": "interpolation-only bundle: no trained model yet"},
-        "dataset": spec.to_dict(),
-        "export": {"data": f"{spec.name}: normalisation fitted on the training range of {sorted(series)}"},
-        "signature": {"algorithm": "Ed25519", "public_key_hex": public_hex, "signed": sign_key is not None},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        written = _sign_verify_publish(work, out, card, sign_key, public_hex)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    out = _check_out(out, overwrite)
+    spec, L, H, series, norm = _interpolation_history(dataset, data_root, lookback, horizon)
+    sign_key, signature = _signing(sign_key)
+    card = _interpolation_card(spec, L, H, series, norm, model_name=model_name, model_version=model_version,
+                               signature=signature)
+    with _staging(out) as work:
+        written = _sign_verify_publish(work, out, card, sign_key, signature["public_key_hex"])
     return ExportResult(path=out, card=written, signed=sign_key is not None)
