@@ -17,7 +17,8 @@ from gapcast.export.pipeline import FP32_FILE, INT8_CPU_FILE, INT8_QDQ_FILE
 from gapcast.export.windows import _past, _sample
 
 if TYPE_CHECKING:
-    from gapcast.export.pipeline import ExportOptions, WindowData
+    from gapcast.export.pipeline import ExportOptions
+    from gapcast.export.windows import WindowData
 
 __all__ = ["Int8Builder"]
 

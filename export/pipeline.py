@@ -377,7 +377,7 @@ def _stage_int8(work: Path, sess32, opts: ExportOptions, target, opset: int, dim
     Raises:
         ExportError: a variant cannot be quantized or fails its file checks.
     """
-    from gapcast.export.int8 import Int8Builder  # here: int8 builds on this module's window helpers
+    from gapcast.export.int8 import Int8Builder  # here: int8 imports this module's file names
 
     int8 = Int8Builder(work, work / FP32_FILE, sess32, opts, target, opset, dims)
     if opts.int8:
