@@ -529,7 +529,8 @@ def check_onnx_file(
 
     ``onnx.checker`` full check (with shape inference), the opset asked for, inputs/outputs named and shaped per
     the bundle contract with a symbolic batch axis and fixed L/H/C/F, all weights inside the file (no external data),
-    onnxruntime loads it, and every operator in the target's list.
+    onnxruntime loads it and runs a batch of 3 windows to outputs of the contract shapes, and every operator in the
+    target's list.
 
     Raises:
         ExportError: the first failing check, naming the file.

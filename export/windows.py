@@ -103,7 +103,7 @@ class _ParityWindows:
 def _parity_windows(
     data: WindowData, spec: ModelSpec, opts: ExportOptions, rng: np.random.Generator
 ) -> _ParityWindows:
-    """``opts.parity_windows`` real validation windows drawn with ``rng``, and k = min(8, N) copies each with a
+    """``opts.parity_windows`` real validation windows drawn with ``rng``, and k = max(1, min(8, N)) copies each with a
     72 h outage (half the lookback when the cadence does not divide 72 h) and with channel 0 missing. Raises nothing."""
     from gapcast.duration import DurationError, steps_of
 

@@ -753,10 +753,10 @@ def _network_section(series: dict[str, StationSeries], normalizer: Normalizer, s
             calendar=lambda e: calendar_features(e, spec.utc_offset_s, timezone=spec.timezone),
             split=lambda s: split_indices(spec, s, check=False),
             context_models=_context_models(model, meta))
+        return net, network_markdown(net)
     except TrainError as exc:
         log.warning("network scenarios skipped: %s", exc)
         return {"skipped": str(exc)}, f"\n## Network scenarios\n\nskipped: {exc}\n"
-    return net, network_markdown(net)
 
 
 def _context_models(model, meta: dict[str, Any]) -> dict[str, Any] | None:

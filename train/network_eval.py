@@ -594,7 +594,7 @@ def evaluate_network(
     scores = score_network(test, normalizer, scenarios, methods, channels=channels)
     protocol = _network_protocol(test, channels=channels, group=group, group_name=group_name, lookback=lookback,
                                  ratio_lookback=ratio_lookback, trials=trials, seed=seed, k=k, scale=scale,
-                                 idw=coords is not None)
+                                 idw=bool(coords))
     protocol["seconds"] = round(time.perf_counter() - t0, 1)
     return {"protocol": protocol, "scenarios": scores}
 

@@ -610,7 +610,7 @@ def _loop(run: _Run, *, time_budget_min: float | None, progress: bool, clock: Ca
         if not (p.step % oc.steps_per_epoch == 0 or p.step >= oc.max_steps or out_of_time):
             continue
         train_means = {f"train_{k}": s / max(n_sum, 1) for k, s in sums.items()}
-        _end_epoch(run, train_means, seconds=p.elapsed_before + clock() - t_start, bar=bar)
+        _end_epoch(run, train_means, seconds=lambda: p.elapsed_before + clock() - t_start, bar=bar)
         sums, n_sum = {}, 0
         if out_of_time:
             stop_reason = "time_budget"
@@ -668,13 +668,16 @@ def _train_step(run: _Run) -> dict[str, float]:
     return parts
 
 
-def _end_epoch(run: _Run, train_means: dict[str, float], *, seconds: float, bar) -> None:
+def _end_epoch(run: _Run, train_means: dict[str, float], *, seconds: Callable[[], float], bar) -> None:
     """Validate, record the epoch, update the early-stopping state; rank 0 writes ``best.pt`` (when the score
-    improved), ``last.pt`` (with optimiser and RNG state, for ``resume``) and a line of ``history.jsonl``."""
+    improved), ``last.pt`` (with optimiser and RNG state, for ``resume``) and a line of ``history.jsonl``.
+
+    ``seconds`` reads the run's elapsed seconds (earlier parts included); it is read after the validation, once for
+    the record and again for the checkpoint's ``elapsed_s``, so both count the validation time."""
     p, out = run.progress, run.out
     p.epoch += 1
     figures = _validate(run.model, run.valset, rank=run.dist.rank, world=run.dist.world, device=run.dist.device)
-    record = {"epoch": p.epoch, "step": p.step, "seconds": round(seconds, 1),
+    record = {"epoch": p.epoch, "step": p.step, "seconds": round(seconds(), 1),
               "lr": run.opt.param_groups[0]["lr"], **train_means, **figures}
     p.history.append(record)
     improved = figures["val_score"] < p.best - 1e-6
@@ -685,7 +688,7 @@ def _end_epoch(run: _Run, train_means: dict[str, float], *, seconds: float, bar)
     if run.dist.rank != 0:
         return
     train_state = {"step": p.step, "epoch": p.epoch, "best_val": p.best, "bad_epochs": p.bad_epochs,
-                   "history": p.history, "elapsed_s": seconds}
+                   "history": p.history, "elapsed_s": seconds()}
     if improved:
         save_checkpoint(out / "best.pt", run.model, run.meta, **train_state, val=figures)
     save_checkpoint(out / "last.pt", run.model, run.meta, **train_state, val=figures,

@@ -157,3 +157,24 @@ def test_time_budget_runs_on_the_given_clock(two_stations, tmp_path):
     assert 1 <= res.steps <= 2
     last = [json.loads(x) for x in (tmp_path / "fake" / "history.jsonl").read_text().splitlines()][-1]
     assert last["step"] == res.steps and last["seconds"] >= 60.0
+
+
+def test_epoch_seconds_and_resume_elapsed_count_the_validation(two_stations, tmp_path):
+    # A clock that ticks 1 s at each reading. Without a budget the loop reads it once per step (the learning-rate
+    # schedule) and twice at an epoch end, both after the validation: once for history "seconds", once for the
+    # checkpoint's elapsed_s. Run 1 (t_start = 0): steps read 1, 2; epoch 1 reads 3 and 4; steps 5, 6; epoch 2 reads
+    # 7 and 8. The resumed run starts a fresh clock at elapsed_before = 8: step reads 1, 2; epoch reads 3 and 4.
+    def ticking():
+        ticks = iter(range(10**6))
+        return lambda: float(next(ticks))
+
+    out = tmp_path / "run"
+    train(_tiny(max_steps=4, steps_per_epoch=2), out_dir=out, series=two_stations, clock=ticking(), progress=False)
+    hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["seconds"] for h in hist] == [3.0, 7.0]
+    assert read_checkpoint(out / "last.pt")["elapsed_s"] == 8.0
+    train(_tiny(max_steps=6, steps_per_epoch=2), out_dir=out, series=two_stations, clock=ticking(), progress=False,
+          resume=True)
+    hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["seconds"] for h in hist] == [3.0, 7.0, 11.0]
+    assert read_checkpoint(out / "last.pt")["elapsed_s"] == 12.0
