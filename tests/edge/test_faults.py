@@ -182,6 +182,15 @@ class Replayer(threading.Thread):
             self.sent += 1
             time.sleep(1.0 / self.rate)
 
+    def unacked(self) -> list[int]:
+        """Message ids handed to paho that the broker has not acknowledged yet (``acked`` grows on paho's thread:
+        only membership is tested, the set is never iterated here)."""
+        return [i.mid for i in list(self.infos) if i.mid not in self.acked]
+
+    def all_at_broker(self) -> bool:
+        """Every reading handed to paho and acknowledged by the broker."""
+        return self.sent == len(self.msgs) and not self.unacked()
+
     def finish(self, timeout_s: float = 60.0) -> None:
         self.join(timeout_s)
         deadline = time.monotonic() + timeout_s
@@ -294,14 +303,19 @@ def test_broker_killed_mid_stream_loses_nothing(broker, tmp_path, tiny_bundle, s
         rep.start()
         assert cloud.wait(lambda: len(cloud.bodies("/forecast")) >= 20, 60)  # outputs are flowing
         broker.kill()  # SIGKILL: no clean save
-        time.sleep(5)  # deliberate: the outage lasts 5 s of real time (readings pile up at the replayer)
+        # The outage lasts until the agent has failed to reconnect twice (it backs off between) and every reading
+        # has been handed to the replayer's client, which holds those the dead broker could not acknowledge.
+        assert cloud.wait(lambda: "(2 failed attempt(s)" in agent.log() and rep.sent == len(msgs), 60), \
+            agent.log()[-3000:]
+        held = rep.unacked()
+        assert held, "no reading was held through the outage: the broker went down after the replay"
         broker.start()
         rep.finish()
         n_exp = 2 * 2 * 47
         ok = cloud.wait(lambda: progress(cloud) >= n_exp, 90)
         cloud.settle(1.0)  # duplicates and revisions still in flight arrive before the check
         assert ok, agent.log()[-3000:]
-        record("broker SIGKILL, restart after 5 s", check_outputs(cloud, series, STATIONS, START, 48))
+        record("broker SIGKILL, restart after two failed reconnects", check_outputs(cloud, series, STATIONS, START, 48))
         assert agent.proc.poll() is None
         assert "connected to" in agent.log()
     finally:
@@ -327,14 +341,19 @@ def test_agent_killed_mid_stream_restores_windows(broker, tmp_path, tiny_bundle,
         assert cloud.wait(lambda: any(b.get("state") == "offline" for b in cloud.bodies("/status")), 30)
         (will,) = [b for b in cloud.bodies("/status") if b.get("state") == "offline"]
         assert will == {"schema": "gapcast/status/1", "gateway": "gw-fault", "state": "offline", "reason": "connection lost", "fleet": "default"}  # the Last Will
-        time.sleep(1.0)  # deliberate: the agent stays dead 1 s while readings queue in its persistent session
+        # The agent stays dead until the broker has acknowledged every reading: those after the Last Will wait in
+        # the agent's persistent session for the restarted agent.
+        acked_at_will = len(rep.acked)
+        assert cloud.wait(rep.all_at_broker, 60), f"{len(rep.unacked())} reading(s) never reached the broker"
+        queued = len(msgs) - acked_at_will
         agent.start()
         rep.finish()
         n_exp = 2 * 2 * 47
         ok = cloud.wait(lambda: progress(cloud) >= n_exp, 90)
         cloud.settle(1.0)  # duplicates and revisions still in flight arrive before the check
         assert ok, agent.log()[-3000:]
-        record("agent SIGKILL, restart after 1 s", check_outputs(cloud, series, STATIONS, START, 48))
+        record("agent SIGKILL, restart once every reading is at the broker",
+               {**check_outputs(cloud, series, STATIONS, START, 48), "readings_after_the_will": queued})
         log = agent.log()
         assert "restored 2 station window(s)" in log or "replayed" in log, log[-3000:]
     finally:
@@ -354,7 +373,11 @@ def test_broker_down_at_start_agent_retries(tmp_path, tiny_bundle, signing_key, 
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     cloud = None
     try:
-        time.sleep(4)  # deliberate: 4 s with no broker; the agent tries, fails, backs off (reconnect 1 .. 2 s)
+        # No broker yet: the agent tries, fails, backs off (reconnect_min_s 1 .. reconnect_max_s 2) and tries again.
+        deadline = time.monotonic() + 30
+        while "(2 failed attempt(s)" not in agent.log() and agent.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "(2 failed attempt(s)" in agent.log(), agent.log()[-3000:]
         assert agent.proc.poll() is None, agent.log()[-3000:]
         assert "connected to" not in agent.log()
         late.start()
@@ -365,7 +388,7 @@ def test_broker_down_at_start_agent_retries(tmp_path, tiny_bundle, signing_key, 
         rep.finish()
         assert cloud.wait(lambda: len(cloud.by_id("/forecast")) >= 23, 60), agent.log()[-3000:]
         cloud.settle(0.5)  # stragglers arrive before the check
-        record("broker down at agent start (4 s)", check_outputs(cloud, series, STATIONS[:1], START, 24))
+        record("broker down at agent start (two failed attempts)", check_outputs(cloud, series, STATIONS[:1], START, 24))
     finally:
         agent.stop()
         if cloud:
