@@ -423,10 +423,13 @@ class _Run:
     rng: np.random.Generator
     progress: _Progress = field(default_factory=_Progress)
     runner: nn.Module | None = None  # the net, or its DDP wrapper (set by _place)
+    groups: list[tuple[int, ...]] = field(init=False)  # channel groups the outage masks hide together
+    n_anchor: int = field(init=False)  # windows per batch that get contrastive views (0 without the loss)
 
-    @property
-    def groups(self) -> list[tuple[int, ...]]:
-        return list(self.spec.groups.values())
+    def __post_init__(self) -> None:
+        self.groups = list(self.spec.groups.values())
+        c = self.cfg
+        self.n_anchor = int(round(c.optim.batch_size * c.contrast.fraction)) if c.loss.contrast > 0 else 0
 
 
 def _load_prepared(cfg: TrainConfig, spec: DatasetSpec, data, series) -> tuple[dict[str, StationSeries], PreparedData]:
@@ -631,8 +634,7 @@ def _train_step(run: _Run) -> dict[str, float]:
         the step's loss parts (``impute``, ``recon``, ``forecast``, and ``contrast`` when views were drawn).
     """
     cfg, prep, rng, dev = run.cfg, run.prepared, run.rng, run.dist.device
-    L, w, oc = cfg.model.lookback, cfg.loss, cfg.optim
-    n_anchor = int(round(oc.batch_size * cfg.contrast.fraction)) if w.contrast > 0 else 0
+    L, w, oc, n_anchor = cfg.model.lookback, cfg.loss, cfg.optim, run.n_anchor
     idx = rng.integers(0, len(prep.train), size=oc.batch_size)
     v, m, c = prep.train.batch(idx)
     hide = outage_mask(m[:, :L], rng, cfg.masking, run.groups).astype(np.float32)
